@@ -1,0 +1,147 @@
+"""The Python API for logic inside the gateway.
+
+    app = Application()
+
+    @app.on_connect()
+    async def hello(socket: Socket) -> None:
+        socket.emit("welcome", {"user": socket.user_id})
+
+    @app.on("echo")
+    async def echo(socket: Socket, text: str) -> str:
+        return text            # becomes the client's ack
+
+Handlers are checked when they are registered: they must be ``async def`` and take the socket
+first; the number of event arguments they accept is recorded, and an event that does not fit is
+refused with a counted error instead of calling the handler and catching ``TypeError``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from roomcast.sockets import Socket
+
+EventHandler = Callable[..., Awaitable[Any]]
+ConnectHandler = Callable[["Socket"], Awaitable[None]]
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+class HandlerSignatureError(TypeError):
+    """A handler cannot be registered: the message says why."""
+
+
+class ConnectRefusedError(Exception):
+    """Raise from a ``before_connect`` handler to refuse a namespace with a CONNECT_ERROR."""
+
+    def __init__(self, message: str, code: str = "forbidden") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    handler: EventHandler
+    min_args: int
+    max_args: int | None
+    """``None`` when the handler takes ``*args``."""
+
+    def accepts(self, count: int) -> bool:
+        return count >= self.min_args and (self.max_args is None or count <= self.max_args)
+
+
+def _register(handler: Callable[..., Any], what: str, *, fixed: int | None = None) -> Registered:
+    if not inspect.iscoroutinefunction(handler):
+        raise HandlerSignatureError(f"{what} handler {handler.__qualname__} must be async def")
+    params = list(inspect.signature(handler).parameters.values())
+    positional = [
+        p
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    variadic = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
+    required_kw = [
+        p.name
+        for p in params
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
+    ]
+    if required_kw:
+        raise HandlerSignatureError(
+            f"{what} handler {handler.__qualname__} has required keyword-only {required_kw[0]!r}"
+        )
+    if not positional:
+        raise HandlerSignatureError(
+            f"{what} handler {handler.__qualname__} must take the socket as first argument"
+        )
+    rest = positional[1:]
+    min_args = sum(1 for p in rest if p.default is inspect.Parameter.empty)
+    max_args = None if variadic else len(rest)
+    if fixed is not None and not (min_args <= fixed and (max_args is None or fixed <= max_args)):
+        raise HandlerSignatureError(
+            f"{what} handler {handler.__qualname__} must accept exactly {fixed} argument(s) "
+            "after the socket"
+        )
+    return Registered(handler, min_args, max_args)
+
+
+@dataclass(slots=True)
+class Namespace:
+    name: str
+    events: dict[str, Registered] = field(default_factory=dict)
+    before_connect: list[Registered] = field(default_factory=list)
+    connect: list[Registered] = field(default_factory=list)
+    disconnect: list[Registered] = field(default_factory=list)
+
+
+class Application:
+    """Handlers per namespace.  The main namespace ``/`` always exists."""
+
+    def __init__(self) -> None:
+        self.namespaces: dict[str, Namespace] = {"/": Namespace("/")}
+
+    def namespace(self, name: str) -> Namespace:
+        if not name.startswith("/"):
+            raise ValueError(f"namespace must start with '/', got {name!r}")
+        return self.namespaces.setdefault(name, Namespace(name))
+
+    def on(self, event: str, namespace: str = "/") -> Callable[[F], F]:
+        """Register the handler of a client event; its return value is the ack."""
+
+        def decorator(handler: F) -> F:
+            self.namespace(namespace).events[event] = _register(handler, f"event {event!r}")
+            return handler
+
+        return decorator
+
+    def before_connect(self, namespace: str = "/") -> Callable[[F], F]:
+        """Register ``async (socket, auth: dict) -> None``; raise ConnectRefusedError to refuse."""
+
+        def decorator(handler: F) -> F:
+            reg = _register(handler, "before_connect", fixed=1)
+            self.namespace(namespace).before_connect.append(reg)
+            return handler
+
+        return decorator
+
+    def on_connect(self, namespace: str = "/") -> Callable[[F], F]:
+        """Register ``async (socket) -> None``, run after the client got its CONNECT answer."""
+
+        def decorator(handler: F) -> F:
+            self.namespace(namespace).connect.append(_register(handler, "connect", fixed=0))
+            return handler
+
+        return decorator
+
+    def on_disconnect(self, namespace: str = "/") -> Callable[[F], F]:
+        """Register ``async (socket, reason: str) -> None``."""
+
+        def decorator(handler: F) -> F:
+            reg = _register(handler, "disconnect", fixed=1)
+            self.namespace(namespace).disconnect.append(reg)
+            return handler
+
+        return decorator

@@ -1,0 +1,131 @@
+"""The broker concept: how publications travel between publishers and gateway instances.
+
+A broker moves :class:`Publication` values.  It never knows about sockets or rooms' members:
+the node registers one delivery handler with :meth:`Broker.start`, and the broker calls it for
+every publication of a room this instance subscribed to, in publish order per room.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+JSONValue = Any
+"""Any value orjson can encode."""
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """One event published to one room.
+
+    ``offset`` is the broker-assigned, per-room monotonically increasing position of the
+    publication (for Redis, the stream entry id).  It is what the official client sends back for
+    connection state recovery, so it is the same for every recipient of the publication.
+    """
+
+    room: str
+    event: str
+    data: JSONValue
+    id: str
+    """Publication id, unique per publication; returned to the publisher."""
+    offset: str = ""
+    idempotency_key: str | None = None
+    traceparent: str | None = None
+    published_at_ms: int = 0
+    exclude_sid: str | None = None
+    """A Socket.IO socket id that must not receive this publication (client publishing)."""
+    origin: str | None = None
+    """Broker-private tag (for example the instance that produced it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PublishRequest:
+    room: str
+    event: str
+    data: JSONValue
+    idempotency_key: str | None = None
+    traceparent: str | None = None
+    exclude_sid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    id: str
+    """The publication id; for a repeated idempotency key, the id of the original publication."""
+    offset: str
+    duplicate: bool = False
+
+
+class BrokerState(enum.Enum):
+    STARTING = "starting"
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """What a broker could find after an offset.
+
+    ``complete`` is false when events may be missing (history trimmed or expired); callers must
+    then not claim a full recovery.
+    """
+
+    publications: list[Publication] = field(default_factory=list)
+    complete: bool = True
+
+
+class BrokerError(Exception):
+    """Base of all broker failures."""
+
+
+class BrokerUnavailableError(BrokerError):
+    """The broker's backend cannot be reached right now; the operation was not performed."""
+
+
+DeliveryHandler = Callable[[Publication], None]
+"""Called by the broker, in the event loop, for every publication of a subscribed room."""
+
+
+class Broker(Protocol):
+    """The narrow interface the node uses.  Implementations: ``memory.py``, ``redis.py``."""
+
+    @property
+    def state(self) -> BrokerState: ...
+
+    async def start(self, handler: DeliveryHandler) -> None:
+        """Connect and begin delivering publications of subscribed rooms to ``handler``."""
+
+    async def stop(self) -> None:
+        """Stop delivering and release every resource."""
+
+    async def publish(self, request: PublishRequest) -> PublishResult:
+        """Append a publication; raise :class:`BrokerUnavailableError` if it was not stored."""
+
+    async def subscribe(self, room: str) -> None:
+        """This instance now has a local member of ``room``: deliver its publications."""
+
+    async def unsubscribe(self, room: str) -> None:
+        """This instance has no local member of ``room`` any more."""
+
+    async def history(self, room: str, after_offset: str) -> History:
+        """Publications of ``room`` strictly after ``after_offset``, oldest first."""
+
+    async def save_session(self, pid: str, state: bytes, ttl_ms: int) -> None:
+        """Store a disconnected socket's recovery state (rooms, socket id) under its private id."""
+
+    async def take_session(self, pid: str) -> bytes | None:
+        """Fetch and delete a stored recovery state; ``None`` when unknown or expired."""
+
+    async def touch_sessions(self, pids: list[str], ttl_ms: int) -> None:
+        """Extend the lifetime of stored recovery states of live sockets (one batch)."""
+
+    async def append_upstream(self, fields: dict[str, str]) -> str:
+        """Append a client event to the upstream stream; return its id once stored.
+
+        Raise :class:`BrokerUnavailableError` if it was not stored.
+        """
+
+

@@ -1,0 +1,188 @@
+"""The envelope: how one :class:`Publication` is written as the fields of one stream entry.
+
+This module is the only codec for both directions.  :func:`encode_envelope` turns a publication
+into ``{field: value}`` strings for ``XADD``; :func:`decode_envelope` turns the fields of a
+stream entry, whoever wrote it, back into a publication or raises :class:`EnvelopeError`
+naming the bad field.  ``envelope.schema.json`` beside this file describes the same fields for
+publishers written in other languages.
+
+Stream fields are strings, so ``data`` is a JSON text and ``published_at`` a decimal number of
+milliseconds.  Fields this version does not know are ignored, so publishers may add their own.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Final
+
+import orjson
+
+from roomcast.auth import InvalidRoomError, validate_room
+from roomcast.broker.base import Publication
+
+__all__ = [
+    "FIELDS",
+    "MAX_EVENT_LENGTH",
+    "MAX_IDEMPOTENCY_KEY_LENGTH",
+    "OPTIONAL_FIELDS",
+    "REQUIRED_FIELDS",
+    "EnvelopeError",
+    "decode_envelope",
+    "encode_data",
+    "encode_envelope",
+]
+
+REQUIRED_FIELDS: Final = ("room", "event", "data", "id", "published_at")
+OPTIONAL_FIELDS: Final = ("idempotency_key", "traceparent", "exclude_sid", "origin")
+FIELDS: Final = REQUIRED_FIELDS + OPTIONAL_FIELDS
+
+MAX_EVENT_LENGTH: Final = 256
+MAX_ID_LENGTH: Final = 128
+MAX_IDEMPOTENCY_KEY_LENGTH: Final = 256
+MAX_SID_LENGTH: Final = 128
+_TRACEPARENT_RE: Final = re.compile(r"\A[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}\Z")
+_MS_RE: Final = re.compile(r"\A[0-9]{1,15}\Z")
+_SHOW_LIMIT: Final = 60
+
+
+class EnvelopeError(ValueError):
+    """A stream entry, or a publication to encode, has a missing or bad field."""
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOW_LIMIT else text[: _SHOW_LIMIT - 3] + "..."
+
+
+def encode_data(data: object) -> str:
+    """Return ``data`` as compact JSON text; raise :class:`EnvelopeError` if it is not JSON."""
+    try:
+        return orjson.dumps(data).decode()
+    except orjson.JSONEncodeError as exc:
+        raise EnvelopeError(f"data: not json-serializable: {exc}") from None
+
+
+def encode_envelope(publication: Publication) -> dict[str, str]:
+    """Return the stream entry fields of ``publication`` (its ``offset`` is not part of them).
+
+    Raise :class:`EnvelopeError` (or :class:`~roomcast.auth.InvalidRoomError`, also a
+    ``ValueError``) when a field could not be decoded back, so nothing unreadable is written.
+    """
+    validate_room(publication.room)
+    _check_text("event", publication.event, MAX_EVENT_LENGTH)
+    _check_text("id", publication.id, MAX_ID_LENGTH)
+    if publication.published_at_ms < 0:
+        raise EnvelopeError(
+            f"published_at: must not be negative, got {publication.published_at_ms}"
+        )
+    fields = {
+        "room": publication.room,
+        "event": publication.event,
+        "data": encode_data(publication.data),
+        "id": publication.id,
+        "published_at": str(publication.published_at_ms),
+    }
+    if publication.idempotency_key is not None:
+        _check_text("idempotency_key", publication.idempotency_key, MAX_IDEMPOTENCY_KEY_LENGTH)
+        fields["idempotency_key"] = publication.idempotency_key
+    if publication.traceparent is not None:
+        _check_traceparent(publication.traceparent)
+        fields["traceparent"] = publication.traceparent
+    if publication.exclude_sid is not None:
+        _check_text("exclude_sid", publication.exclude_sid, MAX_SID_LENGTH)
+        fields["exclude_sid"] = publication.exclude_sid
+    if publication.origin is not None:
+        _check_text("origin", publication.origin, MAX_ID_LENGTH)
+        fields["origin"] = publication.origin
+    return fields
+
+
+def decode_envelope(
+    entry_id: str,
+    fields: Mapping[str, str] | Mapping[bytes, bytes],
+    *,
+    room: str | None = None,
+) -> Publication:
+    """Return the publication stored as stream entry ``entry_id`` with ``fields``.
+
+    ``room``, when given, is the room whose stream the entry was read from: the entry's
+    ``room`` field must name it.  Raise :class:`EnvelopeError` naming the first bad field.
+    """
+    text = _as_text(fields)
+    for name in REQUIRED_FIELDS:
+        if name not in text:
+            raise EnvelopeError(f"{name}: missing")
+    entry_room = text["room"]
+    if room is not None:
+        if entry_room != room:
+            raise EnvelopeError(f"room: entry names {_show(entry_room)}, stream is {_show(room)}")
+    else:
+        try:
+            validate_room(entry_room)
+        except InvalidRoomError as exc:
+            raise EnvelopeError(f"room: {exc}") from None
+    event = _check_text("event", text["event"], MAX_EVENT_LENGTH)
+    try:
+        data = orjson.loads(text["data"])
+    except orjson.JSONDecodeError:
+        raise EnvelopeError(f"data: invalid json {_show(text['data'])}") from None
+    publication_id = _check_text("id", text["id"], MAX_ID_LENGTH)
+    published_at = text["published_at"]
+    if _MS_RE.match(published_at) is None:
+        raise EnvelopeError(f"published_at: not a number of milliseconds: {_show(published_at)}")
+    idempotency_key = _optional(text, "idempotency_key", MAX_IDEMPOTENCY_KEY_LENGTH)
+    traceparent = text.get("traceparent")
+    if traceparent is not None:
+        _check_traceparent(traceparent)
+    return Publication(
+        room=entry_room,
+        event=event,
+        data=data,
+        id=publication_id,
+        offset=entry_id,
+        idempotency_key=idempotency_key,
+        traceparent=traceparent,
+        published_at_ms=int(published_at),
+        exclude_sid=_optional(text, "exclude_sid", MAX_SID_LENGTH),
+        origin=_optional(text, "origin", MAX_ID_LENGTH),
+    )
+
+
+def _as_text(fields: Mapping[str, str] | Mapping[bytes, bytes]) -> dict[str, str]:
+    """Decode the known fields to ``str``; a field that is not UTF-8 is an error."""
+    text: dict[str, str] = {}
+    for raw_name, raw_value in fields.items():
+        name = raw_name.decode("utf-8", "replace") if isinstance(raw_name, bytes) else raw_name
+        if name not in FIELDS:
+            continue
+        if isinstance(raw_value, bytes):
+            try:
+                text[name] = raw_value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise EnvelopeError(f"{name}: not utf-8 text") from None
+        elif isinstance(raw_value, str):
+            text[name] = raw_value
+        else:
+            raise EnvelopeError(f"{name}: must be a string, got {type(raw_value).__name__}")
+    return text
+
+
+def _check_text(name: str, value: object, max_length: int) -> str:
+    if not isinstance(value, str):
+        raise EnvelopeError(f"{name}: must be a string, got {type(value).__name__}")
+    if not value:
+        raise EnvelopeError(f"{name}: must not be empty")
+    if len(value) > max_length:
+        raise EnvelopeError(f"{name}: longer than {max_length} characters: {_show(value)}")
+    return value
+
+
+def _optional(text: Mapping[str, str], name: str, max_length: int) -> str | None:
+    value = text.get(name)
+    return None if value is None else _check_text(name, value, max_length)
+
+
+def _check_traceparent(value: object) -> None:
+    if not isinstance(value, str) or _TRACEPARENT_RE.match(value) is None:
+        raise EnvelopeError(f"traceparent: not a w3c traceparent: {_show(value)}")

@@ -1,0 +1,148 @@
+"""The embedded in-memory broker: one process, no dependencies, the default."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+
+from roomcast.broker.base import (
+    BrokerState,
+    DeliveryHandler,
+    History,
+    Publication,
+    PublishRequest,
+    PublishResult,
+)
+from roomcast.broker.offsets import OffsetClock, parse_offset
+
+
+class MemoryBroker:
+    """Publications go straight to the local handler; recent ones are kept per room for recovery.
+
+    Offsets are Redis-style ``<ms>-<seq>`` ids from one process-wide clock, so they are globally
+    ordered and recovery is exact.
+    """
+
+    def __init__(
+        self,
+        *,
+        history_size: int = 1000,
+        history_ttl_ms: int = 120_000,
+        idempotency_window_ms: int = 300_000,
+    ) -> None:
+        self._handler: DeliveryHandler | None = None
+        self._state = BrokerState.STOPPED
+        self._clock = OffsetClock()
+        self._history_size = history_size
+        self._history_ttl_ms = history_ttl_ms
+        self._idempotency_window_ms = idempotency_window_ms
+        self._history: dict[str, deque[Publication]] = {}
+        self._trimmed: dict[str, str] = {}
+        """Per room, the offset of the newest publication dropped from history."""
+        self._subscribed: set[str] = set()
+        self._idempotency: OrderedDict[str, tuple[int, PublishResult]] = OrderedDict()
+        self._sessions: dict[str, tuple[float, bytes]] = {}
+        self.upstream: deque[tuple[str, dict[str, str]]] = deque(maxlen=10_000)
+
+    @property
+    def state(self) -> BrokerState:
+        return self._state
+
+    async def start(self, handler: DeliveryHandler) -> None:
+        self._handler = handler
+        self._state = BrokerState.CONNECTED
+
+    async def stop(self) -> None:
+        self._handler = None
+        self._state = BrokerState.STOPPED
+
+    async def publish(self, request: PublishRequest) -> PublishResult:
+        now_ms = int(time.time() * 1000)
+        key = request.idempotency_key
+        if key is not None:
+            self._expire_idempotency(now_ms)
+            seen = self._idempotency.get(key)
+            if seen is not None:
+                return PublishResult(id=seen[1].id, offset=seen[1].offset, duplicate=True)
+        offset = self._clock.next(now_ms)
+        publication = Publication(
+            room=request.room,
+            event=request.event,
+            data=request.data,
+            id=offset,
+            offset=offset,
+            idempotency_key=key,
+            traceparent=request.traceparent,
+            published_at_ms=now_ms,
+            exclude_sid=request.exclude_sid,
+        )
+        self._remember(publication, now_ms)
+        result = PublishResult(id=publication.id, offset=offset)
+        if key is not None:
+            self._idempotency[key] = (now_ms, result)
+        if self._handler is not None and request.room in self._subscribed:
+            self._handler(publication)
+        return result
+
+    async def subscribe(self, room: str) -> None:
+        self._subscribed.add(room)
+
+    async def unsubscribe(self, room: str) -> None:
+        self._subscribed.discard(room)
+
+    async def history(self, room: str, after_offset: str) -> History:
+        after = parse_offset(after_offset)
+        now_ms = int(time.time() * 1000)
+        kept = self._history.get(room)
+        if kept is not None:
+            self._trim(room, kept, now_ms)
+        trimmed = self._trimmed.get(room)
+        complete = trimmed is None or parse_offset(trimmed) <= after
+        found = [p for p in kept or () if parse_offset(p.offset) > after]
+        return History(publications=found, complete=complete)
+
+    async def save_session(self, pid: str, state: bytes, ttl_ms: int) -> None:
+        now = time.monotonic()
+        self._sessions = {k: v for k, v in self._sessions.items() if v[0] > now}
+        self._sessions[pid] = (now + ttl_ms / 1000, state)
+
+    async def take_session(self, pid: str) -> bytes | None:
+        entry = self._sessions.pop(pid, None)
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        return entry[1]
+
+    async def touch_sessions(self, pids: list[str], ttl_ms: int) -> None:
+        deadline = time.monotonic() + ttl_ms / 1000
+        for pid in pids:
+            entry = self._sessions.get(pid)
+            if entry is not None:
+                self._sessions[pid] = (deadline, entry[1])
+
+    async def append_upstream(self, fields: dict[str, str]) -> str:
+        """Kept in a bounded local list; only useful for tests and development."""
+        offset = self._clock.next(int(time.time() * 1000))
+        self.upstream.append((offset, fields))
+        return offset
+
+    def _remember(self, publication: Publication, now_ms: int) -> None:
+        kept = self._history.setdefault(publication.room, deque())
+        kept.append(publication)
+        self._trim(publication.room, kept, now_ms)
+
+    def _trim(self, room: str, kept: deque[Publication], now_ms: int) -> None:
+        oldest_allowed = now_ms - self._history_ttl_ms
+        while kept and (
+            len(kept) > self._history_size or kept[0].published_at_ms < oldest_allowed
+        ):
+            self._trimmed[room] = kept.popleft().offset
+        if not kept:
+            del self._history[room]
+
+    def _expire_idempotency(self, now_ms: int) -> None:
+        oldest_allowed = now_ms - self._idempotency_window_ms
+        while self._idempotency:
+            key, (at_ms, _) = next(iter(self._idempotency.items()))
+            if at_ms >= oldest_allowed:
+                break
+            del self._idempotency[key]

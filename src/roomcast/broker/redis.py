@@ -1,0 +1,921 @@
+"""The Redis broker: one Redis Stream per room, woken by keyspace notifications.
+
+Publishing is a plain ``XADD`` of an envelope (see :mod:`roomcast.broker.envelope`) to the room's
+stream, so services in any language can publish.  An instance receives only the rooms it has
+local members for: it subscribes to the keyspace-notification channel of each such room's
+stream, and on ``xadd`` reads the new entries with ``XRANGE`` from the last entry it delivered.
+Because delivery always resumes from that id, an outage or a missed notification costs latency,
+never an entry, and nothing is delivered twice.  ``docs/redis.md`` explains the design.
+
+Tasks (one set per connection "epoch", restarted with capped exponential backoff):
+
+* one reader per pub/sub connection (one per cluster primary): notifications -> dirty rooms;
+* one processor: fetches every dirty room at most once per wake-up, pipelined, and delivers;
+* one watcher: pings the pub/sub connections and, on a cluster, notices slot moves;
+* when ``CONFIG`` is refused: a checker that verifies notifications arrive at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from roomcast.auth import validate_room
+from roomcast.broker.base import (
+    BrokerError,
+    BrokerState,
+    BrokerUnavailableError,
+    DeliveryHandler,
+    History,
+    Publication,
+    PublishRequest,
+    PublishResult,
+)
+from roomcast.broker.envelope import EnvelopeError, decode_envelope, encode_envelope
+from roomcast.broker.keys import Keys, keyspace_channel
+from roomcast.broker.offsets import parse_offset
+
+__all__ = ["RedisBroker"]
+
+logger = logging.getLogger("roomcast.broker")
+
+_Client: TypeAlias = "aioredis.Redis | RedisCluster"
+_Entry: TypeAlias = tuple[bytes, dict[bytes, bytes]]
+
+UNAVAILABLE_ERRORS: Final = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
+    OSError,
+)
+"""Errors that mean "Redis cannot be reached right now" (the operation did not happen)."""
+
+_MIN_REDIS_VERSION: Final = (7, 0)
+_SINGLE_NODE: Final = "redis"
+_SUBSCRIBE_CHUNK: Final = 500
+_FETCH_CHUNK: Final = 256
+
+# KEYS[1]: the room's stream; KEYS[2] (optional): the idempotency record.
+# ARGV: maxlen, stream ttl ms, idempotency window ms, publication id, field, value, ...
+# Returns {1, entry id} after appending, or {0, "<id>|<entry id>"} of the original publication.
+_PUBLISH_LUA: Final = """
+if KEYS[2] then
+  local seen = redis.call('GET', KEYS[2])
+  if seen then return {0, seen} end
+end
+local xadd = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*'}
+for i = 5, #ARGV do xadd[#xadd + 1] = ARGV[i] end
+local offset = redis.call(unpack(xadd))
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if KEYS[2] then
+  redis.call('SET', KEYS[2], ARGV[4] .. '|' .. offset, 'PX', ARGV[3])
+end
+return {1, offset}
+"""
+
+
+class _TopologyChangedError(RedisError):
+    """The cluster's slot map changed: subscriptions must be made again on the new owners."""
+
+
+@dataclass(slots=True, eq=False)
+class _Room:
+    """A subscribed room.  A new object per subscription, so late results can be told apart."""
+
+    name: str
+    key: str
+    channel: bytes
+    last_id: str | None = None
+    """The last entry delivered (or skipped); ``None`` until initialised from Redis."""
+
+
+@dataclass(slots=True, eq=False)
+class _Probe:
+    subscribed: asyncio.Future[None]
+    notified: asyncio.Future[None]
+
+
+@dataclass(slots=True)
+class _Fetched:
+    room: _Room
+    entries: list[_Entry]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _missing_notify_flags(current: str) -> str:
+    """The ``notify-keyspace-events`` flags to add so stream commands reach keyspace channels."""
+    missing = "" if "K" in current else "K"
+    if "t" not in current and "A" not in current:
+        missing += "t"
+    return missing
+
+
+class RedisBroker:
+    """A :class:`~roomcast.broker.base.Broker` on Redis (single server or Redis Cluster).
+
+    Counters (plain attributes, read by metrics): ``dropped`` counts entries not delivered by
+    reason, ``delivered`` the entries handed to the handler, ``reconnects`` the connection
+    epochs after the first, ``errors`` failures that dropped no entry.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "roomcast",
+        history_size: int = 1000,
+        history_ttl_ms: int = 120_000,
+        idempotency_window_ms: int = 300_000,
+        upstream_stream: str | None = None,
+        cluster: bool | None = None,
+        upstream_maxlen: int | None = 1_000_000,
+        socket_timeout: float = 5.0,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 5.0,
+        ping_interval: float = 5.0,
+        fetch_count: int = 1000,
+    ) -> None:
+        for name, value in (
+            ("history_size", history_size),
+            ("history_ttl_ms", history_ttl_ms),
+            ("idempotency_window_ms", idempotency_window_ms),
+            ("fetch_count", fetch_count),
+        ):
+            if value < 1:
+                raise ValueError(f"{name}: must be at least 1, got {value}")
+        if upstream_maxlen is not None and upstream_maxlen < 1:
+            raise ValueError(f"upstream_maxlen: must be at least 1 or None, got {upstream_maxlen}")
+        if not 0 < backoff_initial <= backoff_max:
+            raise ValueError(
+                f"backoff_initial: must be > 0 and <= backoff_max, got {backoff_initial}"
+            )
+        self._url = url
+        self._keys = Keys(prefix, upstream=upstream_stream)
+        self._history_size = history_size
+        self._history_ttl_ms = history_ttl_ms
+        self._idempotency_window_ms = idempotency_window_ms
+        self._cluster_option = cluster
+        self._upstream_maxlen = upstream_maxlen
+        self._socket_timeout = socket_timeout
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._ping_interval = ping_interval
+        self._fetch_count = fetch_count
+
+        self.instance_id = uuid.uuid4().hex[:16]
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.delivered = 0
+        self.reconnects = 0
+
+        self._state = BrokerState.STOPPED
+        self._handler: DeliveryHandler | None = None
+        self._client: _Client | None = None
+        self._is_cluster = False
+        self._db = 0
+        self._script: Any = None
+        self._connect_lock = asyncio.Lock()
+        self._supervisor: asyncio.Task[None] | None = None
+
+        self._rooms: dict[str, _Room] = {}
+        self._channels: dict[bytes, _Room] = {}
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self._listeners: dict[str, AbstractConnection] = {}
+        self._probes: dict[bytes, _Probe] = {}
+        self._topology: frozenset[tuple[int, int, str]] = frozenset()
+        self._config_refused = False
+        self._notifications_ok = False
+        self._not_ready_reason: str | None = "not started"
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def state(self) -> BrokerState:
+        return self._state
+
+    @property
+    def ready(self) -> bool:
+        """Connected, and keyspace notifications for streams are known to reach this instance."""
+        return self._state is BrokerState.CONNECTED and self._notifications_ok
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        """Why :attr:`ready` is false, for health checks and logs."""
+        if self._state is not BrokerState.CONNECTED:
+            return f"redis broker {self._state.value}"
+        return None if self._notifications_ok else self._not_ready_reason
+
+    @property
+    def is_cluster(self) -> bool:
+        return self._is_cluster
+
+    @property
+    def subscribed_rooms(self) -> frozenset[str]:
+        return frozenset(self._rooms)
+
+    async def start(self, handler: DeliveryHandler) -> None:
+        """Connect, enable notifications, subscribe, and deliver in a background task.
+
+        Raise :class:`BrokerUnavailableError` if Redis cannot be reached at all; later outages
+        are survived by reconnecting.
+        """
+        if self._supervisor is not None:
+            raise BrokerError("redis broker already started")
+        self._handler = handler
+        self._state = BrokerState.STARTING
+        try:
+            await self._ensure_client()
+            await self._open_epoch()
+        except UNAVAILABLE_ERRORS as exc:
+            await self._close_listeners()
+            self._state = BrokerState.STOPPED
+            raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
+        except BaseException:
+            await self._close_listeners()
+            self._state = BrokerState.STOPPED
+            raise
+        self._supervisor = asyncio.create_task(self._supervise(), name="roomcast-redis-broker")
+
+    async def stop(self) -> None:
+        supervisor, self._supervisor = self._supervisor, None
+        self._state = BrokerState.STOPPED
+        if supervisor is not None:
+            supervisor.cancel()
+            await asyncio.wait([supervisor])
+        await self._close_listeners()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+        self._handler = None
+
+    async def publish(self, request: PublishRequest) -> PublishResult:
+        validate_room(request.room)
+        publication = Publication(
+            room=request.room,
+            event=request.event,
+            data=request.data,
+            id=uuid.uuid4().hex,
+            idempotency_key=request.idempotency_key,
+            traceparent=request.traceparent,
+            published_at_ms=int(time.time() * 1000),
+            exclude_sid=request.exclude_sid,
+            origin=self.instance_id,
+        )
+        fields = encode_envelope(publication)
+        keys = [self._keys.room(request.room)]
+        if request.idempotency_key is not None:
+            keys.append(self._keys.idempotency(request.room, request.idempotency_key))
+        args: list[str | int] = [
+            self._history_size,
+            self._history_ttl_ms,
+            self._idempotency_window_ms,
+            publication.id,
+        ]
+        for name, value in fields.items():
+            args += (name, value)
+        try:
+            client = await self._ensure_client()
+            appended, value = await self._script(keys=keys, args=args, client=client)
+        except UNAVAILABLE_ERRORS as exc:
+            raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
+        if appended == 1:
+            return PublishResult(id=publication.id, offset=_text(value))
+        original_id, _, offset = _text(value).partition("|")
+        return PublishResult(id=original_id, offset=offset, duplicate=True)
+
+    async def subscribe(self, room: str) -> None:
+        """Deliver ``room``'s entries newer than its stream's last entry right now.
+
+        If Redis is unreachable, the room is still registered: the reconnect subscribes it and
+        starts from the stream's last entry at that time.
+        """
+        validate_room(room)
+        if room in self._rooms:
+            return
+        key = self._keys.room(room)
+        state = _Room(room, key, keyspace_channel(self._db, key).encode())
+        self._rooms[room] = state
+        self._channels[state.channel] = state
+        if self._state is BrokerState.STOPPED or self._client is None:
+            return
+        try:
+            last_id = await self._last_entry_id(self._client, key)
+            if state.last_id is None:
+                state.last_id = last_id
+            if self._rooms.get(room) is state:
+                await self._send_to_listener(key, "SUBSCRIBE", state.channel)
+        except UNAVAILABLE_ERRORS as exc:
+            logger.warning(
+                "subscribe %r: redis unavailable (%s); it is subscribed on reconnect", room, exc
+            )
+
+    async def unsubscribe(self, room: str) -> None:
+        state = self._rooms.pop(room, None)
+        if state is None:
+            return
+        self._channels.pop(state.channel, None)
+        self._dirty.discard(room)
+        try:
+            await self._send_to_listener(state.key, "UNSUBSCRIBE", state.channel)
+        except UNAVAILABLE_ERRORS as exc:
+            # The connection is gone, and with it the subscription; reconnecting skips the room.
+            logger.debug("unsubscribe %r: redis unavailable (%s)", room, exc)
+
+    async def history(self, room: str, after_offset: str) -> History:
+        """Entries of ``room`` after ``after_offset``; ``complete`` is false if any may be gone.
+
+        Trimming is detected with the stream's ``max-deleted-entry-id``; a stream that expired
+        (or was recreated since) cannot prove it lost nothing, so it reports incomplete unless
+        ``after_offset`` is the start.
+        """
+        validate_room(room)
+        after = parse_offset(after_offset)
+        key = self._keys.room(room)
+        start = "-" if after == (0, 0) else f"({after[0]}-{after[1]}"
+        try:
+            client = await self._ensure_client()
+            pipe = client.pipeline(transaction=False)
+            pipe.xrange(key, start, "+")
+            pipe.xinfo_stream(key)
+            entries, info = await pipe.execute(raise_on_error=False)
+            if isinstance(entries, Exception):
+                raise entries
+            publications = await self._decode_and_filter(client, room, entries, claim=False)
+        except UNAVAILABLE_ERRORS as exc:
+            raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
+        except ResponseError as exc:
+            raise BrokerError(f"history of room {room!r}: {exc}") from exc
+        return History(publications=publications, complete=_history_complete(after, info))
+
+    async def save_session(self, pid: str, state: bytes, ttl_ms: int) -> None:
+        key = self._keys.session(pid)
+        try:
+            client = await self._ensure_client()
+            await client.set(key, state, px=max(1, ttl_ms))
+        except UNAVAILABLE_ERRORS as exc:
+            raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
+
+    async def take_session(self, pid: str) -> bytes | None:
+        key = self._keys.session(pid)
+        try:
+            client = await self._ensure_client()
+            value = await client.getdel(key)
+        except UNAVAILABLE_ERRORS as exc:
+            raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
+        if value is None or isinstance(value, bytes):
+            return value
+        return str(value).encode()
+
+    async def touch_sessions(self, pids: list[str], ttl_ms: int) -> None:
+        if not pids:
+            return
+        try:
+            client = await self._ensure_client()
+            pipe = client.pipeline(transaction=False)
+            for pid in pids:
+                pipe.pexpire(self._keys.session(pid), max(1, ttl_ms))
+            await pipe.execute()
+        except UNAVAILABLE_ERRORS as exc:
+            raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
+
+    async def append_upstream(self, fields: dict[str, str]) -> str:
+        """``XADD <prefix>:upstream [MAXLEN ~ upstream_maxlen] * <fields>``; return the entry id."""
+        if not fields:
+            raise ValueError("fields: an upstream entry needs at least one field")
+        try:
+            client = await self._ensure_client()
+            entry_id = await client.xadd(
+                self._keys.upstream(),
+                dict(fields),  # type: ignore[arg-type]
+                maxlen=self._upstream_maxlen,
+                approximate=True,
+            )
+        except UNAVAILABLE_ERRORS as exc:
+            raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
+        return _text(entry_id)
+
+    # ------------------------------------------------------------------ connection
+
+    async def _ensure_client(self) -> _Client:
+        """The command client, created on first use (publishers need no :meth:`start`)."""
+        if self._client is not None:
+            return self._client
+        async with self._connect_lock:
+            if self._client is None:
+                self._client = await self._connect()
+        return self._client
+
+    def _client_options(self) -> dict[str, Any]:
+        # No automatic retries: a retried XADD whose reply was lost would publish twice.
+        return {
+            "retry": Retry(NoBackoff(), 0),
+            "socket_timeout": self._socket_timeout,
+            "socket_connect_timeout": self._socket_timeout,
+            "protocol": 2,
+        }
+
+    async def _connect(self) -> _Client:
+        options = self._client_options()
+        is_cluster = self._cluster_option
+        client: _Client
+        if is_cluster is None:
+            probe = aioredis.Redis.from_url(self._url, **options)
+            try:
+                info = await probe.info("cluster")
+            except UNAVAILABLE_ERRORS as exc:
+                raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
+            finally:
+                await probe.aclose()
+            is_cluster = int(info.get("cluster_enabled", 0)) == 1
+        if is_cluster:
+            client = RedisCluster.from_url(self._url, **options)
+        else:
+            client = aioredis.Redis.from_url(self._url, **options)
+        try:
+            if isinstance(client, RedisCluster):
+                await client.initialize()
+                versions = [
+                    (await client.info("server", target_nodes=node))["redis_version"]
+                    for node in client.get_primaries()
+                ]
+                db = 0
+            else:
+                versions = [(await client.info("server"))["redis_version"]]
+                db = int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
+        except UNAVAILABLE_ERRORS as exc:
+            await client.aclose()
+            raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
+        for version in versions:
+            major_minor = tuple(int(part) for part in str(version).split(".")[:2])
+            if major_minor < _MIN_REDIS_VERSION:
+                await client.aclose()
+                raise BrokerError(f"redis {version} is too old: roomcast needs redis 7.0 or newer")
+        self._is_cluster = isinstance(client, RedisCluster)
+        self._db = db
+        self._script = client.register_script(_PUBLISH_LUA)
+        return client
+
+    async def _supervise(self) -> None:
+        """Run epochs until stopped; reconnect with capped exponential backoff."""
+        delay = self._backoff_initial
+        opened = True  # start() opened the first epoch
+        while True:
+            if not opened:
+                try:
+                    await self._open_epoch()
+                except UNAVAILABLE_ERRORS as exc:
+                    logger.warning("redis reconnect failed: %s; next try in %.1fs", exc, delay)
+                    await self._close_listeners()
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self._backoff_max)
+                    continue
+                except Exception:
+                    # Task boundary: an unexpected failure is logged, counted and retried.
+                    logger.exception("redis broker: unexpected error while connecting")
+                    self.errors["unexpected"] += 1
+                    await self._close_listeners()
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self._backoff_max)
+                    continue
+                self.reconnects += 1
+                logger.info("redis broker reconnected; catching up %d rooms", len(self._rooms))
+            opened = False
+            delay = self._backoff_initial
+            try:
+                await self._run_epoch()
+            except Exception:
+                logger.exception("redis broker: unexpected error; reconnecting")
+                self.errors["unexpected"] += 1
+            finally:
+                self._state = (
+                    BrokerState.STOPPED if self._supervisor is None else BrokerState.DISCONNECTED
+                )
+                await self._close_listeners()
+
+    async def _open_epoch(self) -> None:
+        """Enable notifications, open the pub/sub connections and subscribe every room."""
+        client = await self._ensure_client()
+        if isinstance(client, RedisCluster):
+            await client.initialize()
+            self._topology = await self._read_topology(client)
+        await self._enable_notifications(client)
+        await self._open_listeners(client)
+        pending = [room for room in self._rooms.values() if room.last_id is None]
+        if pending:
+            await self._initialise_rooms(client, pending)
+        by_node: dict[str, list[bytes]] = collections.defaultdict(list)
+        for room in list(self._rooms.values()):
+            by_node[self._node_name(room.key)].append(room.channel)
+        for name, channels in by_node.items():
+            conn = self._listeners.get(name)
+            if conn is None:
+                raise _TopologyChangedError(f"no pub/sub connection to node {name}")
+            for chunk in _chunks(channels, _SUBSCRIBE_CHUNK):
+                await conn.send_command("SUBSCRIBE", *chunk, check_health=False)
+        self._state = BrokerState.CONNECTED
+
+    async def _run_epoch(self) -> None:
+        """Run the readers, the processor and the watcher until one fails."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                for name, conn in self._listeners.items():
+                    group.create_task(self._read(name, conn), name=f"roomcast-redis-read-{name}")
+                group.create_task(self._process(), name="roomcast-redis-process")
+                group.create_task(self._watch(), name="roomcast-redis-watch")
+                if self._config_refused:
+                    group.create_task(self._check_notifications(), name="roomcast-redis-check")
+        except* (*UNAVAILABLE_ERRORS, _TopologyChangedError) as group_error:
+            first = group_error.exceptions[0]
+            logger.warning(
+                "redis connection lost (%s: %s); reconnecting", type(first).__name__, first
+            )
+
+    async def _open_listeners(self, client: _Client) -> None:
+        nodes: list[tuple[str, AbstractConnection]] = []
+        if isinstance(client, RedisCluster):
+            for node in client.get_primaries():
+                nodes.append((node.name, _node_connection(node)))
+        else:
+            nodes.append((_SINGLE_NODE, client.connection_pool.make_connection()))  # type: ignore[no-untyped-call]
+        for name, conn in nodes:
+            self._listeners[name] = conn
+        for conn in self._listeners.values():
+            await conn.connect()  # type: ignore[no-untyped-call]
+
+    async def _close_listeners(self) -> None:
+        listeners = list(self._listeners.values())
+        self._listeners.clear()
+        for conn in listeners:
+            await conn.disconnect(nowait=True)
+        for probe in self._probes.values():
+            for future in (probe.subscribed, probe.notified):
+                if not future.done():
+                    future.cancel()
+
+    def _node_name(self, key: str) -> str:
+        if isinstance(self._client, RedisCluster):
+            node = self._client.get_node_from_key(key)
+            if node is None:
+                raise SlotNotCoveredError(f"no node serves key {key!r}")
+            return str(node.name)
+        return _SINGLE_NODE
+
+    async def _send_to_listener(self, key: str, *args: str | bytes) -> None:
+        conn = self._listeners.get(self._node_name(key))
+        # Never let a send reconnect a dropped connection behind the reader's back.
+        if conn is not None and conn.is_connected:
+            await conn.send_command(*args, check_health=False)
+
+    # ------------------------------------------------------------------ notifications
+
+    async def _enable_notifications(self, client: _Client) -> None:
+        """Merge ``Kt`` into ``notify-keyspace-events`` on every primary, if allowed."""
+        nodes: Sequence[ClusterNode | None] = (
+            client.get_primaries() if isinstance(client, RedisCluster) else [None]
+        )
+        self._config_refused = False
+        for node in nodes:
+            where = "redis" if node is None else node.name
+            try:
+                current = await _on_node(client, node, "CONFIG GET", "notify-keyspace-events")
+                value = _text(dict(current).get("notify-keyspace-events", ""))
+                missing = _missing_notify_flags(value)
+                if missing:
+                    await _on_node(
+                        client, node, "CONFIG SET", "notify-keyspace-events", value + missing
+                    )
+                    logger.info(
+                        "enabled keyspace notifications on %s: notify-keyspace-events=%r",
+                        where,
+                        value + missing,
+                    )
+            except ResponseError as exc:
+                self._config_refused = True
+                self._notifications_ok = False
+                self._not_ready_reason = (
+                    f"CONFIG refused on {where} ({exc}); checking whether keyspace "
+                    "notifications for streams are on"
+                )
+                logger.error(
+                    "cannot read or set notify-keyspace-events on %s: %s. The operator must "
+                    "enable keyspace notifications for streams (notify-keyspace-events must "
+                    "include 'K' and 't', e.g. 'Kt'); checking whether they already are",
+                    where,
+                    exc,
+                )
+                return
+        self._notifications_ok = True
+        self._not_ready_reason = None
+
+    async def _check_notifications(self) -> None:
+        """CONFIG was refused: probe each node until notifications are seen, then catch up."""
+        client = await self._ensure_client()
+        while True:
+            failed = [
+                name
+                for name, conn in list(self._listeners.items())
+                if not await self._probe(client, name, conn)
+            ]
+            if not failed:
+                self._notifications_ok = True
+                self._not_ready_reason = None
+                logger.info("keyspace notifications for streams verified; broker ready")
+                self._mark_dirty(self._rooms.values())
+                return
+            self._notifications_ok = False
+            self._not_ready_reason = (
+                f"keyspace notifications for streams are off on {', '.join(failed)}: the "
+                "operator must set notify-keyspace-events to include 'Kt'"
+            )
+            logger.error("redis broker not ready: %s", self._not_ready_reason)
+            await asyncio.sleep(max(self._ping_interval * 6, 1.0))
+
+    async def _probe(self, client: _Client, name: str, conn: AbstractConnection) -> bool:
+        key = self._keys.probe(self._probe_tag(name))
+        channel = keyspace_channel(self._db, key).encode()
+        loop = asyncio.get_running_loop()
+        probe = _Probe(loop.create_future(), loop.create_future())
+        self._probes[channel] = probe
+        try:
+            await conn.send_command("SUBSCRIBE", channel, check_health=False)
+            async with asyncio.timeout(2.0):
+                await probe.subscribed
+                pipe = client.pipeline(transaction=False)
+                pipe.xadd(key, {"probe": self.instance_id}, maxlen=1, approximate=False)
+                pipe.pexpire(key, 60_000)
+                await pipe.execute()
+                await probe.notified
+        except TimeoutError:
+            return False
+        finally:
+            self._probes.pop(channel, None)
+            if conn.is_connected:
+                await conn.send_command("UNSUBSCRIBE", channel, check_health=False)
+        return True
+
+    def _probe_tag(self, node_name: str) -> str:
+        if not isinstance(self._client, RedisCluster):
+            return self.instance_id
+        for attempt in range(100_000):
+            tag = f"{self.instance_id}-{attempt}"
+            if self._node_name(self._keys.probe(tag)) == node_name:
+                return tag
+        raise BrokerError(f"no probe key maps to node {node_name}")
+
+    # ------------------------------------------------------------------ epoch tasks
+
+    async def _read(self, name: str, conn: AbstractConnection) -> None:
+        """Turn notifications into dirty rooms; the watcher's pings keep data flowing."""
+        timeout = self._ping_interval * 3
+        while True:
+            response = await conn.read_response(timeout=timeout)
+            if response is None:
+                raise RedisTimeoutError(f"no reply from {name} on the pub/sub connection")
+            self._on_pubsub(response)
+
+    def _on_pubsub(self, response: object) -> None:
+        if not isinstance(response, list) or len(response) < 3:
+            return  # a PONG outside subscribed mode
+        kind, channel, payload = response[0], response[1], response[2]
+        probe = self._probes.get(channel)
+        if probe is not None:
+            if kind == b"subscribe" and not probe.subscribed.done():
+                probe.subscribed.set_result(None)
+            elif kind == b"message" and payload == b"xadd" and not probe.notified.done():
+                probe.notified.set_result(None)
+            return
+        room = self._channels.get(channel)
+        if room is None:
+            return
+        # A confirmed subscription also marks the room: its catch-up then runs strictly after
+        # notifications flow, so an entry appended in between is never missed.
+        if (kind == b"message" and payload == b"xadd") or kind == b"subscribe":
+            self._mark_dirty((room,))
+
+    def _mark_dirty(self, rooms: Iterable[_Room]) -> None:
+        for room in rooms:
+            self._dirty.add(room.name)
+        if self._dirty:
+            self._wake.set()
+
+    async def _process(self) -> None:
+        """Fetch every dirty room once per wake-up, pipelined, and deliver in stream order."""
+        client = await self._ensure_client()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            names, self._dirty = self._dirty, set()
+            rooms = [self._rooms[name] for name in names if name in self._rooms]
+            for chunk in _chunks(rooms, _FETCH_CHUNK):
+                await self._fetch_and_deliver(client, chunk)
+
+    async def _fetch_and_deliver(self, client: _Client, rooms: list[_Room]) -> None:
+        pending = [room for room in rooms if room.last_id is None]
+        if pending:
+            await self._initialise_rooms(client, pending)
+        rooms = [room for room in rooms if room.last_id is not None]
+        pipe = client.pipeline(transaction=False)
+        for room in rooms:
+            pipe.xrange(room.key, f"({room.last_id}", "+", count=self._fetch_count)
+        results = await pipe.execute(raise_on_error=False)
+        fetched: list[_Fetched] = []
+        for room, result in zip(rooms, results, strict=True):
+            if isinstance(result, UNAVAILABLE_ERRORS):
+                raise result
+            if isinstance(result, Exception):
+                self.errors["read_failed"] += 1
+                logger.error("cannot read room %r from %s: %s", room.name, room.key, result)
+                continue
+            if len(result) >= self._fetch_count:
+                self._mark_dirty((room,))  # more to read: next wake-up
+            if result:
+                fetched.append(_Fetched(room, result))
+        if not fetched:
+            return
+        decoded = [
+            (item.room, self._decode_entries(item.room.name, item.entries)) for item in fetched
+        ]
+        skip = await self._claim_idempotency_keys(
+            client, [pub for _, pubs in decoded for _, pub in pubs if pub is not None]
+        )
+        for room, pubs in decoded:
+            for entry_id, publication in pubs:
+                if self._rooms.get(room.name) is not room:
+                    break  # unsubscribed meanwhile
+                room.last_id = entry_id
+                if publication is None or publication.offset in skip:
+                    continue
+                self._deliver(publication)
+
+    def _deliver(self, publication: Publication) -> None:
+        handler = self._handler
+        if handler is None:
+            self.dropped["no_handler"] += 1
+            logger.warning(
+                "dropped entry %s of room %r: no_handler", publication.offset, publication.room
+            )
+            return
+        try:
+            handler(publication)
+        except Exception:
+            # Task boundary: the node's handler failed for this publication only.
+            self.dropped["handler_error"] += 1
+            logger.exception(
+                "dropped entry %s of room %r: handler_error", publication.offset, publication.room
+            )
+            return
+        self.delivered += 1
+
+    def _decode_entries(
+        self, room: str, entries: list[_Entry]
+    ) -> list[tuple[str, Publication | None]]:
+        """Decode entries; a malformed one is counted, logged and returned as ``None``."""
+        decoded: list[tuple[str, Publication | None]] = []
+        for raw_id, fields in entries:
+            entry_id = _text(raw_id)
+            try:
+                decoded.append((entry_id, decode_envelope(entry_id, fields, room=room)))
+            except EnvelopeError as exc:
+                self.dropped["malformed_envelope"] += 1
+                logger.warning(
+                    "dropped entry %s of room %r: malformed_envelope (%s)", entry_id, room, exc
+                )
+                decoded.append((entry_id, None))
+        return decoded
+
+    async def _claim_idempotency_keys(
+        self, client: _Client, publications: list[Publication], *, claim: bool = True
+    ) -> set[str]:
+        """Offsets of publications whose idempotency key belongs to another entry.
+
+        With ``claim``, an unclaimed key is claimed for the entry (``SET NX GET``), so every
+        instance, in any order, agrees on which entry of a key is the one to deliver.
+        """
+        keyed = [pub for pub in publications if pub.idempotency_key is not None]
+        if not keyed:
+            return set()
+        pipe = client.pipeline(transaction=False)
+        for pub in keyed:
+            key = self._keys.idempotency(pub.room, pub.idempotency_key or "")
+            if claim:
+                pipe.set(
+                    key, f"{pub.id}|{pub.offset}", nx=True, get=True, px=self._idempotency_window_ms
+                )
+            else:
+                pipe.get(key)
+        results = await pipe.execute()
+        duplicates: set[str] = set()
+        for pub, stored in zip(keyed, results, strict=True):
+            if stored is None:
+                continue
+            _, _, owner = _text(stored).partition("|")
+            if owner != pub.offset:
+                duplicates.add(pub.offset)
+                self.dropped["duplicate_idempotency_key"] += 1
+                logger.info(
+                    "dropped entry %s of room %r: duplicate_idempotency_key %r (first: %s)",
+                    pub.offset,
+                    pub.room,
+                    pub.idempotency_key,
+                    owner,
+                )
+        return duplicates
+
+    async def _decode_and_filter(
+        self, client: _Client, room: str, entries: list[_Entry], *, claim: bool
+    ) -> list[Publication]:
+        decoded = [pub for _, pub in self._decode_entries(room, entries) if pub is not None]
+        skip = await self._claim_idempotency_keys(client, decoded, claim=claim)
+        return [pub for pub in decoded if pub.offset not in skip]
+
+    async def _initialise_rooms(self, client: _Client, rooms: list[_Room]) -> None:
+        pipe = client.pipeline(transaction=False)
+        for room in rooms:
+            pipe.xrevrange(room.key, "+", "-", count=1)
+        results = await pipe.execute()
+        for room, result in zip(rooms, results, strict=True):
+            if room.last_id is None:
+                room.last_id = _text(result[0][0]) if result else "0-0"
+
+    async def _last_entry_id(self, client: _Client, key: str) -> str:
+        result: Any = await client.xrevrange(key, "+", "-", count=1)
+        return _text(result[0][0]) if result else "0-0"
+
+    async def _watch(self) -> None:
+        """Ping the pub/sub connections; on a cluster, restart the epoch when slots move."""
+        client = await self._ensure_client()
+        while True:
+            await asyncio.sleep(self._ping_interval)
+            for conn in list(self._listeners.values()):
+                await conn.send_command("PING", check_health=False)
+            if isinstance(client, RedisCluster):
+                topology = await self._read_topology(client)
+                if topology != self._topology:
+                    raise _TopologyChangedError("cluster slots moved")
+
+    async def _read_topology(self, client: RedisCluster) -> frozenset[tuple[int, int, str]]:
+        slots = await client.execute_command("CLUSTER SLOTS", target_nodes=client.get_random_node())
+        topology: set[tuple[int, int, str]] = set()
+        for (start, end), owners in dict(slots).items():
+            host, port = owners["primary"][:2]
+            topology.add((int(start), int(end), f"{_text(host)}:{int(port)}"))
+        return frozenset(topology)
+
+
+def _history_complete(after: tuple[int, int], info: object) -> bool:
+    if isinstance(info, Exception):
+        # No stream: either never used (complete from the start) or expired (entries lost).
+        return after == (0, 0)
+    fields = dict(info)  # type: ignore[call-overload]
+    max_deleted = parse_offset(_text(fields.get("max-deleted-entry-id", b"0-0")))
+    if after < max_deleted:
+        return False
+    first = fields.get("first-entry")
+    if max_deleted == (0, 0) and after != (0, 0) and first:
+        # Nothing was ever trimmed from this stream, yet the caller saw an entry older than its
+        # first one: the stream was recreated after expiring, and the old one's tail is gone.
+        return parse_offset(_text(first[0])) <= after
+    return True
+
+
+async def _on_node(client: _Client, node: ClusterNode | None, *args: str) -> Any:
+    if node is None:
+        return await client.execute_command(*args)
+    return await client.execute_command(*args, target_nodes=node)
+
+
+def _node_connection(node: ClusterNode) -> AbstractConnection:
+    options = dict(node.connection_kwargs)
+    return node.connection_class(**options)
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
+    for index in range(0, len(items), size):
+        yield list(items[index : index + size])

@@ -1,0 +1,238 @@
+"""``roomcast serve | publish | token | check-config`` - the only module that exits the process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+from roomcast import config
+from roomcast.app import Application
+from roomcast.config import ConfigError, Settings
+
+log = logging.getLogger("roomcast")
+
+_AUTH_SETTINGS = (
+    "jwt_secret",
+    "jwt_public_key_file",
+    "jwks_url",
+    "jwt_algorithms",
+    "jwt_issuer",
+    "jwt_audience",
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="roomcast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    config.add_arguments(serve)
+
+    check = sub.add_parser("check-config", help="validate and print the settings")
+    config.add_arguments(check)
+
+    token = sub.add_parser("token", help="print a client JWT signed with the configured secret")
+    token.add_argument("--sub", required=True, help="user id")
+    token.add_argument("--rooms", nargs="*", default=[], help="room glob patterns it may join")
+    token.add_argument("--publish", nargs="*", default=[], help="room patterns it may publish to")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (0: no expiry)")
+    config.add_arguments(token, only=_AUTH_SETTINGS)
+
+    publish = sub.add_parser("publish", help="publish an event to a room")
+    publish.add_argument("--room", required=True)
+    publish.add_argument("--event", required=True)
+    publish.add_argument("--data", required=True, help="JSON value")
+    publish.add_argument("--idempotency-key", default=None)
+    publish.add_argument("--url", default=None, help="gateway URL (default http://HOST:PORT)")
+    config.add_arguments(publish, only=("host", "port", "api_key", "redis_url", "redis_prefix"))
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    return config.load(flags)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        code = _COMMANDS[args.command](args, settings)
+    except ConfigError as error:
+        print(f"roomcast: configuration error: {error}", file=sys.stderr)
+        code = 2
+    except ValueError as error:
+        print(f"roomcast: {error}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+def _check_config(args: argparse.Namespace, settings: Settings) -> int:
+    from roomcast.node import make_authenticator
+
+    make_authenticator(settings)
+    print(json.dumps(settings.redacted(), indent=2, default=list))
+    return 0
+
+
+def _token(args: argparse.Namespace, settings: Settings) -> int:
+    from roomcast.node import make_authenticator
+
+    auth = make_authenticator(settings)
+    if auth is None:
+        raise ConfigError("jwt_secret is required to mint tokens (--jwt-secret or ROOMCAST_JWT_SECRET)")
+    ttl = args.ttl if args.ttl > 0 else None
+    print(auth.mint(args.sub, args.rooms, args.publish, ttl_seconds=ttl))
+    return 0
+
+
+def _publish(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        data = json.loads(args.data)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--data is not valid JSON: {exc}") from exc
+    if settings.redis_url:
+        result = asyncio.run(_publish_redis(settings, args, data))
+        print(json.dumps(result))
+        return 0
+    url = (args.url or f"http://{settings.host}:{settings.port}").rstrip("/") + "/api/v1/publish"
+    body: dict[str, Any] = {"room": args.room, "event": args.event, "data": data}
+    if args.idempotency_key:
+        body["idempotency_key"] = args.idempotency_key
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {settings.api_key}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            print(response.read().decode())
+            return 0
+    except urllib.error.HTTPError as error:
+        print(f"roomcast: publish failed ({error.code}): {error.read().decode()}", file=sys.stderr)
+        return 1
+    except urllib.error.URLError as error:
+        print(f"roomcast: cannot reach {url}: {error.reason}", file=sys.stderr)
+        return 1
+
+
+async def _publish_redis(settings: Settings, args: argparse.Namespace, data: Any) -> dict[str, Any]:
+    from roomcast.publisher import Publisher
+
+    publisher = Publisher.from_url(settings.redis_url, prefix=settings.redis_prefix)
+    try:
+        result = await publisher.publish(
+            args.room, args.event, data, idempotency_key=args.idempotency_key
+        )
+    finally:
+        await publisher.close()
+    return {"id": result.id, "offset": result.offset, "duplicate": result.duplicate}
+
+
+def load_app(spec: str) -> Application:
+    module_name, _, attribute = spec.partition(":")
+    module = importlib.import_module(module_name)
+    app = getattr(module, attribute, None)
+    if not isinstance(app, Application):
+        raise ConfigError(f"app {spec!r} is not a roomcast.Application")
+    return app
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    app = load_app(settings.app) if settings.app else None
+    settings = _dev_defaults(settings)
+    from roomcast.node import make_authenticator
+
+    make_authenticator(settings)  # fail fast on bad key settings
+    if settings.workers > 1:
+        from roomcast.workers import run_workers
+
+        return run_workers(settings, app)
+    run(settings, app)
+    return 0
+
+
+def _dev_defaults(settings: Settings) -> Settings:
+    """Without a JWT key, generate development secrets and print how to use them."""
+    if settings.production or settings.jwt_secret or settings.jwt_public_key_file or settings.jwks_url:
+        return settings
+    import dataclasses
+
+    settings = dataclasses.replace(
+        settings,
+        jwt_secret=secrets.token_urlsafe(48),
+        api_key=settings.api_key or secrets.token_urlsafe(24),
+    )
+    from roomcast.node import make_authenticator
+
+    auth = make_authenticator(settings)
+    assert auth is not None
+    token = auth.mint("dev-user", ["*"], ["*"], ttl_seconds=24 * 3600)
+    base = f"http://{settings.host}:{settings.port}"
+    print(
+        "=== DEVELOPMENT MODE: generated secrets, not for production ===\n"
+        f"dev token (sub=dev-user, all rooms, 24 h):\n  {token}\n"
+        f"publish:\n  curl -X POST {base}/api/v1/publish -H 'Authorization: Bearer {settings.api_key}'"
+        " -H 'Content-Type: application/json' -d '{\"room\":\"doc:1\",\"event\":\"hello\",\"data\":{}}'\n"
+        "=================================================================",
+        flush=True,
+    )
+    return settings
+
+
+def run(
+    settings: Settings,
+    app: Application | None,
+    sock: Any = None,
+    mounts: dict[str, Any] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT, then drain.  ``mounts`` adds raw Engine.IO apps by path."""
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(_run(settings, app, sock, mounts or {}))
+
+
+async def _run(
+    settings: Settings, app: Application | None, sock: Any, mounts: dict[str, Any]
+) -> None:
+    from roomcast.node import Node
+
+    node = Node(settings, app)
+    for path, factory in mounts.items():
+        node.mount_engine(path, factory)
+    await node.start(sock)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"roomcast ready on {settings.host}:{node.port} (pid {os.getpid()})", flush=True)
+    await stop.wait()
+    log.info("draining")
+    await node.drain()
+    await node.stop()
+
+
+_COMMANDS = {
+    "serve": _serve,
+    "check-config": _check_config,
+    "token": _token,
+    "publish": _publish,
+}

@@ -1,0 +1,213 @@
+"""Every setting, defined once.
+
+Each field of :class:`Settings` is settable by a command-line flag (``--jwt-secret``), an
+environment variable (``ROOMCAST_JWT_SECRET``) and a TOML config file (``jwt_secret = "..."``),
+in that order of precedence.  ``validate()`` names the bad key and value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "ROOMCAST_"
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names the key and the value."""
+
+
+def _setting(default: Any, help: str, *, secret: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "secret": secret})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = _setting("127.0.0.1", "address to listen on")
+    port: int = _setting(8000, "port to listen on")
+    production: bool = _setting(
+        False, "refuse to start without a JWT key, an API key and an origin list"
+    )
+    workers: int = _setting(1, "worker processes sharing the port (SO_REUSEPORT)")
+    app: str = _setting("", "load server-side handlers from module:attribute")
+    log_level: str = _setting("info", "debug, info, warning or error")
+
+    jwt_secret: str = _setting("", "HS256/384/512 secret for client tokens", secret=True)
+    jwt_public_key_file: str = _setting("", "PEM public key file for RS256/ES256 tokens")
+    jwks_url: str = _setting("", "JWKS URL to fetch token signing keys from")
+    jwks_cache_seconds: int = _setting(300, "how long fetched JWKS keys are cached")
+    jwt_algorithms: tuple[str, ...] = _setting(
+        ("HS256",), "allowed JWT algorithms, comma-separated ('none' is never accepted)"
+    )
+    jwt_issuer: str = _setting("", "required 'iss' claim, if set")
+    jwt_audience: str = _setting("", "required 'aud' claim, if set")
+    auth_required: bool = _setting(True, "require a valid JWT to connect a namespace")
+
+    api_key: str = _setting("", "bearer key for the HTTP publish API", secret=True)
+    allowed_origins: tuple[str, ...] = _setting(
+        (), "CORS / WebSocket Origin allow-list, comma-separated ('*' allows any)"
+    )
+
+    ping_interval_ms: int = _setting(25_000, "Engine.IO ping interval")
+    ping_timeout_ms: int = _setting(20_000, "Engine.IO ping timeout")
+    connect_timeout_ms: int = _setting(45_000, "time a client has to connect a namespace")
+    max_payload: int = _setting(1_000_000, "max bytes of one HTTP body or WebSocket message")
+    max_attachments: int = _setting(10, "max binary attachments of one Socket.IO packet")
+    max_nesting: int = _setting(32, "max JSON nesting depth of one Socket.IO packet")
+    outbound_buffer_limit: int = _setting(
+        4 * 1024 * 1024, "bytes queued for one client before it is dropped as too slow"
+    )
+    max_connections: int = _setting(100_000, "connections accepted per worker")
+
+    redis_url: str = _setting("", "Redis URL; empty means the embedded in-memory broker")
+    redis_prefix: str = _setting("roomcast", "prefix of every Redis key")
+    history_size: int = _setting(1000, "publications kept per room for recovery")
+    history_ttl_ms: int = _setting(120_000, "how long publications are kept for recovery")
+    recovery_max_disconnection_ms: int = _setting(
+        120_000, "how long a disconnected client may recover its session (0 disables)"
+    )
+    idempotency_window_ms: int = _setting(300_000, "window in which an idempotency key repeats")
+    upstream_events: tuple[str, ...] = _setting(
+        (), "client event names appended to the upstream stream, comma-separated"
+    )
+    drain_seconds: float = _setting(10.0, "time given to clients to leave on SIGTERM")
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad setting."""
+        positive = (
+            "port",
+            "workers",
+            "ping_interval_ms",
+            "ping_timeout_ms",
+            "connect_timeout_ms",
+            "max_payload",
+            "outbound_buffer_limit",
+            "max_connections",
+            "history_size",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value!r}")
+        if self.port > 65535:
+            raise ConfigError(f"port must be at most 65535, got {self.port!r}")
+        if any(a.lower() == "none" for a in self.jwt_algorithms):
+            raise ConfigError("jwt_algorithms must not contain 'none'")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+        if self.app and ":" not in self.app:
+            raise ConfigError(f"app must be module:attribute, got {self.app!r}")
+        if self.production:
+            missing = [
+                name
+                for name, present in (
+                    ("jwt_secret / jwt_public_key_file / jwks_url",
+                     self.jwt_secret or self.jwt_public_key_file or self.jwks_url),
+                    ("api_key", self.api_key),
+                    ("allowed_origins", self.allowed_origins),
+                )
+                if not present
+            ]
+            if missing:
+                raise ConfigError(f"production mode requires {', '.join(missing)}")
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict with secrets masked, for logs and ``check-config``."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = "***" if f.metadata["secret"] and value else value
+        return out
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _coerce(name: str, kind: Any, raw: object) -> Any:
+    """Turn a flag, env or file value into the field's type, or raise naming the key."""
+    try:
+        if kind == "bool" or kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(text)
+        if kind == "int" or kind is int:
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            return int(str(raw).replace("_", "")) if not isinstance(raw, int) else raw
+        if kind == "float" or kind is float:
+            return float(raw)  # type: ignore[arg-type]
+        if kind == "str" or kind is str:
+            if not isinstance(raw, str):
+                raise ValueError(raw)
+            return raw
+        if str(kind).startswith("tuple"):
+            if isinstance(raw, str):
+                return tuple(p.strip() for p in raw.split(",") if p.strip())
+            if isinstance(raw, Sequence) and all(isinstance(p, str) for p in raw):
+                return tuple(raw)
+            raise ValueError(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: invalid value {raw!r} ({kind})") from exc
+    raise ConfigError(f"{name}: unsupported type {kind}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+    """Add a flag for every setting (or the ones named); defaults stay unset to keep precedence."""
+    parser.add_argument("--config", default=None, help="TOML file of settings (ROOMCAST_CONFIG)")
+    for f in dataclasses.fields(Settings):
+        if only is not None and f.name not in only:
+            continue
+        help_text = f"{f.metadata['help']} (env {ENV_PREFIX}{f.name.upper()}, default {f.default!r})"
+        if f.type in ("bool", bool):
+            parser.add_argument(
+                _flag(f.name), dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(_flag(f.name), dest=f.name, default=None, help=help_text)
+
+
+def load(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Settings:
+    """Build :class:`Settings` from flags > env > file > defaults, then validate."""
+    flags = flags or {}
+    environ = os.environ if environ is None else environ
+    path = config_file or flags.get("config") or environ.get(ENV_PREFIX + "CONFIG")
+    from_file: dict[str, Any] = {}
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path!r}: {exc}") from exc
+        section = data.get("roomcast", data)
+        from_file = {str(k).replace("-", "_"): v for k, v in section.items()}
+    known = {f.name: f for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(from_file) - set(known))
+    if unknown:
+        raise ConfigError(f"config file {path!r}: unknown setting {unknown[0]!r}")
+    values: dict[str, Any] = {}
+    for name, f in known.items():
+        if flags.get(name) is not None:
+            values[name] = _coerce(name, f.type, flags[name])
+        elif ENV_PREFIX + name.upper() in environ:
+            values[name] = _coerce(name, f.type, environ[ENV_PREFIX + name.upper()])
+        elif name in from_file:
+            values[name] = _coerce(name, f.type, from_file[name])
+    settings = Settings(**values)
+    settings.validate()
+    return settings

@@ -1,0 +1,303 @@
+"""One client connection: an Engine.IO v4 session over polling or WebSocket.
+
+It owns the outbound path (a bounded buffer, written at most once per event-loop iteration),
+the heartbeat timers and ``close(reason)``.  It never creates a task: timers are loop callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from roomcast.protocol import engineio
+from roomcast.protocol.engineio import PacketType
+from roomcast.transport.http import Exchange, Request, WebSocketConnection
+from roomcast.transport.websocket import binary_frame, text_frame
+from roomcast.types import SessionId
+
+if TYPE_CHECKING:
+    from roomcast.metrics import Metrics
+
+log = logging.getLogger("roomcast.connection")
+
+
+class State(enum.Enum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class EngineHandler(Protocol):
+    """What sits on top of a connection: the Socket.IO layer, or a raw Engine.IO app."""
+
+    def on_message(self, message: str | bytes) -> None: ...
+
+    def on_close(self, reason: str) -> None: ...
+
+
+class Flusher:
+    """Writes every connection's pending output once per event-loop iteration.
+
+    Coalescing what a broadcast burst queued for one connection into one ``write()`` is what
+    keeps the system-call count below one per delivered message.
+    """
+
+    __slots__ = ("_dirty", "_loop", "_scheduled")
+
+    def __init__(self) -> None:
+        self._dirty: list[Connection] = []
+        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def mark(self, conn: Connection) -> None:
+        self._dirty.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn.flush()
+
+
+class Connection:
+    __slots__ = (
+        "_flusher",
+        "_metrics",
+        "_out",
+        "_out_size",
+        "_poll",
+        "_queue",
+        "_timer",
+        "_waiting_pong",
+        "handler",
+        "limit",
+        "ping_interval",
+        "ping_timeout",
+        "request",
+        "sid",
+        "state",
+        "upgrading",
+        "ws",
+        "on_closed",
+    )
+
+    def __init__(
+        self,
+        sid: SessionId,
+        request: Request,
+        *,
+        ping_interval: float,
+        ping_timeout: float,
+        limit: int,
+        flusher: Flusher,
+        metrics: Metrics,
+        on_closed: Callable[[Connection, str], None],
+    ) -> None:
+        self.sid = sid
+        self.request = request
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.limit = limit
+        self.state = State.OPEN
+        self.handler: EngineHandler | None = None
+        self.ws: WebSocketConnection | None = None
+        self.upgrading = False
+        self.on_closed = on_closed
+        self._flusher = flusher
+        self._metrics = metrics
+        self._out: list[bytes] | None = None
+        self._out_size = 0
+        self._queue: list[str | bytes] = []
+        self._poll: Exchange | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiting_pong = False
+
+    # -- sending ----------------------------------------------------------------------------
+    @property
+    def transport_name(self) -> str:
+        return "websocket" if self.ws is not None else "polling"
+
+    def send_packet(self, kind: PacketType, data: str = "") -> None:
+        text = f"{kind.value}{data}"
+        if self.ws is not None:
+            self._push(text_frame(text.encode("utf-8")))
+        else:
+            self._enqueue(text)
+
+    def send_messages(self, messages: list[str | bytes]) -> None:
+        """Send Engine.IO message packets (``4``-prefixed text, or binary)."""
+        for message in messages:
+            if isinstance(message, bytes):
+                if self.ws is not None:
+                    self._push(binary_frame(message))
+                else:
+                    self._enqueue(message)
+            elif self.ws is not None:
+                self._push(text_frame(b"4" + message.encode("utf-8")))
+            else:
+                self._enqueue("4" + message)
+
+    def send_encoded(self, frame: bytes, text: str) -> None:
+        """The broadcast hot path: a pre-built WebSocket frame, or its polling text form."""
+        if self.ws is not None:
+            self._push(frame)
+        else:
+            self._enqueue(text)
+
+    def _push(self, frame: bytes) -> None:
+        if self.state is State.CLOSED:
+            return
+        out = self._out
+        if out is None:
+            self._out = [frame]
+            self._flusher.mark(self)
+        else:
+            out.append(frame)
+        self._out_size += len(frame)
+        if self._out_size > self.limit:
+            self._overflow()
+
+    def _enqueue(self, packet: str | bytes) -> None:
+        if self.state is State.CLOSED:
+            return
+        queue = self._queue
+        queue.append(packet)
+        self._out_size += len(packet)
+        if self._out_size > self.limit:
+            self._overflow()
+            return
+        if len(queue) == 1 and self._poll is not None:
+            self._flusher.mark(self)
+
+    def flush(self) -> None:
+        if self.state is State.CLOSED:
+            return
+        ws = self.ws
+        if ws is not None:
+            out = self._out
+            if not out:
+                return
+            self._out = None
+            ws.write(out[0] if len(out) == 1 else b"".join(out))
+            self._out_size = ws.buffered()
+            if self._out_size > self.limit:
+                self._overflow()
+        elif self._poll is not None and self._queue:
+            self._answer_poll()
+
+    def _answer_poll(self) -> None:
+        poll, self._poll = self._poll, None
+        assert poll is not None
+        queue, self._queue = self._queue, []
+        self._out_size = 0
+        poll.respond(200, engineio.encode_payload(queue), content_type="text/plain; charset=UTF-8")
+
+    def _overflow(self) -> None:
+        self._metrics.slow_client_disconnects.inc()
+        log.warning("closing %s: outbound buffer over %d bytes (slow client)", self.sid, self.limit)
+        self.close("slow client: outbound buffer full", notify=False)
+
+    # -- polling ----------------------------------------------------------------------------
+    def attach_poll(self, exchange: Exchange) -> None:
+        """A GET arrived.  Answer now if packets are queued, else hold it (a long-poll)."""
+        if self._queue:
+            self._poll = exchange
+            self._answer_poll()
+            return
+        if self.upgrading:
+            exchange.respond(200, "6")
+            return
+        self._poll = exchange
+        exchange.on_abort.append(self._poll_aborted)
+
+    def has_poll(self) -> bool:
+        return self._poll is not None
+
+    def _poll_aborted(self) -> None:
+        self._poll = None
+        if self.ws is None and not self.upgrading:
+            self.close("polling request aborted", notify=False)
+
+    def release_poll(self, packet: str) -> None:
+        """End a held long-poll with a single packet (``6`` noop or ``1`` close)."""
+        poll, self._poll = self._poll, None
+        if poll is not None and not poll.done:
+            poll.respond(200, packet)
+
+    # -- WebSocket ----------------------------------------------------------------------------
+    def use_websocket(self, ws: WebSocketConnection) -> None:
+        """Make ``ws`` the transport: on open, or when an upgrade completes."""
+        self.ws = ws
+        self.upgrading = False
+        self.release_poll("6")
+        queue, self._queue = self._queue, []
+        self._out_size = 0
+        for packet in queue:
+            if isinstance(packet, bytes):
+                self._push(binary_frame(packet))
+            else:
+                self._push(text_frame(packet.encode("utf-8")))
+
+    # -- receiving ----------------------------------------------------------------------------
+    def receive(self, packet: engineio.Packet) -> None:
+        kind = packet.type
+        if kind is PacketType.MESSAGE:
+            if self.handler is not None:
+                self.handler.on_message(packet.data)
+        elif kind is PacketType.PONG:
+            if self._waiting_pong:
+                self._waiting_pong = False
+                self._schedule(self.ping_interval, self._ping)
+        elif kind is PacketType.CLOSE:
+            self.close("client closed the session", notify=False, poll_answer="6")
+        elif kind is PacketType.NOOP:
+            return
+        else:
+            raise engineio.EngineIOError(f"unexpected {kind.name} packet from the client")
+
+    # -- heartbeat ----------------------------------------------------------------------------
+    def start_heartbeat(self) -> None:
+        self._schedule(self.ping_interval, self._ping)
+
+    def _schedule(self, delay: float, callback: Callable[[], None]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(delay, callback)
+
+    def _ping(self) -> None:
+        self._waiting_pong = True
+        self.send_packet(PacketType.PING)
+        self._schedule(self.ping_timeout, self._ping_timed_out)
+
+    def _ping_timed_out(self) -> None:
+        self._timer = None
+        self.close("ping timeout", notify=False)
+
+    # -- closing ------------------------------------------------------------------------------
+    def close(self, reason: str, *, notify: bool = True, poll_answer: str = "1") -> None:
+        """Close the session once.  ``notify`` sends a CLOSE packet to the client first."""
+        if self.state is State.CLOSED:
+            return
+        if notify and self.ws is not None:
+            self.flush()
+            self.ws.write(text_frame(b"1"))
+        self.state = State.CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._out = None
+        self._queue = []
+        self.release_poll(poll_answer)
+        if self.ws is not None:
+            self.ws.close(1000 if notify else 1001 if "slow" not in reason else 1008, "")
+        handler, self.handler = self.handler, None
+        if handler is not None:
+            handler.on_close(reason)
+        self.on_closed(self, reason)

@@ -1,0 +1,73 @@
+"""The one place where failures become wire responses.
+
+- Engine.IO request refusals -> HTTP status + ``{"code": N, "message": "..."}`` (the codes
+  Engine.IO clients know);
+- API failures -> HTTP status + ``{"error": {"code": "...", "message": "..."}}``;
+- Socket.IO connect refusals -> a CONNECT_ERROR packet ``{"message": "...", "data": {"code": ...}}``;
+- room operations -> an ack ``{"ok": false, "error": {"code": ..., "message": ...}}``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import orjson
+
+from roomcast.transport.http import Exchange
+
+
+class EngineErrorCode(enum.IntEnum):
+    TRANSPORT_UNKNOWN = 0
+    UNKNOWN_SID = 1
+    BAD_HANDSHAKE_METHOD = 2
+    BAD_REQUEST = 3
+    FORBIDDEN = 4
+    UNSUPPORTED_PROTOCOL_VERSION = 5
+
+
+class EngineRequestError(Exception):
+    def __init__(self, code: EngineErrorCode, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+def engine_error_response(
+    exchange: Exchange, error: EngineRequestError, headers: list[tuple[str, str]]
+) -> None:
+    body = orjson.dumps({"code": int(error.code), "message": error.message})
+    exchange.respond(error.status, body, headers, content_type="application/json")
+
+
+class ApiError(Exception):
+    """A refused API request; ``code`` is a stable machine-readable label."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def api_error_response(exchange: Exchange, error: ApiError) -> None:
+    body = orjson.dumps({"error": {"code": error.code, "message": error.message}})
+    headers = [("WWW-Authenticate", "Bearer")] if error.status == 401 else []
+    exchange.respond(error.status, body, headers, content_type="application/json")
+
+
+def json_response(exchange: Exchange, status: int, value: Any) -> None:
+    exchange.respond(status, orjson.dumps(value), content_type="application/json")
+
+
+def connect_error_payload(code: str, message: str) -> dict[str, Any]:
+    """The CONNECT_ERROR data; the official client exposes ``err.message`` and ``err.data``."""
+    return {"message": message, "data": {"code": code, "message": message}}
+
+
+def ack_error(code: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "error": {"code": code, "message": message}}
+
+
+ACK_OK: dict[str, Any] = {"ok": True}

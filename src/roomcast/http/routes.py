@@ -1,0 +1,133 @@
+"""The HTTP application: Engine.IO endpoints, health, metrics and the publish API."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from roomcast.auth import InvalidRoomError, validate_room
+from roomcast.broker.base import BrokerUnavailableError, PublishRequest, PublishResult
+from roomcast.http.errors import ApiError, api_error_response, json_response
+from roomcast.transport.http import Exchange, HttpHandler, Request
+
+if TYPE_CHECKING:
+    from roomcast.metrics import Metrics
+    from roomcast.tasks import TaskSet
+
+log = logging.getLogger("roomcast.api")
+
+Publish = Callable[[PublishRequest], Awaitable[PublishResult]]
+
+
+class Router:
+    """Dispatches by path; every other HTTP concern lives in the handlers it names."""
+
+    def __init__(
+        self,
+        *,
+        metrics: Metrics,
+        tasks: TaskSet,
+        publish: Publish,
+        api_key: str,
+        readiness: Callable[[], tuple[bool, dict[str, Any]]],
+        max_payload: int,
+    ) -> None:
+        self.engines: dict[str, HttpHandler] = {}
+        self._metrics = metrics
+        self._tasks = tasks
+        self._publish = publish
+        self._api_key = api_key.encode()
+        self._readiness = readiness
+        self._max_payload = max_payload
+
+    def mount(self, path: str, handler: HttpHandler) -> None:
+        self.engines[path.rstrip("/") + "/"] = handler
+
+    def handle(self, request: Request, exchange: Exchange) -> None:
+        path = request.path
+        engine = self.engines.get(path if path.endswith("/") else path + "/")
+        if engine is not None:
+            engine.handle(request, exchange)
+        elif path == "/healthz":
+            json_response(exchange, 200, {"status": "ok"})
+        elif path == "/readyz":
+            ready, detail = self._readiness()
+            json_response(exchange, 200 if ready else 503, {"ready": ready, **detail})
+        elif path == "/metrics":
+            exchange.respond(200, generate_latest(self._metrics.registry), [], CONTENT_TYPE_LATEST)
+        elif path == "/api/v1/publish":
+            self._publish_api(request, exchange)
+        else:
+            api_error_response(exchange, ApiError(404, "not_found", f"no route for {path[:80]}"))
+
+    # -- POST /api/v1/publish -----------------------------------------------------------------------
+    def _publish_api(self, request: Request, exchange: Exchange) -> None:
+        try:
+            if request.method != "POST":
+                raise ApiError(405, "method_not_allowed", "use POST")
+            self._check_key(request)
+            publish = parse_publish_body(request.body, self._max_payload)
+        except ApiError as error:
+            api_error_response(exchange, error)
+            return
+        self._tasks.spawn(self._do_publish(publish, exchange), name="api-publish")
+
+    def _check_key(self, request: Request) -> None:
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise ApiError(401, "unauthorized", "missing Authorization: Bearer <api key>")
+        if not self._api_key or not hmac.compare_digest(key.strip().encode(), self._api_key):
+            raise ApiError(401, "unauthorized", "invalid api key")
+
+    async def _do_publish(self, request: PublishRequest, exchange: Exchange) -> None:
+        try:
+            result = await self._publish(request)
+        except BrokerUnavailableError as exc:
+            self._metrics.dropped.labels("broker_unavailable").inc()
+            log.warning("publish to %s refused: %s", request.room, exc)
+            api_error_response(exchange, ApiError(503, "broker_unavailable", str(exc)))
+            return
+        self._metrics.published.labels("http").inc()
+        body: dict[str, Any] = {"id": result.id, "offset": result.offset, "room": request.room}
+        if result.duplicate:
+            body["duplicate"] = True
+        if not exchange.aborted:
+            json_response(exchange, 200 if result.duplicate else 202, body)
+
+
+def parse_publish_body(body: bytes, max_payload: int) -> PublishRequest:
+    """Validate ``{"room", "event", "data", "idempotency_key"?}``; raise ApiError naming the field."""
+    if len(body) > max_payload:
+        raise ApiError(413, "payload_too_large", f"body of {len(body)} bytes exceeds {max_payload}")
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "invalid_json", f"body is not valid json: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ApiError(400, "invalid_body", "body must be a json object")
+    unknown = sorted(set(value) - {"room", "event", "data", "idempotency_key", "traceparent"})
+    if unknown:
+        raise ApiError(400, "invalid_body", f"unknown field {unknown[0]!r}")
+    try:
+        room = validate_room(value.get("room"))
+    except InvalidRoomError as error:
+        raise ApiError(400, "invalid_room", str(error)) from error
+    event = value.get("event")
+    if not isinstance(event, str) or not 1 <= len(event) <= 128:
+        raise ApiError(400, "invalid_event", "event must be a string of 1-128 characters")
+    if "data" not in value:
+        raise ApiError(400, "invalid_body", "missing field 'data'")
+    key = value.get("idempotency_key")
+    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 256):
+        raise ApiError(400, "invalid_idempotency_key", "idempotency_key must be 1-256 characters")
+    traceparent = value.get("traceparent")
+    if traceparent is not None and not isinstance(traceparent, str):
+        raise ApiError(400, "invalid_traceparent", "traceparent must be a string")
+    return PublishRequest(
+        room=room, event=event, data=value["data"], idempotency_key=key, traceparent=traceparent
+    )

@@ -1,0 +1,60 @@
+"""Every metric, on one injected registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge(
+            "roomcast_connections", "Open Engine.IO sessions", registry=r
+        )
+        self.sockets = Gauge("roomcast_sockets", "Connected Socket.IO sockets", registry=r)
+        self.rooms = Gauge("roomcast_rooms", "Rooms with local members", registry=r)
+        self.disconnects = Counter(
+            "roomcast_disconnects", "Closed sessions by reason", ["reason"], registry=r
+        )
+        self.slow_client_disconnects = Counter(
+            "roomcast_slow_client_disconnects",
+            "Sessions closed because their outbound buffer overflowed",
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "roomcast_connections_refused", "Refused connections by reason", ["reason"], registry=r
+        )
+        self.engine_request_errors = Counter(
+            "roomcast_engine_request_errors", "Refused Engine.IO requests", ["code"], registry=r
+        )
+        self.protocol_errors = Counter(
+            "roomcast_protocol_errors", "Malformed client input by reason", ["reason"], registry=r
+        )
+        self.auth_failures = Counter(
+            "roomcast_auth_failures", "Refused namespace connects by code", ["code"], registry=r
+        )
+        self.dropped = Counter(
+            "roomcast_dropped_messages", "Messages not delivered, by reason", ["reason"], registry=r
+        )
+        self.published = Counter(
+            "roomcast_published", "Publications accepted, by source", ["source"], registry=r
+        )
+        self.delivered = Counter(
+            "roomcast_delivered_messages", "Messages written to clients by broadcasts", registry=r
+        )
+        self.broadcasts = Counter(
+            "roomcast_broadcasts", "Publications fanned out to local members", registry=r
+        )
+        self.client_events = Counter(
+            "roomcast_client_events", "Events received from clients", registry=r
+        )
+        self.recoveries = Counter(
+            "roomcast_recoveries", "Connection state recovery attempts", ["result"], registry=r
+        )
+        self.publish_latency = Histogram(
+            "roomcast_publish_to_fanout_seconds",
+            "Time from publish to local fan-out",
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+        )

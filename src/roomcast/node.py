@@ -1,0 +1,225 @@
+"""The composition root: settings -> auth, broker, hub, metrics, endpoints; start, drain, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket as socketlib
+from typing import Any
+
+from roomcast.app import Application
+from roomcast.auth import AuthSettings, Authenticator
+from roomcast.broker.base import Broker, BrokerState, PublishRequest, PublishResult
+from roomcast.broker.memory import MemoryBroker
+from roomcast.config import Settings
+from roomcast.connection import Connection, EngineHandler, Flusher
+from roomcast.engine import EngineOptions, EngineServer
+from roomcast.http.routes import Router
+from roomcast.hub import Hub, RoomKey
+from roomcast.metrics import Metrics
+from roomcast.protocol.socketio import Limits
+from roomcast.sockets import SocketOptions, SocketServer
+from roomcast.subscriptions import Subscriptions
+from roomcast.tasks import TaskSet
+from roomcast.transport.http import HttpConnection
+
+log = logging.getLogger("roomcast.node")
+
+
+def make_broker(settings: Settings) -> Broker:
+    if settings.redis_url:
+        from roomcast.broker.redis import RedisBroker
+
+        return RedisBroker(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            history_size=settings.history_size,
+            history_ttl_ms=settings.history_ttl_ms,
+            idempotency_window_ms=settings.idempotency_window_ms,
+        )
+    return MemoryBroker(
+        history_size=settings.history_size,
+        history_ttl_ms=settings.history_ttl_ms,
+        idempotency_window_ms=settings.idempotency_window_ms,
+    )
+
+
+def make_authenticator(settings: Settings) -> Authenticator | None:
+    if not (settings.jwt_secret or settings.jwt_public_key_file or settings.jwks_url):
+        return None
+    return Authenticator(
+        AuthSettings(
+            secret=settings.jwt_secret or None,
+            public_key_file=settings.jwt_public_key_file or None,
+            jwks_url=settings.jwks_url or None,
+            jwks_cache_seconds=settings.jwks_cache_seconds,
+            algorithms=settings.jwt_algorithms,
+            issuer=settings.jwt_issuer or None,
+            audience=settings.jwt_audience or None,
+        )
+    )
+
+
+class Node:
+    def __init__(
+        self,
+        settings: Settings,
+        app: Application | None = None,
+        *,
+        broker: Broker | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.app = app or Application()
+        self.metrics = metrics or Metrics()
+        self.tasks = TaskSet()
+        self.broker = broker or make_broker(settings)
+        self.auth = make_authenticator(settings)
+        self.subscriptions = Subscriptions(self.broker, self.tasks)
+        self.hub = Hub(self._first_member, self._last_member)
+        self.flusher = Flusher()
+        self.sockets = SocketServer(
+            self.app,
+            self.hub,
+            self.broker,
+            self.auth,
+            self.metrics,
+            self.tasks,
+            SocketOptions(
+                connect_timeout_ms=settings.connect_timeout_ms,
+                auth_required=settings.auth_required,
+                recovery_ms=settings.recovery_max_disconnection_ms,
+                upstream_events=settings.upstream_events,
+                limits=Limits(settings.max_attachments, settings.max_nesting),
+            ),
+            self.subscriptions,
+        )
+        self.engine_options = EngineOptions(
+            ping_interval_ms=settings.ping_interval_ms,
+            ping_timeout_ms=settings.ping_timeout_ms,
+            max_payload=settings.max_payload,
+            outbound_buffer_limit=settings.outbound_buffer_limit,
+            allowed_origins=settings.allowed_origins,
+            max_connections=settings.max_connections,
+        )
+        self.engine = EngineServer(self.engine_options, self.sockets.client, self.metrics, self.flusher)
+        self.engines = [self.engine]
+        self.router = Router(
+            metrics=self.metrics,
+            tasks=self.tasks,
+            publish=self.publish,
+            api_key=settings.api_key,
+            readiness=self.readiness,
+            max_payload=settings.max_payload,
+        )
+        self.router.mount("/socket.io/", self.engine)
+        self._server: asyncio.Server | None = None
+        self._touch: asyncio.Task[None] | None = None
+        self.started = False
+        self.draining = False
+
+    # -- wiring -----------------------------------------------------------------------------------
+    def _first_member(self, key: RoomKey) -> None:
+        self.metrics.rooms.inc()
+        if key[0] == "/":
+            self.subscriptions.want(key[1])
+
+    def _last_member(self, key: RoomKey) -> None:
+        self.metrics.rooms.dec()
+        if key[0] == "/":
+            self.subscriptions.drop(key[1])
+
+    def mount_engine(self, path: str, factory: Any) -> EngineServer:
+        """Serve a raw Engine.IO application (``factory(conn) -> EngineHandler``) at ``path``."""
+        engine = EngineServer(self.engine_options, factory, self.metrics, self.flusher)
+        self.engines.append(engine)
+        self.router.mount(path, engine)
+        return engine
+
+    async def publish(self, request: PublishRequest) -> PublishResult:
+        """The one publish path of the HTTP API, the CLI and in-process callers."""
+        return await self.broker.publish(request)
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        state = self.broker.state
+        ready = self.started and not self.draining and state is BrokerState.CONNECTED
+        return ready, {
+            "broker": state.value,
+            "draining": self.draining,
+            "connections": sum(len(e.sessions) for e in self.engines),
+        }
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def start(self, sock: socketlib.socket | None = None) -> None:
+        await self.broker.start(self.sockets.deliver)
+        loop = asyncio.get_running_loop()
+        body_limit = self.settings.max_payload + 64 * 1024
+
+        def factory() -> HttpConnection:
+            return HttpConnection(self.router, body_limit)
+
+        if sock is not None:
+            self._server = await loop.create_server(factory, sock=sock, backlog=4096)
+        else:
+            self._server = await loop.create_server(
+                factory,
+                self.settings.host,
+                self.settings.port,
+                backlog=4096,
+                reuse_port=self.settings.workers > 1,
+            )
+        if self.settings.recovery_max_disconnection_ms:
+            self._touch = self.tasks.spawn(self._touch_sessions(), name="touch-sessions")
+        self.started = True
+        log.info("listening on %s", ", ".join(str(s.getsockname()) for s in self._server.sockets))
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def _touch_sessions(self) -> None:
+        """Keep live sockets' recovery state alive, so it survives an instance that is killed."""
+        ttl = self.settings.recovery_max_disconnection_ms
+        while True:
+            await asyncio.sleep(ttl / 3000)
+            pids = [s.pid for s in self.sockets.sockets.values() if s.pid]
+            if pids:
+                try:
+                    await self.broker.touch_sessions(pids, ttl)
+                except Exception as exc:  # noqa: BLE001 - task boundary: log, count, go on
+                    self.metrics.recoveries.labels("touch_failed").inc()
+                    log.warning("could not refresh recovery state: %s", exc)
+
+    async def drain(self) -> None:
+        """Stop accepting, tell clients to go (they reconnect elsewhere and recover), wait."""
+        self.draining = True
+        for engine in self.engines:
+            engine.accepting = False
+        if self._server is not None:
+            self._server.close()
+        for engine in self.engines:
+            for conn in list(engine.sessions.values()):
+                conn.close("server shutting down")
+        deadline = asyncio.get_running_loop().time() + self.settings.drain_seconds
+        while any(e.sessions for e in self.engines):
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if not self.draining:
+            self.draining = True
+            for engine in self.engines:
+                engine.close_all("server stopped")
+        if self._server is not None:
+            self._server.close()
+        await self.tasks.close()
+        await self.broker.stop()
+        if self._server is not None:
+            await self._server.wait_closed()
+        self.started = False
+
+
+__all__ = ["Connection", "EngineHandler", "Node"]

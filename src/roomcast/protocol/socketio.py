@@ -1,0 +1,227 @@
+"""Socket.IO v5 packets (sans-I/O; orjson is the only non-stdlib import, for speed).
+
+Encoding: ``<type>[<attachments>-][<namespace>,][<ack id>][<JSON payload>]``.  Binary events and
+acks replace each ``bytes`` value with ``{"_placeholder": true, "num": N}`` and send the
+attachments as separate binary Engine.IO messages after the text packet.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from roomcast.protocol.errors import (
+    InvalidJSONError,
+    NestingTooDeepError,
+    SocketIOError,
+    TooManyAttachmentsError,
+)
+
+RESERVED_EVENTS = frozenset(
+    {"connect", "connect_error", "disconnect", "disconnecting", "newListener", "removeListener"}
+)
+MAX_ACK_ID = 2**53 - 1
+
+
+class PacketType(enum.IntEnum):
+    CONNECT = 0
+    DISCONNECT = 1
+    EVENT = 2
+    ACK = 3
+    CONNECT_ERROR = 4
+    BINARY_EVENT = 5
+    BINARY_ACK = 6
+
+
+_BINARY = (PacketType.BINARY_EVENT, PacketType.BINARY_ACK)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Explicit security limits of the decoder."""
+
+    max_attachments: int = 10
+    max_nesting: int = 32
+
+
+@dataclass(slots=True)
+class Packet:
+    type: PacketType
+    namespace: str = "/"
+    data: Any = None
+    id: int | None = None
+    attachments: list[bytes] = field(default_factory=list)
+
+    def serialize(self) -> list[str | bytes]:
+        """The Engine.IO message payloads: one text packet, then any binary attachments."""
+        attachments: list[bytes] = []
+        body = b""
+        if self.data is not None:
+            body = _dumps(self.data, attachments)
+        kind = self.type
+        if attachments and kind is PacketType.EVENT:
+            kind = PacketType.BINARY_EVENT
+        elif attachments and kind is PacketType.ACK:
+            kind = PacketType.BINARY_ACK
+        head = str(kind.value)
+        if kind in _BINARY:
+            head += f"{len(attachments)}-"
+        if self.namespace != "/":
+            head += self.namespace + ","
+        if self.id is not None:
+            head += str(self.id)
+        out: list[str | bytes] = [head + body.decode("utf-8")]
+        out.extend(attachments)
+        return out
+
+
+def _dumps(data: Any, attachments: list[bytes]) -> bytes:
+    def default(obj: Any) -> Any:
+        if isinstance(obj, (bytes, bytearray, memoryview)):
+            attachments.append(bytes(obj))
+            return {"_placeholder": True, "num": len(attachments) - 1}
+        raise TypeError(f"cannot encode {type(obj).__name__}")
+
+    return orjson.dumps(data, default=default)
+
+
+def encode_event_prefix(namespace: str) -> str:
+    """``42`` or ``42/ns,``: what precedes the JSON array of an event without ack."""
+    return "42" if namespace == "/" else f"42{namespace},"
+
+
+def _check_depth(value: Any, limit: int) -> None:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                raise NestingTooDeepError(f"payload nesting exceeds {limit} levels")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+
+
+def _valid_payload(kind: PacketType, payload: Any) -> bool:
+    if kind is PacketType.CONNECT:
+        return payload is None or isinstance(payload, dict)
+    if kind is PacketType.DISCONNECT:
+        return payload is None
+    if kind is PacketType.CONNECT_ERROR:
+        return isinstance(payload, (dict, str))
+    if kind in (PacketType.EVENT, PacketType.BINARY_EVENT):
+        if not isinstance(payload, list) or not payload:
+            return False
+        name = payload[0]
+        if isinstance(name, bool):
+            return False
+        return isinstance(name, int) or (isinstance(name, str) and name not in RESERVED_EVENTS)
+    return isinstance(payload, list)
+
+
+def parse_text(text: str, limits: Limits) -> Packet:
+    """Parse the text part of a Socket.IO packet.  Binary packets come back with
+    ``attachments`` still empty and their expected count in ``id``-independent state: see
+    :class:`Decoder`."""
+    packet, _ = _parse(text, limits)
+    return packet
+
+
+def _parse(text: str, limits: Limits) -> tuple[Packet, int]:
+    if not text:
+        raise SocketIOError("empty packet")
+    digit = text[0]
+    if digit not in "0123456":
+        raise SocketIOError(f"unknown packet type {digit!r}")
+    kind = PacketType(int(digit))
+    i = 1
+    n = len(text)
+    expected = 0
+    if kind in _BINARY:
+        dash = text.find("-", i)
+        count = text[i:dash] if dash != -1 else ""
+        if not count.isdigit() or not count.isascii():
+            raise SocketIOError("invalid attachment count")
+        expected = int(count)
+        if expected > limits.max_attachments:
+            raise TooManyAttachmentsError(
+                f"{expected} attachments exceed the limit of {limits.max_attachments}"
+            )
+        i = dash + 1
+    namespace = "/"
+    if i < n and text[i] == "/":
+        comma = text.find(",", i)
+        end = n if comma == -1 else comma
+        namespace = text[i:end]
+        i = end + 1 if comma != -1 else n
+    start = i
+    while i < n and "0" <= text[i] <= "9":
+        i += 1
+    ack_id: int | None = None
+    if i > start:
+        ack_id = int(text[start:i])
+        if ack_id > MAX_ACK_ID:
+            raise SocketIOError(f"ack id {text[start:i][:20]} out of range")
+    payload: Any = None
+    if i < n:
+        try:
+            payload = orjson.loads(text[i:])
+        except orjson.JSONDecodeError as exc:
+            raise InvalidJSONError(f"invalid json payload: {exc}") from exc
+        _check_depth(payload, limits.max_nesting)
+    if not _valid_payload(kind, payload):
+        raise SocketIOError(f"invalid payload for {kind.name} packet")
+    if kind in (PacketType.ACK, PacketType.BINARY_ACK) and ack_id is None:
+        raise SocketIOError("ack packet without an ack id")
+    return Packet(kind, namespace, payload, ack_id), expected
+
+
+def _reconstruct(value: Any, attachments: list[bytes]) -> Any:
+    if isinstance(value, list):
+        return [_reconstruct(v, attachments) for v in value]
+    if isinstance(value, dict):
+        if value.get("_placeholder") is True and len(value) == 2:
+            num = value.get("num")
+            if isinstance(num, int) and not isinstance(num, bool) and 0 <= num < len(attachments):
+                return attachments[num]
+            raise SocketIOError(f"invalid attachment placeholder {num!r}")
+        return {k: _reconstruct(v, attachments) for k, v in value.items()}
+    return value
+
+
+class Decoder:
+    """Reassembles packets from Engine.IO messages, binary attachments included.
+
+    ``feed()`` returns a complete packet, or ``None`` while attachments are still expected.
+    """
+
+    __slots__ = ("_expected", "_limits", "_pending")
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self._pending: Packet | None = None
+        self._expected = 0
+
+    def feed(self, message: str | bytes) -> Packet | None:
+        if isinstance(message, bytes):
+            pending = self._pending
+            if pending is None:
+                raise SocketIOError("unexpected binary attachment")
+            pending.attachments.append(message)
+            if len(pending.attachments) < self._expected:
+                return None
+            self._pending = None
+            pending.data = _reconstruct(pending.data, pending.attachments)
+            return pending
+        if self._pending is not None:
+            raise SocketIOError("text packet received while waiting for attachments")
+        packet, expected = _parse(message, self._limits)
+        if expected == 0:
+            if packet.type in _BINARY:
+                packet.data = _reconstruct(packet.data, [])
+            return packet
+        self._pending = packet
+        self._expected = expected
+        return None

@@ -1,0 +1,71 @@
+"""The Python API for publishing to rooms: the same path as the HTTP publish API.
+
+>>> publisher = Publisher.from_url("redis://localhost:6379/0")   # doctest: +SKIP
+>>> await publisher.publish("chat:42", "message", {"text": "hi"})  # doctest: +SKIP
+PublishResult(id='...', offset='1700000000000-0', duplicate=False)
+
+Both build a :class:`~roomcast.broker.base.PublishRequest` and call ``broker.publish``; the
+broker encodes the one envelope format (:mod:`roomcast.broker.envelope`).
+"""
+
+from __future__ import annotations
+
+from roomcast.auth import validate_room
+from roomcast.broker.base import Broker, JSONValue, PublishRequest, PublishResult
+
+__all__ = ["Publisher"]
+
+
+class Publisher:
+    """Publishes events to rooms through a broker.
+
+    A publisher made with :meth:`from_url` owns its broker and closes it in :meth:`close`;
+    one given a broker leaves it to its owner.
+    """
+
+    def __init__(self, broker: Broker, *, owns_broker: bool = False) -> None:
+        self._broker = broker
+        self._owns_broker = owns_broker
+
+    @classmethod
+    def from_url(cls, redis_url: str, *, prefix: str = "roomcast") -> Publisher:
+        """A publisher on its own :class:`~roomcast.broker.redis.RedisBroker` (connects lazily)."""
+        from roomcast.broker.redis import RedisBroker
+
+        return cls(RedisBroker(redis_url, prefix=prefix), owns_broker=True)
+
+    @property
+    def broker(self) -> Broker:
+        return self._broker
+
+    async def publish(
+        self,
+        room: str,
+        event: str,
+        data: JSONValue,
+        *,
+        idempotency_key: str | None = None,
+        traceparent: str | None = None,
+    ) -> PublishResult:
+        """Publish ``event`` with ``data`` to ``room``.
+
+        Raise :class:`~roomcast.auth.InvalidRoomError` for a bad room name,
+        :class:`~roomcast.broker.envelope.EnvelopeError` for data that is not JSON or a bad
+        field, and :class:`~roomcast.broker.base.BrokerUnavailableError` when nothing was stored
+        (retrying with the same ``idempotency_key`` is then safe).
+        """
+        validate_room(room)
+        return await self._broker.publish(
+            PublishRequest(
+                room=room,
+                event=event,
+                data=data,
+                idempotency_key=idempotency_key,
+                traceparent=traceparent,
+            )
+        )
+
+    async def close(self) -> None:
+        """Release the broker if this publisher created it."""
+        if self._owns_broker:
+            await self._broker.stop()

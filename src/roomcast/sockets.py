@@ -1,0 +1,625 @@
+"""The Socket.IO v5 layer: one :class:`Client` per connection, one :class:`Socket` per namespace.
+
+Built-in events of the main namespace: ``join``, ``leave`` and ``publish`` (rooms authorized by the
+token's ``rooms`` / ``publish`` claims), and the configured upstream events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from roomcast.app import Application, ConnectRefusedError, Namespace, Registered
+from roomcast.auth import (
+    AuthError,
+    Authenticator,
+    InvalidRoomError,
+    Principal,
+    token_from_request,
+    validate_room,
+)
+from roomcast.broker.base import (
+    Broker,
+    BrokerError,
+    History,
+    Publication,
+    PublishRequest,
+)
+from roomcast.broker.offsets import OffsetError, parse_offset
+from roomcast.connection import Connection, State
+from roomcast.http.errors import ACK_OK, ack_error, connect_error_payload
+from roomcast.hub import Hub, RoomKey
+from roomcast.metrics import Metrics
+from roomcast.protocol.errors import ProtocolError, SocketIOError
+from roomcast.protocol.socketio import Decoder, Limits, Packet, PacketType
+from roomcast.subscriptions import Subscriptions
+from roomcast.tasks import TaskSet
+from roomcast.types import SocketId
+
+log = logging.getLogger("roomcast.sockets")
+
+ANONYMOUS = Principal(user_id="", rooms=("*",), publish=("*",), expires_at=None, claims={})
+
+
+@dataclass(frozen=True, slots=True)
+class SocketOptions:
+    connect_timeout_ms: int = 45_000
+    auth_required: bool = True
+    recovery_ms: int = 120_000
+    """How long a disconnected socket may recover its session; 0 disables recovery."""
+    upstream_events: tuple[str, ...] = ()
+    limits: Limits = Limits()
+    ack_timeout_s: float = 30.0
+
+
+class SocketServer:
+    """Creates a :class:`Client` for every new connection and holds what they share."""
+
+    def __init__(
+        self,
+        app: Application,
+        hub: Hub,
+        broker: Broker,
+        authenticator: Authenticator | None,
+        metrics: Metrics,
+        tasks: TaskSet,
+        options: SocketOptions,
+        subscriptions: Subscriptions,
+    ) -> None:
+        self.subscriptions = subscriptions
+        self.app = app
+        self.hub = hub
+        self.broker = broker
+        self.auth = authenticator
+        self.metrics = metrics
+        self.tasks = tasks
+        self.options = options
+        self.sockets: dict[SocketId, Socket] = {}
+
+    def client(self, conn: Connection) -> Client:
+        return Client(self, conn)
+
+    def drop(self, reason: str, detail: str) -> None:
+        self.metrics.dropped.labels(reason).inc()
+        log.info("dropped message (%s): %s", reason, detail)
+
+    # -- broker delivery: the hot path -----------------------------------------------------------
+    def deliver(self, publication: Publication) -> None:
+        sent = self.hub.broadcast(
+            ("/", publication.room),
+            publication.event,
+            publication.data,
+            offset=publication.offset if self.options.recovery_ms else None,
+            publication_id=publication.id,
+            exclude=publication.exclude_sid,
+        )
+        self.metrics.broadcasts.inc()
+        self.metrics.delivered.inc(sent)
+        if publication.published_at_ms:
+            lag = time.time() - publication.published_at_ms / 1000
+            self.metrics.publish_latency.observe(max(lag, 0.0))
+
+    # -- recovery state ----------------------------------------------------------------------------
+    def save_session(self, socket: Socket, ttl_ms: int) -> None:
+        if not socket.pid or not self.options.recovery_ms:
+            return
+        state = orjson.dumps(
+            {"sid": socket.id, "user": socket.principal.user_id, "rooms": sorted(socket.rooms)}
+        )
+        self.tasks.spawn(self._save(socket.pid, state, ttl_ms), name=f"save-session-{socket.id}")
+
+    async def _save(self, pid: str, state: bytes, ttl_ms: int) -> None:
+        try:
+            await self.broker.save_session(pid, state, ttl_ms)
+        except BrokerError as exc:
+            self.metrics.recoveries.labels("save_failed").inc()
+            log.warning("could not save recovery state: %s", exc)
+
+    def forget_session(self, socket: Socket) -> None:
+        if socket.pid and self.options.recovery_ms:
+            self.tasks.spawn(self._forget(socket.pid), name=f"forget-session-{socket.id}")
+
+    async def _forget(self, pid: str) -> None:
+        try:
+            await self.broker.take_session(pid)
+        except BrokerError as exc:
+            log.warning("could not delete recovery state: %s", exc)
+
+
+class Client:
+    """The Socket.IO side of one connection."""
+
+    __slots__ = ("_connect_timer", "_decoder", "_pending", "conn", "server", "sockets")
+
+    def __init__(self, server: SocketServer, conn: Connection) -> None:
+        self.server = server
+        self.conn = conn
+        self.sockets: dict[str, Socket] = {}
+        self._pending: dict[str, list[Packet]] = {}
+        """Packets that arrived while their namespace's CONNECT was being processed."""
+        self._decoder = Decoder(server.options.limits)
+        self._connect_timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            server.options.connect_timeout_ms / 1000, self._connect_timed_out
+        )
+
+    def _connect_timed_out(self) -> None:
+        self._connect_timer = None
+        if not self.sockets:
+            self.server.metrics.connections_refused.labels("connect_timeout").inc()
+            self.conn.close("connect timeout: no namespace connected")
+
+    def send(self, packet: Packet) -> None:
+        self.conn.send_messages(packet.serialize())
+
+    # -- EngineHandler ----------------------------------------------------------------------------
+    def on_message(self, message: str | bytes) -> None:
+        try:
+            packet = self._decoder.feed(message)
+            if packet is not None:
+                self._dispatch(packet)
+        except ProtocolError as error:
+            self.server.metrics.protocol_errors.labels(error.reason).inc()
+            log.info("closing %s: %s", self.conn.sid, error)
+            self.conn.close(f"protocol error: {error}")
+
+    def on_close(self, reason: str) -> None:
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
+        for socket in list(self.sockets.values()):
+            socket.closed(reason, client_initiated=reason == "client closed the session")
+        self.sockets.clear()
+
+    # -- dispatch ---------------------------------------------------------------------------------
+    def _dispatch(self, packet: Packet) -> None:
+        kind = packet.type
+        nsp = packet.namespace
+        if kind is PacketType.CONNECT:
+            if nsp in self.sockets or nsp in self._pending:
+                raise SocketIOError(f"namespace {nsp[:40]} is already connected")
+            self._pending[nsp] = []
+            self.server.tasks.spawn(self._connect(nsp, packet.data), name=f"connect-{nsp}")
+            return
+        pending = self._pending.get(nsp)
+        if pending is not None:
+            pending.append(packet)
+            return
+        socket = self.sockets.get(nsp)
+        if socket is None:
+            self.server.drop("namespace_not_connected", f"{kind.name} for namespace {nsp[:40]}")
+            return
+        if kind is PacketType.DISCONNECT:
+            socket.closed("client namespace disconnect", client_initiated=True)
+        elif kind in (PacketType.EVENT, PacketType.BINARY_EVENT):
+            socket.on_event(packet.data, packet.id)
+        elif kind in (PacketType.ACK, PacketType.BINARY_ACK):
+            socket.on_ack(packet.id, packet.data)
+        else:
+            raise SocketIOError(f"unexpected {kind.name} packet from a client")
+
+    async def _connect(self, nsp: str, payload: dict[str, Any] | None) -> None:
+        try:
+            socket = await self._accept(nsp, payload or {})
+        finally:
+            queued = self._pending.pop(nsp, [])
+        if socket is None or self.conn.state is State.CLOSED:
+            return
+        for packet in queued:
+            self._dispatch(packet)
+        for reg in socket.namespace.connect:
+            await reg.handler(socket)
+
+    async def _accept(self, nsp: str, auth: dict[str, Any]) -> Socket | None:
+        server = self.server
+        namespace = server.app.namespaces.get(nsp)
+        if namespace is None:
+            self._refuse(nsp, {"message": "Invalid namespace"}, "invalid_namespace")
+            return None
+        principal = ANONYMOUS
+        if server.auth is not None and server.options.auth_required:
+            req = self.conn.request
+            try:
+                principal = await server.auth.authenticate(
+                    token_from_request(auth, req.headers, req.query)
+                )
+            except AuthError as error:
+                self._refuse(nsp, connect_error_payload(error.code, str(error)), error.code)
+                return None
+        if self.conn.state is State.CLOSED:
+            return None
+        recovered = await self._recover(nsp, auth, principal)
+        socket = recovered or Socket(self, namespace, principal, auth)
+        for reg in namespace.before_connect:
+            try:
+                await reg.handler(socket, auth)
+            except ConnectRefusedError as refused:
+                self._refuse(nsp, connect_error_payload(refused.code, refused.message), refused.code)
+                return None
+        if self.conn.state is State.CLOSED:
+            return None
+        socket.connected_at()
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
+        answer: dict[str, Any] = {"sid": socket.id}
+        if socket.pid:
+            answer["pid"] = socket.pid
+        self.send(Packet(PacketType.CONNECT, nsp, answer))
+        if recovered is not None:
+            socket.finish_recovery()
+        return socket
+
+    def _refuse(self, nsp: str, payload: dict[str, Any], code: str) -> None:
+        self.server.metrics.auth_failures.labels(code).inc()
+        log.info("refused namespace %s on %s: %s", nsp[:40], self.conn.sid, payload.get("message"))
+        self.send(Packet(PacketType.CONNECT_ERROR, nsp, payload))
+
+    async def _recover(
+        self, nsp: str, auth: dict[str, Any], principal: Principal
+    ) -> Socket | None:
+        """Restore a disconnected socket from ``auth["pid"]`` / ``auth["offset"]`` if complete."""
+        server = self.server
+        pid, offset = auth.get("pid"), auth.get("offset")
+        if not server.options.recovery_ms or nsp != "/" or not isinstance(pid, str):
+            return None
+        if not isinstance(offset, str):
+            offset = "0"
+        try:
+            after = parse_offset(offset)
+            raw = await server.broker.take_session(pid)
+        except (OffsetError, BrokerError) as exc:
+            server.metrics.recoveries.labels("failed").inc()
+            log.info("recovery refused: %s", exc)
+            return None
+        if raw is None:
+            server.metrics.recoveries.labels("unknown_session").inc()
+            return None
+        state = orjson.loads(raw)
+        if state.get("user") != principal.user_id:
+            server.metrics.recoveries.labels("user_mismatch").inc()
+            return None
+        namespace = server.app.namespaces["/"]
+        socket = Socket(self, namespace, principal, auth, sid=SocketId(state["sid"]), pid=pid)
+        rooms = [r for r in state.get("rooms", []) if isinstance(r, str) and principal.may_join(r)]
+        for room in rooms:
+            server.hub.hold(socket, ("/", room))
+        for room in rooms:
+            await server.subscriptions.wait(room)
+        try:
+            histories: list[History] = [await server.broker.history(r, offset) for r in rooms]
+        except BrokerError as exc:
+            histories = [History(complete=False)]
+            log.info("recovery history unavailable: %s", exc)
+        if not all(h.complete for h in histories):
+            for room in rooms:
+                server.hub.release(socket, ("/", room))
+            server.metrics.recoveries.labels("incomplete").inc()
+            return None
+        missed = sorted(
+            (p for h in histories for p in h.publications if p.exclude_sid != socket.id),
+            key=lambda p: parse_offset(p.offset),
+        )
+        socket.recovering = (rooms, missed, after)
+        server.metrics.recoveries.labels("recovered").inc()
+        return socket
+
+
+class Socket:
+    """One client's membership of one namespace: the object handlers receive."""
+
+    __slots__ = (
+        "_ack_seq",
+        "_acks",
+        "_expiry",
+        "auth",
+        "client",
+        "conn",
+        "connected",
+        "id",
+        "namespace",
+        "pid",
+        "principal",
+        "recovering",
+        "rooms",
+    )
+
+    def __init__(
+        self,
+        client: Client,
+        namespace: Namespace,
+        principal: Principal,
+        auth: dict[str, Any],
+        *,
+        sid: SocketId | None = None,
+        pid: str | None = None,
+    ) -> None:
+        self.client = client
+        self.conn = client.conn
+        self.namespace = namespace
+        self.principal = principal
+        self.auth = auth
+        self.id = sid or SocketId(secrets.token_urlsafe(15))
+        recovery = client.server.options.recovery_ms and namespace.name == "/"
+        self.pid = pid or (secrets.token_urlsafe(15) if recovery else "")
+        self.rooms: set[str] = set()
+        self.connected = False
+        self.recovering: tuple[list[str], list[Publication], tuple[int, int]] | None = None
+        self._acks: dict[int, asyncio.Future[list[Any]]] = {}
+        self._ack_seq = 0
+        self._expiry: asyncio.TimerHandle | None = None
+
+    @property
+    def user_id(self) -> str:
+        return self.principal.user_id
+
+    @property
+    def handshake(self) -> dict[str, Any]:
+        req = self.conn.request
+        return {"headers": req.headers, "query": req.query, "address": req.client}
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def connected_at(self) -> None:
+        server = self.client.server
+        self.connected = True
+        self.client.sockets[self.namespace.name] = self
+        server.sockets[self.id] = self
+        server.metrics.sockets.inc()
+        expires = self.principal.expires_at
+        if expires is not None:
+            delay = max(expires - time.time(), 0.0)
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
+        if self.recovering is None:
+            server.save_session(self, server.options.recovery_ms)
+
+    def finish_recovery(self) -> None:
+        """Replay what was missed, then the live broadcasts held meanwhile, then go live."""
+        assert self.recovering is not None
+        rooms, missed, _after = self.recovering
+        self.recovering = None
+        hub = self.client.server.hub
+        seen: set[str] = set()
+        for publication in missed:
+            seen.add(publication.id)
+            self.emit(publication.event, publication.data, publication.offset)
+        for room in rooms:
+            key: RoomKey = ("/", room)
+            hub.join(self, key)
+            self.rooms.add(room)
+            for pub_id, _offset, frame, text in hub.release(self, key):
+                if pub_id not in seen:
+                    seen.add(pub_id)
+                    self.conn.send_encoded(frame, text)
+        server = self.client.server
+        server.save_session(self, server.options.recovery_ms)
+
+    def _token_expired(self) -> None:
+        self._expiry = None
+        self.client.server.metrics.disconnects.labels("token_expired").inc()
+        self.emit("roomcast:disconnect", {"code": "token_expired", "message": "token expired"})
+        self.disconnect()
+
+    def disconnect(self) -> None:
+        """Server-side disconnect of this namespace (the client will not reconnect by itself)."""
+        if self.connected:
+            self.client.send(Packet(PacketType.DISCONNECT, self.namespace.name))
+            self.closed("server namespace disconnect", client_initiated=True)
+
+    def closed(self, reason: str, *, client_initiated: bool) -> None:
+        if not self.connected:
+            return
+        self.connected = False
+        client = self.client
+        server = client.server
+        client.sockets.pop(self.namespace.name, None)
+        server.sockets.pop(self.id, None)
+        server.metrics.sockets.dec()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        for room in self.rooms:
+            server.hub.leave(self, (self.namespace.name, room))
+        if client_initiated or reason.startswith("protocol error"):
+            server.forget_session(self)
+        else:
+            server.save_session(self, server.options.recovery_ms)
+        self.rooms = set()
+        for future in self._acks.values():
+            if not future.done():
+                future.cancel()
+        self._acks.clear()
+        for reg in self.namespace.disconnect:
+            server.tasks.spawn(reg.handler(self, reason), name=f"disconnect-{self.id}")
+
+    # -- server-side API --------------------------------------------------------------------------
+    def emit(self, event: str, *args: Any) -> None:
+        """Send an event to this socket."""
+        if self.connected or self.recovering is not None:
+            self.client.send(Packet(PacketType.EVENT, self.namespace.name, [event, *args]))
+
+    async def call(self, event: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        """Send an event that asks for an ack; return the ack's arguments."""
+        self._ack_seq += 1
+        ack_id = self._ack_seq
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._acks[ack_id] = future
+        self.client.send(Packet(PacketType.EVENT, self.namespace.name, [event, *args], ack_id))
+        try:
+            return await asyncio.wait_for(
+                future, timeout or self.client.server.options.ack_timeout_s
+            )
+        finally:
+            self._acks.pop(ack_id, None)
+
+    def join(self, room: str) -> None:
+        """Add this socket to ``room`` (no authorization: that is the caller's decision)."""
+        room = validate_room(room)
+        server = self.client.server
+        if server.hub.join(self, (self.namespace.name, room)):
+            self.rooms.add(room)
+            server.save_session(self, server.options.recovery_ms)
+
+    def leave(self, room: str) -> None:
+        server = self.client.server
+        if server.hub.leave(self, (self.namespace.name, room)):
+            self.rooms.discard(room)
+            server.save_session(self, server.options.recovery_ms)
+
+    # -- client events ----------------------------------------------------------------------------
+    def on_event(self, data: list[Any], ack_id: int | None) -> None:
+        server = self.client.server
+        server.metrics.client_events.inc()
+        name, args = data[0], data[1:]
+        registered = self.namespace.events.get(name) if isinstance(name, str) else None
+        if registered is not None:
+            self._run(registered, name, args, ack_id)
+            return
+        builtin = _BUILTINS.get(name) if self.namespace.name == "/" else None
+        if builtin is not None:
+            builtin(self, args, ack_id)
+            return
+        if isinstance(name, str) and name in server.options.upstream_events:
+            server.tasks.spawn(self._upstream(name, args, ack_id), name=f"upstream-{self.id}")
+            return
+        server.drop("no_handler", f"event {str(name)[:40]!r} from {self.id}")
+        if ack_id is not None:
+            self.ack(ack_id, ack_error("unknown_event", f"no handler for event {str(name)[:40]!r}"))
+
+    def _run(self, registered: Registered, name: str, args: list[Any], ack_id: int | None) -> None:
+        if not registered.accepts(len(args)):
+            self.client.server.drop("bad_arguments", f"event {name!r} with {len(args)} arguments")
+            if ack_id is not None:
+                self.ack(ack_id, ack_error("bad_arguments", f"wrong number of arguments for {name!r}"))
+            return
+        self.client.server.tasks.spawn(
+            self._call_handler(registered.handler(self, *args), ack_id), name=f"event-{name}"
+        )
+
+    async def _call_handler(self, call: Awaitable[Any], ack_id: int | None) -> None:
+        result = await call
+        if ack_id is not None:
+            if result is None:
+                self.ack(ack_id)
+            elif isinstance(result, tuple):
+                self.ack(ack_id, *result)
+            else:
+                self.ack(ack_id, result)
+
+    def ack(self, ack_id: int, *args: Any) -> None:
+        if self.connected:
+            self.client.send(Packet(PacketType.ACK, self.namespace.name, list(args), ack_id))
+
+    def on_ack(self, ack_id: int | None, data: list[Any]) -> None:
+        future = self._acks.pop(ack_id, None) if ack_id is not None else None
+        if future is None or future.done():
+            self.client.server.drop("unknown_ack", f"ack {ack_id} from {self.id}")
+            return
+        future.set_result(data)
+
+    async def _upstream(self, name: str, args: list[Any], ack_id: int | None) -> None:
+        server = self.client.server
+        fields = {
+            "event": name,
+            "data": orjson.dumps(args[0] if len(args) == 1 else args).decode(),
+            "user_id": self.user_id,
+            "sid": self.id,
+            "ts": str(int(time.time() * 1000)),
+        }
+        try:
+            entry_id = await server.broker.append_upstream(fields)
+        except BrokerError as exc:
+            server.drop("upstream_unavailable", f"event {name!r} from {self.id}: {exc}")
+            if ack_id is not None:
+                self.ack(ack_id, ack_error("unavailable", "upstream stream unavailable, retry"))
+            return
+        if ack_id is not None:
+            self.ack(ack_id, {"ok": True, "id": entry_id})
+
+
+# -- built-in events of the main namespace ----------------------------------------------------------
+def _room_arg(socket: Socket, args: list[Any], ack_id: int | None) -> str | None:
+    try:
+        return validate_room(args[0] if args else None)
+    except InvalidRoomError as error:
+        if ack_id is not None:
+            socket.ack(ack_id, ack_error("invalid_room", str(error)))
+        return None
+
+
+def _join(socket: Socket, args: list[Any], ack_id: int | None) -> None:
+    room = _room_arg(socket, args, ack_id)
+    if room is None:
+        return
+    if not socket.principal.may_join(room):
+        if ack_id is not None:
+            socket.ack(ack_id, ack_error("forbidden", f"not allowed to join {room!r}"))
+        return
+    socket.join(room)
+    if ack_id is None:
+        return
+    subscriptions = socket.client.server.subscriptions
+    if subscriptions.is_active(room):
+        socket.ack(ack_id, ACK_OK)
+    else:
+        socket.client.server.tasks.spawn(_ack_when_subscribed(socket, room, ack_id), name="join")
+
+
+async def _ack_when_subscribed(socket: Socket, room: str, ack_id: int) -> None:
+    """Answer a join once the broker delivers the room, so no later publish is missed."""
+    await socket.client.server.subscriptions.wait(room)
+    socket.ack(ack_id, ACK_OK)
+
+
+def _leave(socket: Socket, args: list[Any], ack_id: int | None) -> None:
+    room = _room_arg(socket, args, ack_id)
+    if room is None:
+        return
+    socket.leave(room)
+    if ack_id is not None:
+        socket.ack(ack_id, ACK_OK)
+
+
+def _publish(socket: Socket, args: list[Any], ack_id: int | None) -> None:
+    body = args[0] if args else None
+    if not isinstance(body, dict) or not isinstance(body.get("event"), str) or "data" not in body:
+        if ack_id is not None:
+            socket.ack(
+                ack_id, ack_error("invalid_publish", "expected {room, event, data} with a string event")
+            )
+        return
+    room = _room_arg(socket, [body.get("room")], ack_id)
+    if room is None:
+        return
+    if not socket.principal.may_publish(room):
+        if ack_id is not None:
+            socket.ack(ack_id, ack_error("forbidden", f"not allowed to publish to {room!r}"))
+        return
+    request = PublishRequest(room=room, event=body["event"], data=body["data"], exclude_sid=socket.id)
+    socket.client.server.tasks.spawn(_do_publish(socket, request, ack_id), name="client-publish")
+
+
+async def _do_publish(socket: Socket, request: PublishRequest, ack_id: int | None) -> None:
+    server = socket.client.server
+    try:
+        result = await server.broker.publish(request)
+    except BrokerError as exc:
+        server.drop("broker_unavailable", f"client publish to {request.room}: {exc}")
+        if ack_id is not None:
+            socket.ack(ack_id, ack_error("unavailable", "broker unavailable, retry"))
+        return
+    server.metrics.published.labels("client").inc()
+    if ack_id is not None:
+        socket.ack(ack_id, {"ok": True, "id": result.id})
+
+
+_BUILTINS: dict[Any, Callable[[Socket, list[Any], int | None], None]] = {
+    "join": _join,
+    "leave": _leave,
+    "publish": _publish,
+}

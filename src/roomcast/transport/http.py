@@ -1,0 +1,312 @@
+"""The asyncio HTTP/1.1 server: one protocol object per TCP connection.
+
+HTTP parsing is done by ``httptools`` (the parser uvicorn uses).  Requests are handed, one at a
+time and in order, to an :class:`HttpHandler`, which answers through the :class:`Exchange` now or
+later (a long-poll).  An exchange may instead switch the connection to WebSocket; from then on
+received bytes go to a :class:`WebSocketPeer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Protocol
+from urllib.parse import parse_qsl
+
+import httptools
+
+from roomcast.transport.websocket import WebSocketClosedError, WebSocketReader, accept_key
+
+log = logging.getLogger("roomcast.http")
+
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    """Header names are lower-case; repeated headers are joined with ``, ``."""
+    body: bytes = b""
+    upgrade: bool = False
+    client: str = ""
+    keep_alive: bool = True
+
+
+class HttpHandler(Protocol):
+    def handle(self, request: Request, exchange: Exchange) -> None: ...
+
+
+class WebSocketPeer(Protocol):
+    def on_ws_message(self, message: str | bytes) -> None: ...
+
+    def on_ws_closed(self, reason: str) -> None: ...
+
+
+class Exchange:
+    """One request's answer.  Exactly one of ``respond`` or ``accept_websocket`` is called."""
+
+    __slots__ = ("_aborted", "_conn", "_keep_alive", "done", "on_abort")
+
+    def __init__(self, conn: HttpConnection, keep_alive: bool) -> None:
+        self._conn = conn
+        self._keep_alive = keep_alive
+        self.done = False
+        self._aborted = False
+        self.on_abort: list[object] = []
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
+    def respond(
+        self,
+        status: int,
+        body: bytes | str = b"",
+        headers: list[tuple[str, str]] | None = None,
+        content_type: str = "text/plain; charset=UTF-8",
+    ) -> None:
+        if self.done:
+            raise RuntimeError("response already sent")
+        self.done = True
+        if self._aborted:
+            return
+        data = body.encode("utf-8") if isinstance(body, str) else body
+        self._conn.send_response(status, data, headers or [], content_type, self._keep_alive)
+
+    def accept_websocket(
+        self, peer: WebSocketPeer, key: str, max_size: int, headers: list[tuple[str, str]]
+    ) -> WebSocketConnection:
+        self.done = True
+        return self._conn.switch_to_websocket(peer, key, max_size, headers)
+
+    def abort(self) -> None:
+        """The client went away before the answer; run the registered callbacks once."""
+        if self._aborted or self.done:
+            return
+        self._aborted = True
+        callbacks, self.on_abort = self.on_abort, []
+        for callback in callbacks:
+            callback()  # type: ignore[operator]
+
+
+class WebSocketConnection:
+    """What the engine layer holds for a WebSocket: raw writes and close."""
+
+    __slots__ = ("_closed", "peer", "reader", "transport")
+
+    def __init__(self, transport: asyncio.Transport, peer: WebSocketPeer, max_size: int) -> None:
+        self.transport = transport
+        self.peer = peer
+        self.reader = WebSocketReader(max_size)
+        self._closed = False
+
+    def write(self, data: bytes) -> None:
+        if not self._closed:
+            self.transport.write(data)
+
+    def buffered(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.transport.write(self.reader.close_frame(code, reason))
+        self.transport.close()
+
+    def abort(self) -> None:
+        self._closed = True
+        self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        try:
+            reply = self.reader.receive(data, self.peer.on_ws_message)
+        except WebSocketClosedError as closed:
+            self._closed = True
+            self.transport.write(closed.reply)
+            self.transport.close()
+            self.peer.on_ws_closed(closed.reason)
+            return
+        if reply:
+            self.transport.write(reply)
+
+    def connection_lost(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.peer.on_ws_closed("transport closed")
+
+
+class HttpConnection(asyncio.Protocol):
+    __slots__ = (
+        "_body",
+        "_body_limit",
+        "_current",
+        "_handler",
+        "_headers",
+        "_parser",
+        "_pending",
+        "_transport",
+        "_url",
+        "_ws",
+    )
+
+    def __init__(self, handler: HttpHandler, body_limit: int) -> None:
+        self._handler = handler
+        self._body_limit = body_limit
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._pending: deque[Request] = deque()
+        self._current: Exchange | None = None
+        self._ws: WebSocketConnection | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self._ws is not None:
+            self._ws.data_received(data)
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            offset = upgrade.args[0] if upgrade.args else len(data)
+            self._upgrade(data[offset:])
+        except httptools.HttpParserError as exc:
+            log.info("malformed http request: %s %r", exc, data[:300])
+            self._fail(400, "malformed request")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._ws is not None:
+            self._ws.connection_lost()
+        if self._current is not None:
+            self._current.abort()
+            self._current = None
+        self._pending.clear()
+        self._transport = None
+
+    # -- httptools callbacks ----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = {}
+        self._body = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        old = self._headers.get(key)
+        self._headers[key] = text if old is None else f"{old}, {text}"
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+        if sum(len(b) for b in self._body) > self._body_limit:
+            self._body = []
+            self._fail(413, "request body too large")
+
+    def on_message_complete(self) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        parsed = httptools.parse_url(self._url)
+        path = parsed.path.decode("latin-1")
+        query = dict(parse_qsl(parsed.query.decode("latin-1"))) if parsed.query else {}
+        peer = self._transport.get_extra_info("peername")
+        request = Request(
+            method=self._parser.get_method().decode("ascii"),
+            path=path,
+            query=query,
+            headers=self._headers,
+            body=b"".join(self._body),
+            upgrade=self._parser.should_upgrade(),
+            client=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "",
+            keep_alive=self._parser.should_keep_alive()
+            and "close" not in self._headers.get("connection", "").lower(),
+        )
+        self._pending.append(request)
+        if self._current is None and not request.upgrade:
+            self._next()
+
+    # -- internals --------------------------------------------------------------------------
+    def _next(self) -> None:
+        while self._current is None and self._pending and self._transport is not None:
+            request = self._pending.popleft()
+            exchange = Exchange(self, request.keep_alive)
+            self._current = exchange
+            self._handler.handle(request, exchange)
+
+    def _upgrade(self, rest: bytes) -> None:
+        if not self._pending or self._current is not None:
+            self._fail(400, "upgrade while a request is in progress")
+            return
+        request = self._pending.pop()
+        exchange = Exchange(self, False)
+        self._current = exchange
+        self._handler.handle(request, exchange)
+        if self._ws is not None and rest:
+            self._ws.data_received(rest)
+
+    def switch_to_websocket(
+        self, peer: WebSocketPeer, key: str, max_size: int, headers: list[tuple[str, str]]
+    ) -> WebSocketConnection:
+        assert self._transport is not None
+        lines = [
+            "HTTP/1.1 101 Switching Protocols",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Accept: {accept_key(key)}",
+        ]
+        lines.extend(f"{k}: {v}" for k, v in headers)
+        self._transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        self._current = None
+        self._ws = WebSocketConnection(self._transport, peer, max_size)
+        return self._ws
+
+    def send_response(
+        self,
+        status: int,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        content_type: str,
+        keep_alive: bool,
+    ) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        keep_alive = keep_alive and status < 500
+        head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
+        if body or status not in (101, 204, 304):
+            head.append(f"Content-Type: {content_type}")
+            head.append(f"Content-Length: {len(body)}")
+        head.extend(f"{k}: {v}" for k, v in headers)
+        if not keep_alive:
+            head.append("Connection: close")
+        transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        self._current = None
+        if not keep_alive:
+            transport.close()
+            return
+        if self._pending:
+            asyncio.get_running_loop().call_soon(self._next)
+
+    def _fail(self, status: int, message: str) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        body = message.encode()
+        self._transport.write(
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("latin-1") + body
+        )
+        self._transport.close()
