@@ -768,6 +768,11 @@ def scenario_notes(results: dict[str, dict[str, Any]], pinning: Pinning) -> list
     notes = [pinning.note + "."]
     for name, r in results.items():
         notes.append(f"{name}: {SERVER_SPECS[name].description}.")
+        if SERVER_SPECS[name].workers > 1 and pinning.enabled:
+            notes.append(
+                f"{name}: all {SERVER_SPECS[name].workers} workers share the server CPU(s) "
+                f"{pinning.server_cpus}."
+            )
         if "error" in r:
             notes.append(f"{name}: FAILED: {r['error']}")
             continue

@@ -18,14 +18,14 @@ refused with a counted error instead of calling the handler and catching ``TypeE
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from roomcast.sockets import Socket
 
-EventHandler = Callable[..., Awaitable[Any]]
+EventHandler = Callable[..., Coroutine[Any, Any, Any]]
 ConnectHandler = Callable[["Socket"], Awaitable[None]]
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 

@@ -90,7 +90,9 @@ def _token(args: argparse.Namespace, settings: Settings) -> int:
 
     auth = make_authenticator(settings)
     if auth is None:
-        raise ConfigError("jwt_secret is required to mint tokens (--jwt-secret or ROOMCAST_JWT_SECRET)")
+        raise ConfigError(
+            "jwt_secret is required to mint tokens (--jwt-secret or ROOMCAST_JWT_SECRET)"
+        )
     ttl = args.ttl if args.ttl > 0 else None
     print(auth.mint(args.sub, args.rooms, args.publish, ttl_seconds=ttl))
     return 0
@@ -165,7 +167,12 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def _dev_defaults(settings: Settings) -> Settings:
     """Without a JWT key, generate development secrets and print how to use them."""
-    if settings.production or settings.jwt_secret or settings.jwt_public_key_file or settings.jwks_url:
+    if (
+        settings.production
+        or settings.jwt_secret
+        or settings.jwt_public_key_file
+        or settings.jwks_url
+    ):
         return settings
     import dataclasses
 
@@ -183,8 +190,9 @@ def _dev_defaults(settings: Settings) -> Settings:
     print(
         "=== DEVELOPMENT MODE: generated secrets, not for production ===\n"
         f"dev token (sub=dev-user, all rooms, 24 h):\n  {token}\n"
-        f"publish:\n  curl -X POST {base}/api/v1/publish -H 'Authorization: Bearer {settings.api_key}'"
-        " -H 'Content-Type: application/json' -d '{\"room\":\"doc:1\",\"event\":\"hello\",\"data\":{}}'\n"
+        f"publish:\n  curl -X POST {base}/api/v1/publish"
+        f" -H 'Authorization: Bearer {settings.api_key}'"
+        ' -H \'Content-Type: application/json\' -d \'{"room":"doc:1","event":"hello","data":{}}\'\n'
         "=================================================================",
         flush=True,
     )

@@ -100,15 +100,19 @@ class Settings:
         if any(a.lower() == "none" for a in self.jwt_algorithms):
             raise ConfigError("jwt_algorithms must not contain 'none'")
         if self.log_level not in ("debug", "info", "warning", "error"):
-            raise ConfigError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+            raise ConfigError(
+                f"log_level must be debug, info, warning or error, got {self.log_level!r}"
+            )
         if self.app and ":" not in self.app:
             raise ConfigError(f"app must be module:attribute, got {self.app!r}")
         if self.production:
             missing = [
                 name
                 for name, present in (
-                    ("jwt_secret / jwt_public_key_file / jwks_url",
-                     self.jwt_secret or self.jwt_public_key_file or self.jwks_url),
+                    (
+                        "jwt_secret / jwt_public_key_file / jwks_url",
+                        self.jwt_secret or self.jwt_public_key_file or self.jwks_url,
+                    ),
                     ("api_key", self.api_key),
                     ("allowed_origins", self.allowed_origins),
                 )
@@ -169,10 +173,15 @@ def add_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | None = 
     for f in dataclasses.fields(Settings):
         if only is not None and f.name not in only:
             continue
-        help_text = f"{f.metadata['help']} (env {ENV_PREFIX}{f.name.upper()}, default {f.default!r})"
+        help_text = (
+            f"{f.metadata['help']} (env {ENV_PREFIX}{f.name.upper()}, default {f.default!r})"
+        )
         if f.type in ("bool", bool):
             parser.add_argument(
-                _flag(f.name), dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                _flag(f.name),
+                dest=f.name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
                 help=help_text,
             )
         else:

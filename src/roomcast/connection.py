@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from roomcast.protocol import engineio
 from roomcast.protocol.engineio import PacketType
+from roomcast.protocol.errors import EngineIOError
 from roomcast.transport.http import Exchange, Request, WebSocketConnection
 from roomcast.transport.websocket import binary_frame, text_frame
 from roomcast.types import SessionId
@@ -78,6 +79,7 @@ class Connection:
         "_waiting_pong",
         "handler",
         "limit",
+        "on_closed",
         "ping_interval",
         "ping_timeout",
         "request",
@@ -85,7 +87,6 @@ class Connection:
         "state",
         "upgrading",
         "ws",
-        "on_closed",
     )
 
     def __init__(
@@ -118,6 +119,10 @@ class Connection:
         self._poll: Exchange | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._waiting_pong = False
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
 
     # -- sending ----------------------------------------------------------------------------
     @property
@@ -260,7 +265,7 @@ class Connection:
         elif kind is PacketType.NOOP:
             return
         else:
-            raise engineio.EngineIOError(f"unexpected {kind.name} packet from the client")
+            raise EngineIOError(f"unexpected {kind.name} packet from the client")
 
     # -- heartbeat ----------------------------------------------------------------------------
     def start_heartbeat(self) -> None:

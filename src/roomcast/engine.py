@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import orjson
 
 from roomcast.connection import Connection, EngineHandler, Flusher
-from roomcast.http.errors import EngineRequestError, EngineErrorCode, engine_error_response
+from roomcast.http.errors import EngineErrorCode, EngineRequestError, engine_error_response
 from roomcast.metrics import Metrics
 from roomcast.protocol import engineio
 from roomcast.protocol.engineio import PacketType
-from roomcast.protocol.errors import ProtocolError
+from roomcast.protocol.errors import EngineIOError, ProtocolError
 from roomcast.transport.http import Exchange, Request, WebSocketConnection
 from roomcast.transport.websocket import text_frame
 from roomcast.types import SessionId
@@ -87,20 +87,27 @@ class EngineServer:
         sid = query.get("sid")
         if request.upgrade:
             if transport != "websocket":
-                raise EngineRequestError(EngineErrorCode.BAD_REQUEST, "upgrade needs transport=websocket")
+                raise EngineRequestError(
+                    EngineErrorCode.BAD_REQUEST, "upgrade needs transport=websocket"
+                )
             self._websocket(request, exchange, SessionId(sid) if sid else None)
             return
         if transport != "polling":
-            raise EngineRequestError(EngineErrorCode.BAD_REQUEST, "websocket transport needs an upgrade")
+            raise EngineRequestError(
+                EngineErrorCode.BAD_REQUEST, "websocket transport needs an upgrade"
+            )
         if sid is None:
             if request.method != "GET":
-                raise EngineRequestError(EngineErrorCode.BAD_HANDSHAKE_METHOD, "handshake must be GET")
+                raise EngineRequestError(
+                    EngineErrorCode.BAD_HANDSHAKE_METHOD, "handshake must be GET"
+                )
             conn = self._open(request, ["websocket"])
             exchange.respond(200, "0" + self._open_payload(conn, ["websocket"]), cors)
             return
-        conn = self.sessions.get(SessionId(sid))
-        if conn is None:
+        found = self.sessions.get(SessionId(sid))
+        if found is None:
             raise EngineRequestError(EngineErrorCode.UNKNOWN_SID, "session id unknown")
+        conn = found
         if conn.ws is not None:
             raise EngineRequestError(EngineErrorCode.BAD_REQUEST, "session uses websocket")
         if request.method == "GET":
@@ -112,7 +119,9 @@ class EngineServer:
         if request.method == "POST":
             self._post(conn, request, exchange, cors)
             return
-        raise EngineRequestError(EngineErrorCode.BAD_REQUEST, f"method {request.method} not allowed")
+        raise EngineRequestError(
+            EngineErrorCode.BAD_REQUEST, f"method {request.method} not allowed"
+        )
 
     def _post(
         self, conn: Connection, request: Request, exchange: Exchange, cors: list[tuple[str, str]]
@@ -125,7 +134,7 @@ class EngineServer:
             raise EngineRequestError(EngineErrorCode.BAD_REQUEST, str(error), status) from error
         exchange.respond(200, "ok", cors, content_type="text/html")
         for packet in packets:
-            if conn.state.value == "closed":
+            if conn.closed:
                 break
             try:
                 conn.receive(packet)
@@ -149,9 +158,10 @@ class EngineServer:
             conn.use_websocket(ws)
             conn.send_packet(PacketType.OPEN, self._open_payload(conn, []))
             return
-        conn = self.sessions.get(sid)
-        if conn is None:
+        existing = self.sessions.get(sid)
+        if existing is None:
             raise EngineRequestError(EngineErrorCode.UNKNOWN_SID, "session id unknown")
+        conn = existing
         if conn.ws is not None or conn.upgrading:
             # Refused after the handshake, so that WebSocket clients see a plain close.
             self._metrics.engine_request_errors.labels("already_upgraded").inc()
@@ -247,7 +257,7 @@ class _Peer:
         try:
             conn.receive(engineio.Packet.parse(message))
         except ProtocolError as error:
-            self._server._protocol_error(conn, error)  # noqa: SLF001
+            self._server._protocol_error(conn, error)
 
     def on_ws_closed(self, reason: str) -> None:
         self._conn.close(reason, notify=False)
@@ -286,8 +296,9 @@ class _Probe:
             self._upgraded = True
             conn.use_websocket(self.ws)
         else:
-            self._server._protocol_error(  # noqa: SLF001
-                conn, engineio.EngineIOError(f"unexpected packet {str(message)[:20]!r} during upgrade")
+            self._server._protocol_error(
+                conn,
+                EngineIOError(f"unexpected packet {str(message)[:20]!r} during upgrade"),
             )
 
     def on_ws_closed(self, reason: str) -> None:

@@ -9,9 +9,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.connections = Gauge(
-            "roomcast_connections", "Open Engine.IO sessions", registry=r
-        )
+        self.connections = Gauge("roomcast_connections", "Open Engine.IO sessions", registry=r)
         self.sockets = Gauge("roomcast_sockets", "Connected Socket.IO sockets", registry=r)
         self.rooms = Gauge("roomcast_rooms", "Rooms with local members", registry=r)
         self.disconnects = Counter(

@@ -8,7 +8,7 @@ import socket as socketlib
 from typing import Any
 
 from roomcast.app import Application
-from roomcast.auth import AuthSettings, Authenticator
+from roomcast.auth import Authenticator, AuthSettings
 from roomcast.broker.base import Broker, BrokerState, PublishRequest, PublishResult
 from roomcast.broker.memory import MemoryBroker
 from roomcast.config import Settings
@@ -102,7 +102,9 @@ class Node:
             allowed_origins=settings.allowed_origins,
             max_connections=settings.max_connections,
         )
-        self.engine = EngineServer(self.engine_options, self.sockets.client, self.metrics, self.flusher)
+        self.engine = EngineServer(
+            self.engine_options, self.sockets.client, self.metrics, self.flusher
+        )
         self.engines = [self.engine]
         self.router = Router(
             metrics=self.metrics,

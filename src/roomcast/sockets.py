@@ -10,16 +10,16 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from roomcast.app import Application, ConnectRefusedError, Namespace, Registered
 from roomcast.auth import (
-    AuthError,
     Authenticator,
+    AuthError,
     InvalidRoomError,
     Principal,
     token_from_request,
@@ -33,7 +33,7 @@ from roomcast.broker.base import (
     PublishRequest,
 )
 from roomcast.broker.offsets import OffsetError, parse_offset
-from roomcast.connection import Connection, State
+from roomcast.connection import Connection
 from roomcast.http.errors import ACK_OK, ack_error, connect_error_payload
 from roomcast.hub import Hub, RoomKey
 from roomcast.metrics import Metrics
@@ -55,7 +55,7 @@ class SocketOptions:
     recovery_ms: int = 120_000
     """How long a disconnected socket may recover its session; 0 disables recovery."""
     upstream_events: tuple[str, ...] = ()
-    limits: Limits = Limits()
+    limits: Limits = field(default_factory=Limits)
     ack_timeout_s: float = 30.0
 
 
@@ -209,7 +209,7 @@ class Client:
             socket = await self._accept(nsp, payload or {})
         finally:
             queued = self._pending.pop(nsp, [])
-        if socket is None or self.conn.state is State.CLOSED:
+        if socket is None or self.conn.closed:
             return
         for packet in queued:
             self._dispatch(packet)
@@ -232,7 +232,7 @@ class Client:
             except AuthError as error:
                 self._refuse(nsp, connect_error_payload(error.code, str(error)), error.code)
                 return None
-        if self.conn.state is State.CLOSED:
+        if self.conn.closed:
             return None
         recovered = await self._recover(nsp, auth, principal)
         socket = recovered or Socket(self, namespace, principal, auth)
@@ -240,9 +240,11 @@ class Client:
             try:
                 await reg.handler(socket, auth)
             except ConnectRefusedError as refused:
-                self._refuse(nsp, connect_error_payload(refused.code, refused.message), refused.code)
+                self._refuse(
+                    nsp, connect_error_payload(refused.code, refused.message), refused.code
+                )
                 return None
-        if self.conn.state is State.CLOSED:
+        if self.conn.closed:
             return None
         socket.connected_at()
         if self._connect_timer is not None:
@@ -261,9 +263,7 @@ class Client:
         log.info("refused namespace %s on %s: %s", nsp[:40], self.conn.sid, payload.get("message"))
         self.send(Packet(PacketType.CONNECT_ERROR, nsp, payload))
 
-    async def _recover(
-        self, nsp: str, auth: dict[str, Any], principal: Principal
-    ) -> Socket | None:
+    async def _recover(self, nsp: str, auth: dict[str, Any], principal: Principal) -> Socket | None:
         """Restore a disconnected socket from ``auth["pid"]`` / ``auth["offset"]`` if complete."""
         server = self.server
         pid, offset = auth.get("pid"), auth.get("offset")
@@ -443,17 +443,20 @@ class Socket:
         if self.connected or self.recovering is not None:
             self.client.send(Packet(PacketType.EVENT, self.namespace.name, [event, *args]))
 
-    async def call(self, event: str, *args: Any, timeout: float | None = None) -> list[Any]:
-        """Send an event that asks for an ack; return the ack's arguments."""
+    async def call(self, event: str, *args: Any) -> list[Any]:
+        """Send an event that asks for an ack; return the ack's arguments.
+
+        Raises ``TimeoutError`` after the configured ack timeout; wrap the call in
+        ``asyncio.timeout()`` for a shorter one.
+        """
         self._ack_seq += 1
         ack_id = self._ack_seq
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._acks[ack_id] = future
         self.client.send(Packet(PacketType.EVENT, self.namespace.name, [event, *args], ack_id))
         try:
-            return await asyncio.wait_for(
-                future, timeout or self.client.server.options.ack_timeout_s
-            )
+            async with asyncio.timeout(self.client.server.options.ack_timeout_s):
+                return await future
         finally:
             self._acks.pop(ack_id, None)
 
@@ -495,13 +498,15 @@ class Socket:
         if not registered.accepts(len(args)):
             self.client.server.drop("bad_arguments", f"event {name!r} with {len(args)} arguments")
             if ack_id is not None:
-                self.ack(ack_id, ack_error("bad_arguments", f"wrong number of arguments for {name!r}"))
+                self.ack(
+                    ack_id, ack_error("bad_arguments", f"wrong number of arguments for {name!r}")
+                )
             return
         self.client.server.tasks.spawn(
             self._call_handler(registered.handler(self, *args), ack_id), name=f"event-{name}"
         )
 
-    async def _call_handler(self, call: Awaitable[Any], ack_id: int | None) -> None:
+    async def _call_handler(self, call: Coroutine[Any, Any, Any], ack_id: int | None) -> None:
         result = await call
         if ack_id is not None:
             if result is None:
@@ -542,7 +547,7 @@ class Socket:
             self.ack(ack_id, {"ok": True, "id": entry_id})
 
 
-# -- built-in events of the main namespace ----------------------------------------------------------
+# -- built-in events of the main namespace --------------------------------------------------
 def _room_arg(socket: Socket, args: list[Any], ack_id: int | None) -> str | None:
     try:
         return validate_room(args[0] if args else None)
@@ -590,7 +595,8 @@ def _publish(socket: Socket, args: list[Any], ack_id: int | None) -> None:
     if not isinstance(body, dict) or not isinstance(body.get("event"), str) or "data" not in body:
         if ack_id is not None:
             socket.ack(
-                ack_id, ack_error("invalid_publish", "expected {room, event, data} with a string event")
+                ack_id,
+                ack_error("invalid_publish", "expected {room, event, data} with a string event"),
             )
         return
     room = _room_arg(socket, [body.get("room")], ack_id)
@@ -600,7 +606,9 @@ def _publish(socket: Socket, args: list[Any], ack_id: int | None) -> None:
         if ack_id is not None:
             socket.ack(ack_id, ack_error("forbidden", f"not allowed to publish to {room!r}"))
         return
-    request = PublishRequest(room=room, event=body["event"], data=body["data"], exclude_sid=socket.id)
+    request = PublishRequest(
+        room=room, event=body["event"], data=body["data"], exclude_sid=socket.id
+    )
     socket.client.server.tasks.spawn(_do_publish(socket, request, ack_id), name="client-publish")
 
 

@@ -58,6 +58,11 @@ class Subscriptions:
                 await self._broker.unsubscribe(room)
         except BrokerError as exc:
             # The broker re-applies its subscriptions when it reconnects.
-            log.warning("broker %s of room %s deferred: %s", "subscribe" if subscribe else "unsubscribe", room, exc)
+            log.warning(
+                "broker %s of room %s deferred: %s",
+                "subscribe" if subscribe else "unsubscribe",
+                room,
+                exc,
+            )
             if subscribe:
                 self._active.add(room)

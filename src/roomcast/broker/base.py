@@ -127,5 +127,3 @@ class Broker(Protocol):
 
         Raise :class:`BrokerUnavailableError` if it was not stored.
         """
-
-

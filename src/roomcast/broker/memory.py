@@ -40,7 +40,8 @@ class MemoryBroker:
         self._trimmed: dict[str, str] = {}
         """Per room, the offset of the newest publication dropped from history."""
         self._subscribed: set[str] = set()
-        self._idempotency: OrderedDict[str, tuple[int, PublishResult]] = OrderedDict()
+        self._idempotency: OrderedDict[tuple[str, str], tuple[int, PublishResult]] = OrderedDict()
+        """(room, idempotency key) -> when and what it published; keys are scoped per room."""
         self._sessions: dict[str, tuple[float, bytes]] = {}
         self.upstream: deque[tuple[str, dict[str, str]]] = deque(maxlen=10_000)
 
@@ -61,7 +62,7 @@ class MemoryBroker:
         key = request.idempotency_key
         if key is not None:
             self._expire_idempotency(now_ms)
-            seen = self._idempotency.get(key)
+            seen = self._idempotency.get((request.room, key))
             if seen is not None:
                 return PublishResult(id=seen[1].id, offset=seen[1].offset, duplicate=True)
         offset = self._clock.next(now_ms)
@@ -79,7 +80,7 @@ class MemoryBroker:
         self._remember(publication, now_ms)
         result = PublishResult(id=publication.id, offset=offset)
         if key is not None:
-            self._idempotency[key] = (now_ms, result)
+            self._idempotency[(request.room, key)] = (now_ms, result)
         if self._handler is not None and request.room in self._subscribed:
             self._handler(publication)
         return result
@@ -132,9 +133,7 @@ class MemoryBroker:
 
     def _trim(self, room: str, kept: deque[Publication], now_ms: int) -> None:
         oldest_allowed = now_ms - self._history_ttl_ms
-        while kept and (
-            len(kept) > self._history_size or kept[0].published_at_ms < oldest_allowed
-        ):
+        while kept and (len(kept) > self._history_size or kept[0].published_at_ms < oldest_allowed):
             self._trimmed[room] = kept.popleft().offset
         if not kept:
             del self._history[room]

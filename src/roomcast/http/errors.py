@@ -3,7 +3,8 @@
 - Engine.IO request refusals -> HTTP status + ``{"code": N, "message": "..."}`` (the codes
   Engine.IO clients know);
 - API failures -> HTTP status + ``{"error": {"code": "...", "message": "..."}}``;
-- Socket.IO connect refusals -> a CONNECT_ERROR packet ``{"message": "...", "data": {"code": ...}}``;
+- Socket.IO connect refusals -> a CONNECT_ERROR packet
+  ``{"message": "...", "data": {"code": ...}}``;
 - room operations -> an ack ``{"ok": false, "error": {"code": ..., "message": ...}}``.
 """
 

@@ -65,7 +65,7 @@ class Router:
         else:
             api_error_response(exchange, ApiError(404, "not_found", f"no route for {path[:80]}"))
 
-    # -- POST /api/v1/publish -----------------------------------------------------------------------
+    # -- POST /api/v1/publish ---------------------------------------------------------------
     def _publish_api(self, request: Request, exchange: Exchange) -> None:
         try:
             if request.method != "POST":
@@ -101,7 +101,7 @@ class Router:
 
 
 def parse_publish_body(body: bytes, max_payload: int) -> PublishRequest:
-    """Validate ``{"room", "event", "data", "idempotency_key"?}``; raise ApiError naming the field."""
+    """Validate ``{"room", "event", "data", "idempotency_key"?}``; errors name the field."""
     if len(body) > max_payload:
         raise ApiError(413, "payload_too_large", f"body of {len(body)} bytes exceeds {max_payload}")
     try:

@@ -13,7 +13,7 @@ import struct
 from collections.abc import Callable
 
 from websockets.exceptions import ProtocolError as WSProtocolError
-from websockets.frames import Close, Opcode
+from websockets.frames import Close, Frame, Opcode
 from websockets.protocol import Protocol, Side, State
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -47,7 +47,7 @@ MessageHandler = Callable[[str | bytes], None]
 class WebSocketReader:
     """Turns received bytes into whole messages and tells what control bytes must be sent."""
 
-    __slots__ = ("_fragments", "_fragment_size", "_max_size", "_opcode", "_protocol")
+    __slots__ = ("_fragment_size", "_fragments", "_max_size", "_opcode", "_protocol")
 
     def __init__(self, max_size: int) -> None:
         self._protocol = Protocol(Side.SERVER, state=State.OPEN, max_size=max_size)
@@ -64,16 +64,18 @@ class WebSocketReader:
         proto = self._protocol
         proto.receive_data(data)
         for frame in proto.events_received():
+            if not isinstance(frame, Frame):
+                continue
             opcode = frame.opcode
             if opcode in (Opcode.TEXT, Opcode.BINARY):
                 if frame.fin:
-                    self._deliver(opcode, frame.data, on_message)
+                    self._deliver(opcode, bytes(frame.data), on_message)
                 else:
                     self._opcode = opcode
-                    self._fragments = [frame.data]
+                    self._fragments = [bytes(frame.data)]
                     self._fragment_size = len(frame.data)
             elif opcode is Opcode.CONT and self._opcode is not None:
-                self._fragments.append(frame.data)
+                self._fragments.append(bytes(frame.data))
                 self._fragment_size += len(frame.data)
                 if self._fragment_size > self._max_size:
                     proto.fail(1009, "message too big")

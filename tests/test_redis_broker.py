@@ -1,0 +1,400 @@
+"""The Redis broker against real redis-server processes: interop, isolation, outages, cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+import redis_fixtures
+from redis_fixtures import Deliveries, RedisServer, eventually
+
+from roomcast.auth import InvalidRoomError
+from roomcast.broker.base import BrokerState, BrokerUnavailableError, PublishRequest
+from roomcast.broker.keys import Keys, keyspace_channel
+from roomcast.broker.redis import RedisBroker
+from roomcast.publisher import Publisher
+
+redis_url = redis_fixtures.redis_url
+redis_prefix = redis_fixtures.redis_prefix
+redis_server_factory = redis_fixtures.redis_server_factory
+redis_cluster_url = redis_fixtures.redis_cluster_url
+
+pytestmark = pytest.mark.redis
+
+ServerFactory = Callable[..., RedisServer]
+
+
+def envelope(room: str, n: int, **extra: str) -> dict[str, str]:
+    """An envelope as a service in another language would XADD it."""
+    fields = {
+        "room": room,
+        "event": "update",
+        "data": orjson.dumps({"n": n}).decode(),
+        "id": f"ext-{n}",
+        "published_at": str(int(time.time() * 1000)),
+    }
+    fields.update(extra)
+    return fields
+
+
+@pytest.fixture
+async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A plain redis client, standing in for services that publish without Roomcast."""
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def brokers(redis_url: str, redis_prefix: str) -> AsyncIterator[Callable[..., Any]]:
+    """Start RedisBrokers on the shared server under the test's prefix; stop them after."""
+    started: list[RedisBroker] = []
+
+    async def start(url: str = redis_url, **options: Any) -> tuple[RedisBroker, Deliveries]:
+        broker = RedisBroker(url, prefix=redis_prefix, **options)
+        deliveries = Deliveries()
+        await broker.start(deliveries)
+        started.append(broker)
+        return broker, deliveries
+
+    yield start
+    for broker in started:
+        await broker.stop()
+
+
+async def test_plain_xadd_from_another_language_is_delivered(
+    brokers: Callable[..., Any], raw: aioredis.Redis, redis_prefix: str
+) -> None:
+    """An envelope XADDed by a plain client is decoded and delivered like a published one."""
+    broker, deliveries = await brokers()
+    await broker.subscribe("ext")
+    key = Keys(redis_prefix).room("ext")
+    extra = {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01", "custom": "ignored"}
+    entry_id = (await raw.xadd(key, envelope("ext", 1, **extra))).decode()  # type: ignore[arg-type]
+    await deliveries.wait_for(1)
+    (publication,) = deliveries.publications
+    assert publication.offset == entry_id
+    assert (publication.id, publication.event, publication.data) == ("ext-1", "update", {"n": 1})
+    assert publication.traceparent == extra["traceparent"]
+
+
+async def test_malformed_envelopes_are_counted_and_skipped(
+    brokers: Callable[..., Any],
+    raw: aioredis.Redis,
+    redis_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Malformed entries are counted and logged with their id; later entries still arrive."""
+    broker, deliveries = await brokers()
+    await broker.subscribe("bad")
+    key = Keys(redis_prefix).room("bad")
+    good = envelope("bad", 1)
+    malformed: list[dict[str, Any]] = [
+        {k: v for k, v in good.items() if k != "event"},
+        {**good, "data": "{not json"},
+        {**good, "published_at": "yesterday"},
+        {**good, "room": "another-room"},
+        {**good, "data": b"\xff\xfe"},
+    ]
+    with caplog.at_level(logging.WARNING, logger="roomcast.broker"):
+        bad_ids = [(await raw.xadd(key, fields)).decode() for fields in malformed]
+        await raw.xadd(key, good)  # type: ignore[arg-type]
+        await deliveries.wait_for(1)
+    assert [p.data for p in deliveries.publications] == [{"n": 1}]
+    assert broker.dropped["malformed_envelope"] == len(malformed)
+    for entry_id in bad_ids:
+        assert any(entry_id in record.getMessage() for record in caplog.records), entry_id
+    history = await broker.history("bad", "0")
+    assert [p.data for p in history.publications] == [{"n": 1}]
+
+
+async def test_two_instances_receive_only_their_rooms(
+    brokers: Callable[..., Any], raw: aioredis.Redis, redis_prefix: str
+) -> None:
+    """Each instance subscribes to, and is delivered, only the rooms it has members for."""
+    first, first_got = await brokers()
+    second, second_got = await brokers()
+    await first.subscribe("only-first")
+    await second.subscribe("only-second")
+    for n in range(5):
+        await first.publish(PublishRequest("only-second", "e", n))
+        await second.publish(PublishRequest("only-first", "e", n))
+    await first_got.wait_for(5)
+    await second_got.wait_for(5)
+    # The sentinels come last: once they arrived, anything else would have arrived too.
+    await first.publish(PublishRequest("only-first", "e", "end"))
+    await second.publish(PublishRequest("only-second", "e", "end"))
+    await first_got.wait_for(6)
+    await second_got.wait_for(6)
+    assert {p.room for p in first_got.publications} == {"only-first"}
+    assert {p.room for p in second_got.publications} == {"only-second"}
+    assert len(first_got.publications) == len(second_got.publications) == 6
+    keys = Keys(redis_prefix)
+    counts = dict(
+        await raw.pubsub_numsub(
+            keyspace_channel(0, keys.room("only-first")),
+            keyspace_channel(0, keys.room("only-second")),
+        )
+    )
+    assert list(counts.values()) == [1, 1]
+
+
+async def test_direct_duplicate_idempotency_keys_skipped_by_every_instance(
+    brokers: Callable[..., Any], raw: aioredis.Redis, redis_prefix: str
+) -> None:
+    """Two instances deliver the same first entry of a repeated idempotency key, and skip the rest."""
+    first, first_got = await brokers()
+    second, second_got = await brokers()
+    await first.subscribe("dup")
+    await second.subscribe("dup")
+    key = Keys(redis_prefix).room("dup")
+    ids = [
+        (await raw.xadd(key, envelope("dup", n, idempotency_key=k))).decode()  # type: ignore[arg-type]
+        for n, k in enumerate(["k1", "k1", "k2", "k1"])
+    ]
+    await first.publish(PublishRequest("dup", "e", "end"))
+    for got in (first_got, second_got):
+        await got.wait_for(3)
+        assert [p.offset for p in got.publications[:2]] == [ids[0], ids[2]]
+        assert got.publications[2].data == "end"
+    assert first.dropped["duplicate_idempotency_key"] == 2
+    assert second.dropped["duplicate_idempotency_key"] == 2
+
+
+async def test_publish_uses_the_idempotency_record_deliveries_check(
+    brokers: Callable[..., Any], raw: aioredis.Redis, redis_prefix: str
+) -> None:
+    """A direct XADD repeating a key first used by publish() is skipped on delivery."""
+    broker, deliveries = await brokers()
+    await broker.subscribe("mixed")
+    first = await broker.publish(PublishRequest("mixed", "e", "first", idempotency_key="k"))
+    key = Keys(redis_prefix).room("mixed")
+    await raw.xadd(key, envelope("mixed", 2, idempotency_key="k"))  # type: ignore[arg-type]
+    await broker.publish(PublishRequest("mixed", "e", "end"))
+    await deliveries.wait_for(2)
+    assert [p.data for p in deliveries.publications] == ["first", "end"]
+    assert deliveries.publications[0].id == first.id
+    stored = await raw.get(Keys(redis_prefix).idempotency("mixed", "k"))
+    assert stored == f"{first.id}|{first.offset}".encode()
+
+
+async def test_outage_delivers_every_entry_exactly_once(
+    redis_server_factory: ServerFactory, redis_prefix: str
+) -> None:
+    """Across a redis-server kill and restart, every entry is delivered once and in order."""
+    server = redis_server_factory()
+    broker = RedisBroker(server.url, prefix=redis_prefix, backoff_initial=0.05, backoff_max=0.5)
+    deliveries = Deliveries()
+    await broker.start(deliveries)
+    try:
+        await broker.subscribe("live")
+        for n in range(3):
+            await broker.publish(PublishRequest("live", "e", f"before-{n}"))
+        await deliveries.wait_for(3)
+
+        server.kill()
+        await eventually(lambda: broker.state is BrokerState.DISCONNECTED, what="disconnect")
+        with pytest.raises(BrokerUnavailableError, match="redis unavailable"):
+            await broker.publish(PublishRequest("live", "e", "lost"))
+
+        server.start()
+        # Entries a service appends right after the restart, before the broker is back; the
+        # restarted server has notifications off, so only the catch-up can find them.
+        raw = aioredis.Redis.from_url(server.url)
+        try:
+            key = Keys(redis_prefix).room("live")
+            for n in range(3):
+                await raw.xadd(key, envelope("live", n))  # type: ignore[arg-type]
+        finally:
+            await raw.aclose()
+        await eventually(lambda: broker.state is BrokerState.CONNECTED, what="reconnect")
+        for n in range(3):
+            await broker.publish(PublishRequest("live", "e", f"after-{n}"))
+        await deliveries.wait_for(9)
+        await broker.publish(PublishRequest("live", "e", "end"))
+        await deliveries.wait_for(10)
+    finally:
+        await broker.stop()
+    data = [p.data for p in deliveries.publications]
+    assert data == [
+        *(f"before-{n}" for n in range(3)),
+        *({"n": n} for n in range(3)),
+        *(f"after-{n}" for n in range(3)),
+        "end",
+    ]
+    assert len({p.offset for p in deliveries.publications}) == 10
+    assert broker.reconnects >= 1
+    assert broker.state is BrokerState.STOPPED
+
+
+async def test_start_fails_fast_when_redis_is_down(
+    redis_server_factory: ServerFactory, redis_prefix: str
+) -> None:
+    """Starting against an unreachable Redis raises BrokerUnavailableError."""
+    server = redis_server_factory()
+    server.kill()
+    broker = RedisBroker(server.url, prefix=redis_prefix)
+    with pytest.raises(BrokerUnavailableError, match="redis unavailable"):
+        await broker.start(Deliveries())
+    assert broker.state is BrokerState.STOPPED
+    await broker.stop()
+
+
+async def test_notification_flags_are_merged_into_existing_config(
+    redis_server_factory: ServerFactory, redis_prefix: str
+) -> None:
+    """Starting adds 'K' and 't' to notify-keyspace-events and keeps the operator's flags."""
+    server = redis_server_factory("--notify-keyspace-events", "Ex")
+    broker = RedisBroker(server.url, prefix=redis_prefix)
+    await broker.start(Deliveries())
+    try:
+        client = aioredis.Redis.from_url(server.url, decode_responses=True)
+        config = await client.config_get("notify-keyspace-events")
+        await client.aclose()
+    finally:
+        await broker.stop()
+    assert set(config["notify-keyspace-events"]) >= set("Ktx") | {"E"}
+
+
+async def test_refused_config_with_notifications_on_is_ready(
+    redis_server_factory: ServerFactory, redis_prefix: str
+) -> None:
+    """With CONFIG disabled but notifications configured by the operator, the broker works."""
+    server = redis_server_factory(
+        "--rename-command", "CONFIG", "", "--notify-keyspace-events", "Kt"
+    )
+    broker = RedisBroker(server.url, prefix=redis_prefix)
+    deliveries = Deliveries()
+    await broker.start(deliveries)
+    try:
+        await eventually(lambda: broker.ready, what="notifications verified")
+        await broker.subscribe("r")
+        await broker.publish(PublishRequest("r", "e", 1))
+        await deliveries.wait_for(1)
+    finally:
+        await broker.stop()
+
+
+async def test_refused_config_without_notifications_is_not_ready(
+    redis_server_factory: ServerFactory, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With CONFIG disabled and notifications off, the broker logs what to set and is not ready."""
+    server = redis_server_factory("--rename-command", "CONFIG", "")
+    broker = RedisBroker(server.url, prefix=redis_prefix)
+    with caplog.at_level(logging.ERROR, logger="roomcast.broker"):
+        await broker.start(Deliveries())
+        try:
+            await eventually(
+                lambda: "keyspace notifications for streams are off" in caplog.text,
+                what="the not-ready error",
+            )
+            assert broker.state is BrokerState.CONNECTED
+            assert not broker.ready
+            assert "notify-keyspace-events" in (broker.not_ready_reason or "")
+        finally:
+            await broker.stop()
+    assert "The operator must enable keyspace notifications" in caplog.text
+
+
+async def test_history_of_an_expired_room_is_incomplete(
+    brokers: Callable[..., Any], raw: aioredis.Redis, redis_prefix: str
+) -> None:
+    """When a room's stream expired, history after an old offset cannot claim completeness."""
+    broker, _ = await brokers(history_ttl_ms=50)
+    result = await broker.publish(PublishRequest("short", "e", 1))
+    key = Keys(redis_prefix).room("short")
+    assert 0 < await raw.pttl(key) <= 50
+    deadline = time.monotonic() + 5
+    while await raw.exists(key):
+        assert time.monotonic() < deadline, "the stream did not expire"
+        await asyncio.sleep(0.01)
+    expired = await broker.history("short", result.offset)
+    assert not expired.complete and expired.publications == []
+    # A stream recreated after the expiry cannot prove that nothing was lost in between.
+    again = await broker.publish(PublishRequest("short", "e", 2))
+    recreated = await broker.history("short", result.offset)
+    assert not recreated.complete
+    assert [p.offset for p in recreated.publications] == [again.offset]
+    assert (await broker.history("short", again.offset)).complete
+
+
+async def test_invalid_room_names_are_rejected(brokers: Callable[..., Any]) -> None:
+    """Room names with braces or other characters outside the allowed set never reach Redis."""
+    broker, _ = await brokers()
+    for room in ["", "a{b}", "with space", "x" * 257]:
+        with pytest.raises(InvalidRoomError):
+            await broker.publish(PublishRequest(room, "e", 1))
+        with pytest.raises(InvalidRoomError):
+            await broker.subscribe(room)
+
+
+async def test_upstream_entries_are_readable_by_a_consumer_group(
+    brokers: Callable[..., Any], raw: aioredis.Redis, redis_prefix: str
+) -> None:
+    """Upstream entries land in '<prefix>:upstream' and a consumer group reads them."""
+    broker, _ = await brokers()
+    stream = Keys(redis_prefix).upstream()
+    await raw.xgroup_create(stream, "backend", id="$", mkstream=True)
+    entry_id = await broker.append_upstream({"event": "typing", "data": '{"room":"r"}'})
+    entries = await raw.xreadgroup("backend", "worker-1", {stream: ">"}, count=10)
+    [(name, [(got_id, fields)])] = entries
+    assert (name.decode(), got_id.decode()) == (stream, entry_id)
+    assert fields == {b"event": b"typing", b"data": b'{"room":"r"}'}
+    assert await raw.xack(stream, "backend", got_id) == 1
+
+
+async def test_publisher_publishes_without_a_started_broker(
+    redis_url: str, redis_prefix: str, raw: aioredis.Redis
+) -> None:
+    """Publisher.from_url connects lazily and writes the same envelope the broker reads."""
+    publisher = Publisher.from_url(redis_url, prefix=redis_prefix)
+    try:
+        result = await publisher.publish("pub", "news", {"a": 1}, idempotency_key="once")
+        again = await publisher.publish("pub", "news", {"a": 2}, idempotency_key="once")
+        with pytest.raises(InvalidRoomError):
+            await publisher.publish("bad room", "news", 1)
+    finally:
+        await publisher.close()
+    assert again.duplicate and again.id == result.id
+    [(entry_id, fields)] = await raw.xrange(Keys(redis_prefix).room("pub"))
+    assert entry_id.decode() == result.offset
+    assert fields[b"data"] == b'{"a":1}' and fields[b"id"] == result.id.encode()
+
+
+async def test_cluster_publish_deliver_history(redis_cluster_url: str, redis_prefix: str) -> None:
+    """On a 3-node cluster, rooms on every node are delivered and their history is complete."""
+    broker = RedisBroker(redis_cluster_url, prefix=redis_prefix)
+    deliveries = Deliveries()
+    await broker.start(deliveries)
+    try:
+        assert broker.is_cluster
+        rooms = [f"cluster-{n}" for n in range(12)]
+        nodes = {broker._node_name(Keys(redis_prefix).room(room)) for room in rooms}
+        assert len(nodes) == 3, "the rooms should spread over all three nodes"
+        for room in rooms:
+            await broker.subscribe(room)
+        results = {}
+        for room in rooms:
+            results[room] = [
+                await broker.publish(PublishRequest(room, "e", n, idempotency_key=f"k{n % 2}"))
+                for n in range(3)
+            ]
+        await deliveries.wait_for(2 * len(rooms))
+        for room in rooms:
+            assert [p.data for p in deliveries.in_room(room)] == [0, 1]
+            assert results[room][2].duplicate
+            history = await broker.history(room, "0")
+            assert history.complete
+            assert [p.offset for p in history.publications] == [r.offset for r in results[room][:2]]
+        await broker.save_session("cluster-pid", b"s", 60_000)
+        await broker.touch_sessions(["cluster-pid", "other-pid"], 60_000)
+        assert await broker.take_session("cluster-pid") == b"s"
+        assert await broker.append_upstream({"event": "x"})
+    finally:
+        await broker.stop()
