@@ -136,6 +136,6 @@ export function describe(value) {
 }
 
 /** Default client options: no automatic reconnection unless a script asks for it. */
-export function options(cfg, extra = {}) {
+export function options(extra = {}) {
   return { reconnection: false, forceNew: true, timeout: 5_000, ...extra };
 }

@@ -1,0 +1,35 @@
+"""The server-side handlers the interop tests talk to: ``roomcast serve --app app_for_tests:app``.
+
+- ``echo``: the ack repeats the event's arguments (binary parts included);
+- ``ping-me``: the server calls the client (``server-ask`` with 41, waiting for its ack) and
+  emits the client's answer back as ``client-answered``; the ack says whether that worked;
+- ``/admin``: a namespace whose connect handler emits ``admin-welcome``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from roomcast import Application, Socket
+
+app = Application()
+
+
+@app.on("echo")
+async def echo(socket: Socket, *args: Any) -> tuple[Any, ...]:
+    return args
+
+
+@app.on("ping-me")
+async def ping_me(socket: Socket) -> dict[str, Any]:
+    try:
+        answer = await socket.call("server-ask", 41, timeout=5.0)
+    except TimeoutError:
+        return {"ok": False, "error": "the client did not ack server-ask"}
+    socket.emit("client-answered", *answer)
+    return {"ok": True}
+
+
+@app.on_connect("/admin")
+async def admin_welcome(socket: Socket) -> None:
+    socket.emit("admin-welcome", {"user": socket.user_id, "namespace": socket.namespace.name})
