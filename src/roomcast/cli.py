@@ -160,7 +160,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if settings.workers > 1:
         from roomcast.workers import run_workers
 
-        return run_workers(settings, app)
+        code: int = run_workers(settings, app)
+        return code
     run(settings, app)
     return 0
 
@@ -204,6 +205,7 @@ def run(
     app: Application | None,
     sock: Any = None,
     mounts: dict[str, Any] | None = None,
+    worker: tuple[int, tuple[str, ...]] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain.  ``mounts`` adds raw Engine.IO apps by path."""
     logging.basicConfig(
@@ -215,15 +217,19 @@ def run(
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(_run(settings, app, sock, mounts or {}))
+    asyncio.run(_run(settings, app, sock, mounts or {}, worker))
 
 
 async def _run(
-    settings: Settings, app: Application | None, sock: Any, mounts: dict[str, Any]
+    settings: Settings,
+    app: Application | None,
+    sock: Any,
+    mounts: dict[str, Any],
+    worker: tuple[int, tuple[str, ...]] | None,
 ) -> None:
     from roomcast.node import Node
 
-    node = Node(settings, app)
+    node = Node(settings, app, worker=worker)
     for path, factory in mounts.items():
         node.mount_engine(path, factory)
     await node.start(sock)

@@ -34,6 +34,9 @@ class EngineOptions:
     allowed_origins: tuple[str, ...] = ()
     """Empty or containing ``*`` allows any origin."""
     max_connections: int = 100_000
+    worker_index: int = 0
+    worker_sockets: tuple[str, ...] = ()
+    """With several workers: the unix socket of each, to forward requests of their sessions."""
 
 
 HandlerFactory = Callable[[Connection], EngineHandler]
@@ -85,6 +88,11 @@ class EngineServer:
         if transport not in ("polling", "websocket"):
             raise EngineRequestError(EngineErrorCode.TRANSPORT_UNKNOWN, "transport unknown")
         sid = query.get("sid")
+        if sid is not None and sid not in self.sessions:
+            owner = self._owner(sid)
+            if owner is not None:
+                exchange.forward(request, owner)
+                return
         if request.upgrade:
             if transport != "websocket":
                 raise EngineRequestError(
@@ -172,6 +180,16 @@ class EngineServer:
         probe = _Probe(self, conn)
         probe.ws = exchange.accept_websocket(probe, key, self.options.max_payload, [])
 
+    def _owner(self, sid: str) -> str | None:
+        """The unix socket of the worker that owns ``sid``, if it is another worker."""
+        sockets = self.options.worker_sockets
+        if not sockets or not sid[:2].isdigit():
+            return None
+        index = int(sid[:2])
+        if index == self.options.worker_index or index >= len(sockets):
+            return None
+        return sockets[index]
+
     # -- sessions ---------------------------------------------------------------------------------
     def _open(self, request: Request, upgrades: list[str]) -> Connection:
         if not self.accepting:
@@ -179,7 +197,10 @@ class EngineServer:
         if len(self.sessions) >= self.options.max_connections:
             self._metrics.connections_refused.labels("max_connections").inc()
             raise EngineRequestError(EngineErrorCode.FORBIDDEN, "too many connections", 503)
-        sid = SessionId(secrets.token_urlsafe(15))
+        token = secrets.token_urlsafe(15)
+        sid = SessionId(
+            f"{self.options.worker_index:02d}{token}" if self.options.worker_sockets else token
+        )
         conn = Connection(
             sid,
             request,

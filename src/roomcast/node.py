@@ -68,8 +68,10 @@ class Node:
         *,
         broker: Broker | None = None,
         metrics: Metrics | None = None,
+        worker: tuple[int, tuple[str, ...]] | None = None,
     ) -> None:
         self.settings = settings
+        self.worker = worker
         self.app = app or Application()
         self.metrics = metrics or Metrics()
         self.tasks = TaskSet()
@@ -101,6 +103,8 @@ class Node:
             outbound_buffer_limit=settings.outbound_buffer_limit,
             allowed_origins=settings.allowed_origins,
             max_connections=settings.max_connections,
+            worker_index=worker[0] if worker else 0,
+            worker_sockets=worker[1] if worker else (),
         )
         self.engine = EngineServer(
             self.engine_options, self.sockets.client, self.metrics, self.flusher
@@ -116,6 +120,7 @@ class Node:
         )
         self.router.mount("/socket.io/", self.engine)
         self._server: asyncio.Server | None = None
+        self._unix: asyncio.Server | None = None
         self._touch: asyncio.Task[None] | None = None
         self.started = False
         self.draining = False
@@ -170,6 +175,8 @@ class Node:
                 backlog=4096,
                 reuse_port=self.settings.workers > 1,
             )
+        if self.worker is not None:
+            self._unix = await loop.create_unix_server(factory, self.worker[1][self.worker[0]])
         if self.settings.recovery_max_disconnection_ms:
             self._touch = self.tasks.spawn(self._touch_sessions(), name="touch-sessions")
         self.started = True
@@ -217,6 +224,8 @@ class Node:
                 engine.close_all("server stopped")
         if self._server is not None:
             self._server.close()
+        if self._unix is not None:
+            self._unix.close()
         await self.tasks.close()
         await self.broker.stop()
         if self._server is not None:

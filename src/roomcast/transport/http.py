@@ -36,6 +36,8 @@ class Request:
     upgrade: bool = False
     client: str = ""
     keep_alive: bool = True
+    target: str = ""
+    """The raw request target (path and query), for forwarding."""
 
 
 class HttpHandler(Protocol):
@@ -84,6 +86,11 @@ class Exchange:
     ) -> WebSocketConnection:
         self.done = True
         return self._conn.switch_to_websocket(peer, key, max_size, headers)
+
+    def forward(self, request: Request, unix_path: str) -> None:
+        """Hand the rest of this connection to the worker listening on ``unix_path``."""
+        self.done = True
+        self._conn.forward(request, unix_path)
 
     def abort(self) -> None:
         """The client went away before the answer; run the registered callbacks once."""
@@ -153,6 +160,7 @@ class HttpConnection(asyncio.Protocol):
         "_headers",
         "_parser",
         "_pending",
+        "_pipe",
         "_transport",
         "_url",
         "_ws",
@@ -169,12 +177,16 @@ class HttpConnection(asyncio.Protocol):
         self._pending: deque[Request] = deque()
         self._current: Exchange | None = None
         self._ws: WebSocketConnection | None = None
+        self._pipe: _Pipe | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
+        if self._pipe is not None:
+            self._pipe.to_upstream(data)
+            return
         if self._ws is not None:
             self._ws.data_received(data)
             return
@@ -188,6 +200,8 @@ class HttpConnection(asyncio.Protocol):
             self._fail(400, "malformed request")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._pipe is not None:
+            self._pipe.client_lost()
         if self._ws is not None:
             self._ws.connection_lost()
         if self._current is not None:
@@ -232,6 +246,7 @@ class HttpConnection(asyncio.Protocol):
             body=b"".join(self._body),
             upgrade=self._parser.should_upgrade(),
             client=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "",
+            target=self._url.decode("latin-1"),
             keep_alive=self._parser.should_keep_alive()
             and "close" not in self._headers.get("connection", "").lower(),
         )
@@ -274,6 +289,33 @@ class HttpConnection(asyncio.Protocol):
         self._ws = WebSocketConnection(self._transport, peer, max_size)
         return self._ws
 
+    def forward(self, request: Request, unix_path: str) -> None:
+        """Pipe this connection, starting with ``request``, to another worker's unix socket.
+
+        The request is re-sent with ``Connection: close``, so the connection carries exactly one
+        request (or one WebSocket) and then ends.
+        """
+        transport = self._transport
+        if transport is None:
+            return
+        lines = [f"{request.method} {request.target} HTTP/1.1"]
+        for name, value in request.headers.items():
+            if name not in ("connection", "content-length", "transfer-encoding") or (
+                request.upgrade and name == "connection"
+            ):
+                lines.append(f"{name}: {value}")
+        if not request.upgrade:
+            lines.append("connection: close")
+            lines.append(f"content-length: {len(request.body)}")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + request.body
+        pipe = _Pipe(transport)
+        self._ws = None
+        self._pipe = pipe
+        self._current = None
+        pipe.task = asyncio.get_running_loop().create_task(
+            pipe.open(unix_path, head), name="forward"
+        )
+
     def send_response(
         self,
         status: int,
@@ -311,3 +353,48 @@ class HttpConnection(asyncio.Protocol):
             + body
         )
         self._transport.close()
+
+
+class _Pipe(asyncio.Protocol):
+    """Bytes between a client connection and another worker, both ways, until either closes."""
+
+    def __init__(self, client: asyncio.Transport) -> None:
+        self._client = client
+        self._upstream: asyncio.Transport | None = None
+        self._early: list[bytes] = []
+        self.task: asyncio.Task[None] | None = None
+        """Held here: the pipe lives as long as the client connection references it."""
+
+    async def open(self, unix_path: str, head: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_unix_connection(lambda: self, unix_path)
+        except OSError as exc:
+            log.warning("cannot forward to worker at %s: %s", unix_path, exc)
+            self._client.write(
+                b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            self._client.close()
+            return
+        assert self._upstream is not None
+        self._upstream.write(head + b"".join(self._early))
+        self._early = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._upstream = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._client.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._client.close()
+
+    def to_upstream(self, data: bytes) -> None:
+        if self._upstream is None:
+            self._early.append(data)
+        else:
+            self._upstream.write(data)
+
+    def client_lost(self) -> None:
+        if self._upstream is not None:
+            self._upstream.close()

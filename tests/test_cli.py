@@ -1,0 +1,156 @@
+"""The command line: token, check-config, serve (dev and production mode) and publish."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jwt
+import pytest
+
+SECRET = "c" * 48
+ROOMCAST = [sys.executable, "-m", "roomcast"]
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("ROOMCAST_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [*ROOMCAST, *args], capture_output=True, text=True, env=full_env, timeout=30
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_token_prints_only_the_jwt() -> None:
+    """`roomcast token` prints the JWT alone, with sub, rooms and exp from its flags."""
+    out = cli(
+        "token",
+        "--sub",
+        "u1",
+        "--rooms",
+        "doc:42",
+        "team:7:*",
+        "--ttl",
+        "60",
+        "--jwt-secret",
+        SECRET,
+    )
+    assert out.returncode == 0, out.stderr
+    claims = jwt.decode(out.stdout.strip(), SECRET, algorithms=["HS256"])
+    assert out.stdout.count("\n") == 1
+    assert claims["sub"] == "u1" and claims["rooms"] == ["doc:42", "team:7:*"]
+    assert 50 < claims["exp"] - time.time() <= 60
+
+
+def test_token_reads_the_secret_from_env_like_serve() -> None:
+    """The secret comes from ROOMCAST_JWT_SECRET exactly as for serve."""
+    out = cli("token", "--sub", "u1", env={"ROOMCAST_JWT_SECRET": SECRET})
+    assert jwt.decode(out.stdout.strip(), SECRET, algorithms=["HS256"])["sub"] == "u1"
+
+
+def test_token_without_secret_fails_clearly() -> None:
+    """Without a secret, token exits 2 naming the setting."""
+    out = cli("token", "--sub", "u1")
+    assert out.returncode == 2 and "jwt_secret" in out.stderr
+
+
+def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
+    """check-config reports flags, env and file settings, and names a bad value's key."""
+    config = tmp_path / "roomcast.toml"
+    config.write_text('port = 9001\nallowed_origins = ["https://a.example"]\n')
+    out = cli("check-config", "--config", str(config), env={"ROOMCAST_PING_INTERVAL_MS": "1000"})
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert shown["port"] == 9001 and shown["ping_interval_ms"] == 1000
+    assert shown["allowed_origins"] == ["https://a.example"]
+    bad = cli("check-config", "--port", "abc")
+    assert bad.returncode == 2 and "port" in bad.stderr
+    unknown = tmp_path / "bad.toml"
+    unknown.write_text("prot = 1\n")
+    out = cli("check-config", "--config", str(unknown))
+    assert out.returncode == 2 and "'prot'" in out.stderr
+
+
+def test_production_mode_refuses_missing_settings() -> None:
+    """Production mode refuses to start without a secret, an API key and an origin list."""
+    out = cli("serve", "--production", "--port", str(free_port()))
+    assert out.returncode == 2
+    assert (
+        "jwt_secret" in out.stderr and "api_key" in out.stderr and "allowed_origins" in out.stderr
+    )
+
+
+@pytest.fixture
+def dev_server() -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROOMCAST_")}
+    proc = subprocess.Popen(
+        [*ROOMCAST, "serve", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    with proc:
+        yield port, proc
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_dev_mode_prints_token_and_curl(dev_server: tuple[int, subprocess.Popen[str]]) -> None:
+    """`roomcast serve` with no configuration prints a dev token and a curl line, then serves."""
+    port, proc = dev_server
+    assert proc.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if line.startswith("roomcast ready"):
+            break
+    text = "".join(lines)
+    assert "DEVELOPMENT MODE" in text, text
+    key = re.search(r"Authorization: Bearer ([^']+)'", text)
+    assert key is not None
+    published = cli(
+        "publish",
+        "--room",
+        "doc:1",
+        "--event",
+        "hi",
+        "--data",
+        '{"a":1}',
+        "--port",
+        str(port),
+        "--api-key",
+        key.group(1),
+    )
+    assert published.returncode == 0, published.stderr
+    assert json.loads(published.stdout)["room"] == "doc:1"
+    refused = cli(
+        "publish",
+        "--room",
+        "doc:1",
+        "--event",
+        "hi",
+        "--data",
+        "1",
+        "--port",
+        str(port),
+        "--api-key",
+        "x",
+    )
+    assert refused.returncode == 1 and "401" in refused.stderr
