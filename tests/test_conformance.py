@@ -15,7 +15,7 @@ import websockets
 from roomcast import Application, Socket
 from roomcast.app import HandlerSignatureError
 from roomcast.auth import Authenticator, AuthSettings
-from wire import API_KEY, SECRET, Raw, connect_sio, publish, running
+from wire import SECRET, Raw, connect_sio, publish, running
 
 AUTH = Authenticator(AuthSettings(secret=SECRET))
 

@@ -219,7 +219,7 @@ def test_polling_payload_errors(body: bytes, error: type[Exception], words: str)
         min_size=1,
         max_size=5,
     )
-)  # noqa: E501
+)
 def test_payload_round_trip(packets: list[str | bytes]) -> None:
     """Any list of text and binary packets survives a polling payload round trip."""
     encoded = engineio.encode_payload(packets).encode()

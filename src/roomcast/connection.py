@@ -157,7 +157,7 @@ class Connection:
             self._enqueue(text)
 
     def _push(self, frame: bytes) -> None:
-        if self.state is State.CLOSED:
+        if self.state is State.CLOSED or self._out_size < 0:
             return
         out = self._out
         if out is None:
@@ -170,7 +170,7 @@ class Connection:
             self._overflow()
 
     def _enqueue(self, packet: str | bytes) -> None:
-        if self.state is State.CLOSED:
+        if self.state is State.CLOSED or self._out_size < 0:
             return
         queue = self._queue
         queue.append(packet)
@@ -182,7 +182,7 @@ class Connection:
             self._flusher.mark(self)
 
     def flush(self) -> None:
-        if self.state is State.CLOSED:
+        if self.state is State.CLOSED or self._out_size < 0:
             return
         ws = self.ws
         if ws is not None:
@@ -205,8 +205,19 @@ class Connection:
         poll.respond(200, engineio.encode_payload(queue), content_type="text/plain; charset=UTF-8")
 
     def _overflow(self) -> None:
+        """Drop what is queued and close on the next loop iteration: this may run inside a
+        broadcast that is iterating over the room this connection is a member of."""
+        if self.state is State.CLOSED or self._out_size < 0:
+            return
+        self._out_size = -(2**62)  # nothing more is queued until the close runs
+        self._out = None
+        self._queue = []
         self._metrics.slow_client_disconnects.inc()
+        self._metrics.dropped.labels("slow_client").inc()
         log.warning("closing %s: outbound buffer over %d bytes (slow client)", self.sid, self.limit)
+        asyncio.get_running_loop().call_soon(self._close_slow)
+
+    def _close_slow(self) -> None:
         self.close("slow client: outbound buffer full", notify=False)
 
     # -- polling ----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict, deque
 
@@ -14,6 +15,8 @@ from roomcast.broker.base import (
     PublishResult,
 )
 from roomcast.broker.offsets import OffsetClock, parse_offset
+
+log = logging.getLogger("roomcast.broker")
 
 
 class MemoryBroker:
@@ -43,6 +46,7 @@ class MemoryBroker:
         self._idempotency: OrderedDict[tuple[str, str], tuple[int, PublishResult]] = OrderedDict()
         """(room, idempotency key) -> when and what it published; keys are scoped per room."""
         self._sessions: dict[str, tuple[float, bytes]] = {}
+        self.delivery_failures = 0
         self.upstream: deque[tuple[str, dict[str, str]]] = deque(maxlen=10_000)
 
     @property
@@ -82,7 +86,11 @@ class MemoryBroker:
         if key is not None:
             self._idempotency[(request.room, key)] = (now_ms, result)
         if self._handler is not None and request.room in self._subscribed:
-            self._handler(publication)
+            try:
+                self._handler(publication)
+            except Exception:  # a delivery boundary: the publication is stored; log and count
+                self.delivery_failures += 1
+                log.exception("local delivery of %s to %s failed", publication.id, publication.room)
         return result
 
     async def subscribe(self, room: str) -> None:

@@ -92,6 +92,11 @@ class Router:
             log.warning("publish to %s refused: %s", request.room, exc)
             api_error_response(exchange, ApiError(503, "broker_unavailable", str(exc)))
             return
+        except Exception:  # task boundary: the publisher must get an answer, never a hang
+            self._metrics.dropped.labels("publish_failed").inc()
+            log.exception("publish to %s failed", request.room)
+            api_error_response(exchange, ApiError(500, "internal_error", "publish failed"))
+            return
         self._metrics.published.labels("http").inc()
         body: dict[str, Any] = {"id": result.id, "offset": result.offset, "room": request.room}
         if result.duplicate:
