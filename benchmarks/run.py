@@ -203,7 +203,7 @@ def sample_tree(root: int) -> ProcSample:
 
 
 def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def free_port() -> int:
@@ -323,6 +323,7 @@ class ServerSpec:
     description: str
     kind: str  # "roomcast" | "node"
     workers: int = 1
+    redis: bool = False  # needs a shared Redis broker (started by the harness)
 
 
 SERVER_SPECS: dict[str, ServerSpec] = {
@@ -335,9 +336,19 @@ SERVER_SPECS: dict[str, ServerSpec] = {
     ),
     "roomcast-w2": ServerSpec(
         "roomcast-w2",
-        "roomcast serve --workers 2, JWT required; CPU/RSS summed over all processes",
+        "roomcast serve --workers 2 --redis-url (workers need a shared broker), JWT required; "
+        "CPU/RSS summed over the parent, its workers and the private redis-server",
         "roomcast",
         workers=2,
+        redis=True,
+    ),
+    # Not run by default: isolates the cost of the Redis broker from the cost of workers.
+    "roomcast-redis": ServerSpec(
+        "roomcast-redis",
+        "roomcast serve (1 process) --redis-url, JWT required; "
+        "CPU/RSS summed over roomcast and the private redis-server",
+        "roomcast",
+        redis=True,
     ),
 }
 
@@ -357,32 +368,47 @@ class Context:
     roomcast_serve_flags: set[str] = field(default_factory=set)
 
 
+def stop_group(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """SIGTERM the process group we started (SIGKILL after `grace` seconds)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+    # Workers that outlived their parent are still in the process group.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 class RunningServer:
     def __init__(self, proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
         self.proc = proc
         self.port = port
         self.log_path = log_path
+        # Helper processes that belong to this server's deployment (redis-server).
+        self.aux: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
+    def roots(self) -> dict[str, int]:
+        """Process-tree roots whose CPU and memory are charged to this server."""
+        return {"server": self.proc.pid, **{k: p.pid for k, p in self.aux.items()}}
+
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5)
-        # Workers that outlived their parent are still in the process group.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_group(self.proc)
+        for aux in self.aux.values():
+            stop_group(aux)
 
 
-def server_command(ctx: Context, spec: ServerSpec, port: int, clients: int) -> list[str]:
+def server_command(
+    ctx: Context, spec: ServerSpec, port: int, clients: int, redis_url: str | None
+) -> list[str]:
     if spec.kind == "node":
         return [
             ctx.node,
@@ -410,17 +436,91 @@ def server_command(ctx: Context, spec: ServerSpec, port: int, clients: int) -> l
     ]
     if "--max-connections" in ctx.roomcast_serve_flags:
         cmd += ["--max-connections", str(max(2 * clients, 100_000))]
+    if redis_url is not None:
+        cmd += ["--redis-url", redis_url]
     if spec.workers > 1:
         cmd += ["--workers", str(spec.workers)]
     return cmd
 
 
-def start_server(ctx: Context, spec: ServerSpec, scenario: Scenario) -> RunningServer:
+def start_redis(ctx: Context, name: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A private, non-persistent redis-server on a free port (pinned like the server)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise BenchError("redis-server not found (needed by Roomcast with --workers > 1)")
     port = free_port()
-    cmd = ctx.pinning.prefix(ctx.pinning.server_cpus) + server_command(
-        ctx, spec, port, scenario.clients
-    )
-    log_path = ctx.log_dir / f"{scenario.name}-{spec.name}-server.log"
+    data_dir = ctx.log_dir / f"{name}-redis"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        *ctx.pinning.prefix(ctx.pinning.server_cpus),
+        exe,
+        "--bind",
+        HOST,
+        "--port",
+        str(port),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(data_dir),
+    ]
+    log_path = ctx.log_dir / f"{name}-redis.log"
+    with log_path.open("wb") as fh:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + ctx.args.ready_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"redis-server exited early; log tail:\n{tail(log_path)}")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), 1) as conn:
+            conn.sendall(b"PING\r\n")
+            if conn.recv(64).startswith(b"+PONG"):
+                return proc, f"redis://{HOST}:{port}/0"
+        time.sleep(0.05)
+    stop_group(proc)
+    raise BenchError(f"redis-server not ready; log tail:\n{tail(log_path)}")
+
+
+def count_listeners(port: int) -> int:
+    """Listening TCP sockets on `port` (one per SO_REUSEPORT worker)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:
+                count += 1
+    return count
+
+
+def start_server(ctx: Context, spec: ServerSpec, scenario: Scenario) -> RunningServer:
+    base = f"{scenario.name}-{spec.name}"
+    redis: subprocess.Popen[bytes] | None = None
+    redis_url: str | None = None
+    if spec.redis:
+        if ctx.args.redis_url:
+            redis_url = ctx.args.redis_url
+        else:
+            redis, redis_url = start_redis(ctx, base)
+    port = free_port()
+    try:
+        cmd = ctx.pinning.prefix(ctx.pinning.server_cpus) + server_command(
+            ctx, spec, port, scenario.clients, redis_url
+        )
+    except BenchError:
+        if redis is not None:
+            stop_group(redis)
+        raise
+    log_path = ctx.log_dir / f"{base}-server.log"
     with log_path.open("wb") as fh:
         proc = subprocess.Popen(
             cmd,
@@ -431,16 +531,19 @@ def start_server(ctx: Context, spec: ServerSpec, scenario: Scenario) -> RunningS
             start_new_session=True,
         )
     server = RunningServer(proc, port, log_path)
+    if redis is not None:
+        server.aux["redis"] = redis
     try:
-        wait_ready(server, ctx.args.ready_timeout)
+        wait_ready(server, ctx.args.ready_timeout, spec.workers)
     except BenchError:
         server.stop()
         raise
     return server
 
 
-def wait_ready(server: RunningServer, timeout: float) -> None:
-    """Poll GET /healthz until it answers 200 (no fixed sleeps)."""
+def wait_ready(server: RunningServer, timeout: float, workers: int) -> None:
+    """Poll GET /healthz until it answers 200 and, for a multi-worker server, until every
+    worker listens on the port (no fixed sleeps)."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
@@ -451,9 +554,12 @@ def wait_ready(server: RunningServer, timeout: float) -> None:
             )
         try:
             with urllib.request.urlopen(f"{server.url}/healthz", timeout=2) as resp:
-                if resp.status == 200:
-                    return
                 last = f"HTTP {resp.status}"
+                if resp.status == 200:
+                    listeners = count_listeners(server.port)
+                    if listeners >= workers:
+                        return
+                    last = f"{listeners}/{workers} workers listening"
         except urllib.error.HTTPError as exc:
             last = f"HTTP {exc.code}"
         except (urllib.error.URLError, OSError) as exc:
@@ -556,11 +662,22 @@ def loadgen_command(
     return cmd
 
 
+def sample_server(server: RunningServer) -> dict[str, ProcSample]:
+    """One sample per root process tree of the server, plus their sum as "total"."""
+    parts = {name: sample_tree(pid) for name, pid in server.roots().items()}
+    parts["total"] = ProcSample(
+        pids=tuple(pid for p in parts.values() for pid in p.pids),
+        cpu_seconds=sum(p.cpu_seconds for p in parts.values()),
+        rss_kib=sum(p.rss_kib for p in parts.values()),
+    )
+    return parts
+
+
 @dataclass
 class PhaseSamples:
-    pre_connect: ProcSample | None = None
-    connected: ProcSample | None = None
-    drained: ProcSample | None = None
+    pre_connect: dict[str, ProcSample] | None = None
+    connected: dict[str, ProcSample] | None = None
+    drained: dict[str, ProcSample] | None = None
 
 
 def run_loadgen(
@@ -599,7 +716,7 @@ def run_loadgen(
                             f"server died (exit {server.proc.returncode}) before phase {name}; "
                             f"log tail:\n{tail(server.log_path)}"
                         )
-                    sample = sample_tree(server.proc.pid)
+                    sample = sample_server(server)
                     if name == "pre-connect":
                         samples.pre_connect = sample
                     elif name == "connected":
@@ -641,9 +758,23 @@ def compute_metrics(
     delivery = raw["delivery"]
     lat = raw["latencyMs"]
     pub = raw["publish"]
-    pre, mid, end = samples.pre_connect, samples.connected, samples.drained
-    assert pre is not None and mid is not None and end is not None
+    assert samples.pre_connect and samples.connected and samples.drained
+    pre, mid, end = (
+        samples.pre_connect["total"],
+        samples.connected["total"],
+        samples.drained["total"],
+    )
     cpu = end.cpu_seconds - mid.cpu_seconds
+    breakdown = {
+        part: {
+            "cpu_seconds": samples.drained[part].cpu_seconds - samples.connected[part].cpu_seconds,
+            "rss_before_kib": samples.pre_connect[part].rss_kib,
+            "rss_connected_kib": samples.connected[part].rss_kib,
+            "processes": len(samples.connected[part].pids),
+        }
+        for part in samples.connected
+        if part != "total"
+    }
     delivered = int(delivery["delivered"])
     connected = int(conn["connected"])
     rss_delta = mid.rss_kib - pre.rss_kib
@@ -680,8 +811,11 @@ def compute_metrics(
         "server_rss_after_kib": end.rss_kib,
         "server_rss_per_conn_kib": rss_delta / connected if connected else None,
         "server_processes": len(mid.pids),
+        "server_breakdown": breakdown,
         "server_workers_flag": workers,
         "loadgen_cpu_utilization": raw["loadgen"]["cpuUtilization"],
+        "loadgen_loop_delay_p99_ms": raw["loadgen"]["eventLoopDelayMs"]["p99"],
+        "loadgen_loop_delay_max_ms": raw["loadgen"]["eventLoopDelayMs"]["max"],
         "protocol_problems": raw["protocol"]["problemCounts"],
         "protocol_samples": raw["protocol"]["problemSamples"],
         "first_client_frames": raw["protocol"]["firstClientFrames"],
@@ -704,6 +838,7 @@ TABLE_ROWS: list[tuple[str, str, bool | None, float]] = [
     ("server_rss_per_conn_kib", "server RSS per connection (KiB)", False, 1.0),
     ("published", "events published", None, 1.0),
     ("loadgen_cpu_utilization", "load generator CPU (fraction of 1 core)", None, 1.0),
+    ("loadgen_loop_delay_max_ms", "load generator event-loop delay max (ms)", None, 1.0),
 ]
 
 
@@ -805,7 +940,10 @@ def run_one(ctx: Context, spec: ServerSpec, scenario: Scenario) -> dict[str, Any
         log(f"{scenario.name}: {spec.name} ready on port {server.port}; running load generator")
         raw, samples = run_loadgen(ctx, spec, scenario, server)
     finally:
+        t0 = time.monotonic()
         server.stop()
+        if time.monotonic() - t0 > 1:
+            log(f"{scenario.name}: {spec.name} took {time.monotonic() - t0:.1f} s to stop")
     metrics = compute_metrics(scenario, raw, samples, spec.workers)
     metrics["raw"] = raw
     log(
@@ -830,7 +968,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--servers",
         default=",".join(ALL_SERVERS),
-        help=f"comma-separated subset of {', '.join(ALL_SERVERS)}",
+        help=f"comma-separated servers, from {', '.join(SERVER_SPECS)}",
     )
     p.add_argument("--clients", type=int, help="override the scenario's connection count")
     p.add_argument("--rooms", type=int, help="override the scenario's room count")
@@ -883,6 +1021,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--loadgen-cpus", default="1", help="taskset CPU list for the load generator")
     p.add_argument("--no-pin", action="store_true", help="do not use taskset")
     p.add_argument(
+        "--redis-url",
+        default="",
+        help="use this Redis for the Redis-backed Roomcast variants instead of starting a "
+        "private redis-server (its CPU/RSS are then not measured)",
+    )
+    p.add_argument(
         "--ready-timeout",
         type=float,
         default=30.0,
@@ -894,7 +1038,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = [s for s in servers if s not in SERVER_SPECS]
     if unknown or not servers:
-        p.error(f"unknown server(s) {unknown}; choose from {', '.join(ALL_SERVERS)}")
+        p.error(f"unknown server(s) {unknown}; choose from {', '.join(SERVER_SPECS)}")
     args.server_list = servers
     return args
 

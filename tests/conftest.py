@@ -243,9 +243,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """Attach to a failing test's report what the servers logged while it ran."""
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
@@ -299,9 +297,7 @@ ServerFactory = Callable[..., RoomcastServer]
 
 
 @pytest.fixture
-def roomcast_factory(
-    tmp_path: Path, credentials: Credentials
-) -> Iterator[ServerFactory]:
+def roomcast_factory(tmp_path: Path, credentials: Credentials) -> Iterator[ServerFactory]:
     """Start servers private to one test (to kill or restart); all stopped at teardown."""
     servers: list[RoomcastServer] = []
 
@@ -322,9 +318,7 @@ def roomcast_server(
 ) -> Iterator[RoomcastServer]:
     """One server shared by a module's tests, with the test app loaded and any origin allowed."""
     workdir = tmp_path_factory.mktemp("roomcast")
-    server = RoomcastServer(
-        workdir, credentials, "--allowed-origins", "*", app="app_for_tests:app"
-    )
+    server = RoomcastServer(workdir, credentials, "--allowed-origins", "*", app="app_for_tests:app")
     server.start()
     yield server
     server.kill()

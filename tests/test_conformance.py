@@ -74,7 +74,7 @@ async def test_polling_session_roundtrip_and_close_on_invalid_packet() -> None:
         _, body, _ = await http("GET", base)
         sid = json.loads(body[1:])["sid"]
         url = f"{base}&sid={sid}"
-        status, text, _ = await http("POST", url, data='40{"token":"%s"}' % token())
+        status, text, _ = await http("POST", url, data="40" + json.dumps({"token": token()}))
         assert (status, text) == (200, "ok")
         status, text, _ = await http("GET", url)
         assert status == 200 and text.startswith('40{"sid":')
@@ -118,7 +118,7 @@ async def test_upgrade_from_polling() -> None:
         base = f"http://127.0.0.1:{node.port}/socket.io/?EIO=4&transport=polling"
         _, body, _ = await http("GET", base)
         sid = json.loads(body[1:])["sid"]
-        await http("POST", f"{base}&sid={sid}", data='40{"token":"%s"}' % token())
+        await http("POST", f"{base}&sid={sid}", data="40" + json.dumps({"token": token()}))
         ws = await websockets.connect(
             f"ws://127.0.0.1:{node.port}/socket.io/?EIO=4&transport=websocket&sid={sid}"
         )

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from roomcast import Application, Socket
@@ -23,7 +24,8 @@ async def echo(socket: Socket, *args: Any) -> tuple[Any, ...]:
 @app.on("ping-me")
 async def ping_me(socket: Socket) -> dict[str, Any]:
     try:
-        answer = await socket.call("server-ask", 41, timeout=5.0)
+        async with asyncio.timeout(5.0):
+            answer = await socket.call("server-ask", 41)
     except TimeoutError:
         return {"ok": False, "error": "the client did not ack server-ask"}
     socket.emit("client-answered", *answer)
