@@ -7,6 +7,7 @@ token's ``rooms`` / ``publish`` claims), and the configured upstream events.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -110,9 +111,11 @@ class SocketServer:
     def save_session(self, socket: Socket, ttl_ms: int) -> None:
         if not socket.pid or not self.options.recovery_ms:
             return
-        state = orjson.dumps(
-            {"sid": socket.id, "user": socket.principal.user_id, "rooms": sorted(socket.rooms)}
-        )
+        # json, not orjson: orjson's result keeps a 4 KiB buffer, and states are held for minutes
+        state = json.dumps(
+            {"sid": socket.id, "user": socket.principal.user_id, "rooms": sorted(socket.rooms)},
+            separators=(",", ":"),
+        ).encode()
         self.tasks.spawn(self._save(socket.pid, state, ttl_ms), name=f"save-session-{socket.id}")
 
     async def _save(self, pid: str, state: bytes, ttl_ms: int) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Protocol
@@ -174,7 +173,7 @@ class HttpConnection(asyncio.Protocol):
         self._url = b""
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
-        self._pending: deque[Request] = deque()
+        self._pending: list[Request] = []
         self._current: Exchange | None = None
         self._ws: WebSocketConnection | None = None
         self._pipe: _Pipe | None = None
@@ -257,7 +256,7 @@ class HttpConnection(asyncio.Protocol):
     # -- internals --------------------------------------------------------------------------
     def _next(self) -> None:
         while self._current is None and self._pending and self._transport is not None:
-            request = self._pending.popleft()
+            request = self._pending.pop(0)
             exchange = Exchange(self, request.keep_alive)
             self._current = exchange
             self._handler.handle(request, exchange)
@@ -287,6 +286,7 @@ class HttpConnection(asyncio.Protocol):
         self._transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         self._current = None
         self._ws = WebSocketConnection(self._transport, peer, max_size)
+        self._headers = {}
         return self._ws
 
     def forward(self, request: Request, unix_path: str) -> None:
