@@ -46,6 +46,7 @@ class MemoryBroker:
         self._idempotency: OrderedDict[tuple[str, str], tuple[int, PublishResult]] = OrderedDict()
         """(room, idempotency key) -> when and what it published; keys are scoped per room."""
         self._sessions: dict[str, tuple[float, bytes]] = {}
+        self._next_sweep = 0.0
         self.delivery_failures = 0
         self.upstream: deque[tuple[str, dict[str, str]]] = deque(maxlen=10_000)
 
@@ -112,7 +113,10 @@ class MemoryBroker:
 
     async def save_session(self, pid: str, state: bytes, ttl_ms: int) -> None:
         now = time.monotonic()
-        self._sessions = {k: v for k, v in self._sessions.items() if v[0] > now}
+        if now >= self._next_sweep:  # amortised: a sweep at most once a second
+            self._next_sweep = now + 1.0
+            self._sessions = {k: v for k, v in self._sessions.items() if v[0] > now}
+        self._sessions.pop(pid, None)  # re-insert: dict order stays roughly by deadline
         self._sessions[pid] = (now + ttl_ms / 1000, state)
 
     async def take_session(self, pid: str) -> bytes | None:
