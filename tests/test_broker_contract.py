@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import pytest
+
 import redis_fixtures
 from redis_fixtures import Deliveries
-
 from roomcast.broker.base import Broker, BrokerState, PublishRequest
 from roomcast.broker.memory import MemoryBroker
 from roomcast.broker.offsets import parse_offset
@@ -23,6 +23,10 @@ TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 class MakeBroker(Protocol):
     def __call__(self, **options: Any) -> Awaitable[tuple[Broker, Deliveries]]: ...
+
+
+def state_of(broker: Broker) -> BrokerState:
+    return broker.state
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -54,9 +58,9 @@ async def make_broker(request: pytest.FixtureRequest) -> AsyncIterator[MakeBroke
 async def test_start_connects(make_broker: MakeBroker) -> None:
     """A started broker reports CONNECTED and a stopped one STOPPED."""
     broker, _ = await make_broker()
-    assert broker.state is BrokerState.CONNECTED
+    assert state_of(broker) is BrokerState.CONNECTED
     await broker.stop()
-    assert broker.state is BrokerState.STOPPED
+    assert state_of(broker) is BrokerState.STOPPED
 
 
 async def test_publications_of_subscribed_room_delivered_in_order(make_broker: MakeBroker) -> None:

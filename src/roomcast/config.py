@@ -76,6 +76,9 @@ class Settings:
     upstream_events: tuple[str, ...] = _setting(
         (), "client event names appended to the upstream stream, comma-separated"
     )
+    upstream_stream: str = _setting(
+        "", "Redis stream for upstream client events (default <prefix>:upstream)"
+    )
     drain_seconds: float = _setting(10.0, "time given to clients to leave on SIGTERM")
 
     def validate(self) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from roomcast.app import Application
 from roomcast.auth import Authenticator, AuthSettings
-from roomcast.broker.base import Broker, BrokerState, PublishRequest, PublishResult
+from roomcast.broker.base import Broker, PublishRequest, PublishResult
 from roomcast.broker.memory import MemoryBroker
 from roomcast.config import Settings
 from roomcast.connection import Connection, EngineHandler, Flusher
@@ -36,6 +36,7 @@ def make_broker(settings: Settings) -> Broker:
             history_size=settings.history_size,
             history_ttl_ms=settings.history_ttl_ms,
             idempotency_window_ms=settings.idempotency_window_ms,
+            upstream_stream=settings.upstream_stream or None,
         )
     return MemoryBroker(
         history_size=settings.history_size,
@@ -149,7 +150,7 @@ class Node:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         state = self.broker.state
-        ready = self.started and not self.draining and state is BrokerState.CONNECTED
+        ready = self.started and not self.draining and self.broker.ready
         return ready, {
             "broker": state.value,
             "draining": self.draining,

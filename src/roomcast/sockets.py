@@ -39,7 +39,7 @@ from roomcast.http.errors import ACK_OK, ack_error, connect_error_payload
 from roomcast.hub import Hub, RoomKey
 from roomcast.metrics import Metrics
 from roomcast.protocol.errors import ProtocolError, SocketIOError
-from roomcast.protocol.socketio import Decoder, Limits, Packet, PacketType
+from roomcast.protocol.socketio import RESERVED_EVENTS, Decoder, Limits, Packet, PacketType
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
 from roomcast.types import SocketId
@@ -595,12 +595,17 @@ def _leave(socket: Socket, args: list[Any], ack_id: int | None) -> None:
 
 def _publish(socket: Socket, args: list[Any], ack_id: int | None) -> None:
     body = args[0] if args else None
-    if not isinstance(body, dict) or not isinstance(body.get("event"), str) or "data" not in body:
+    event = body.get("event") if isinstance(body, dict) else None
+    if not isinstance(body, dict) or not isinstance(event, str) or "data" not in body:
         if ack_id is not None:
             socket.ack(
                 ack_id,
                 ack_error("invalid_publish", "expected {room, event, data} with a string event"),
             )
+        return
+    if event in RESERVED_EVENTS or not 1 <= len(event) <= 128:
+        if ack_id is not None:
+            socket.ack(ack_id, ack_error("invalid_event", f"event name {event[:40]!r} not allowed"))
         return
     room = _room_arg(socket, [body.get("room")], ack_id)
     if room is None:

@@ -82,7 +82,11 @@ class BrokerError(Exception):
 
 
 class BrokerUnavailableError(BrokerError):
-    """The broker's backend cannot be reached right now; the operation was not performed."""
+    """The broker's backend cannot be reached right now.
+
+    The operation may not have been performed (after a timeout it may have been): publishers
+    retry with an idempotency key to be safe either way.
+    """
 
 
 DeliveryHandler = Callable[[Publication], None]
@@ -94,6 +98,10 @@ class Broker(Protocol):
 
     @property
     def state(self) -> BrokerState: ...
+
+    @property
+    def ready(self) -> bool:
+        """Connected and able to deliver (for Redis: keyspace notifications reach us)."""
 
     async def start(self, handler: DeliveryHandler) -> None:
         """Connect and begin delivering publications of subscribed rooms to ``handler``."""

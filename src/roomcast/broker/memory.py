@@ -54,6 +54,10 @@ class MemoryBroker:
     def state(self) -> BrokerState:
         return self._state
 
+    @property
+    def ready(self) -> bool:
+        return self._state is BrokerState.CONNECTED
+
     async def start(self, handler: DeliveryHandler) -> None:
         self._handler = handler
         self._state = BrokerState.CONNECTED

@@ -28,11 +28,12 @@ from typing import Any, Final, TypeAlias
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     ClusterDownError,
+    RedisClusterException,
     RedisError,
     ResponseError,
     SlotNotCoveredError,
@@ -124,6 +125,11 @@ class _Fetched:
     entries: list[_Entry]
 
 
+def _unavailable(exc: BaseException) -> BrokerUnavailableError:
+    detail = str(exc) or f"{type(exc).__name__} (timed out)"
+    return BrokerUnavailableError(f"redis unavailable: {detail}")
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -198,7 +204,9 @@ class RedisBroker:
         self._handler: DeliveryHandler | None = None
         self._client: _Client | None = None
         self._is_cluster = False
-        self._db = 0
+        # Keyspace channels name the database; known from the URL before any connection, so
+        # rooms subscribed before start() get the right channel.  A cluster only has db 0.
+        self._db = int(parse_url(url).get("db", 0) or 0)
         self._script: Any = None
         self._connect_lock = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None
@@ -251,12 +259,13 @@ class RedisBroker:
         self._handler = handler
         self._state = BrokerState.STARTING
         try:
-            await self._ensure_client()
-            await self._open_epoch()
+            async with self._deadline(epoch=True):
+                await self._ensure_client()
+                await self._open_epoch()
         except UNAVAILABLE_ERRORS as exc:
             await self._close_listeners()
             self._state = BrokerState.STOPPED
-            raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
+            raise _unavailable(exc) from exc
         except BaseException:
             await self._close_listeners()
             self._state = BrokerState.STOPPED
@@ -268,7 +277,12 @@ class RedisBroker:
         self._state = BrokerState.STOPPED
         if supervisor is not None:
             supervisor.cancel()
-            await asyncio.wait([supervisor])
+            done, _ = await asyncio.wait([supervisor], timeout=self._socket_timeout * 2)
+            if not done:
+                self.errors["stop_timeout"] += 1
+                logger.error(
+                    "redis broker tasks did not stop within %.1fs", self._socket_timeout * 2
+                )
         await self._close_listeners()
         client, self._client = self._client, None
         if client is not None:
@@ -301,10 +315,12 @@ class RedisBroker:
         for name, value in fields.items():
             args += (name, value)
         try:
-            client = await self._ensure_client()
-            appended, value = await self._script(keys=keys, args=args, client=client)
+            async with self._deadline():
+                client = await self._ensure_client()
+                appended, value = await self._script(keys=keys, args=args, client=client)
         except UNAVAILABLE_ERRORS as exc:
-            raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
+            # On a timeout the script may still have run: a retry needs the idempotency key.
+            raise _unavailable(exc) from exc
         if appended == 1:
             return PublishResult(id=publication.id, offset=_text(value))
         original_id, _, offset = _text(value).partition("|")
@@ -326,11 +342,12 @@ class RedisBroker:
         if self._state is BrokerState.STOPPED or self._client is None:
             return
         try:
-            last_id = await self._last_entry_id(self._client, key)
-            if state.last_id is None:
-                state.last_id = last_id
-            if self._rooms.get(room) is state:
-                await self._send_to_listener(key, "SUBSCRIBE", state.channel)
+            async with self._deadline():
+                last_id = await self._last_entry_id(self._client, key)
+                if state.last_id is None:
+                    state.last_id = last_id
+                if self._rooms.get(room) is state:
+                    await self._send_to_listener(key, "SUBSCRIBE", state.channel)
         except UNAVAILABLE_ERRORS as exc:
             logger.warning(
                 "subscribe %r: redis unavailable (%s); it is subscribed on reconnect", room, exc
@@ -343,7 +360,8 @@ class RedisBroker:
         self._channels.pop(state.channel, None)
         self._dirty.discard(room)
         try:
-            await self._send_to_listener(state.key, "UNSUBSCRIBE", state.channel)
+            async with self._deadline():
+                await self._send_to_listener(state.key, "UNSUBSCRIBE", state.channel)
         except UNAVAILABLE_ERRORS as exc:
             # The connection is gone, and with it the subscription; reconnecting skips the room.
             logger.debug("unsubscribe %r: redis unavailable (%s)", room, exc)
@@ -360,16 +378,17 @@ class RedisBroker:
         key = self._keys.room(room)
         start = "-" if after == (0, 0) else f"({after[0]}-{after[1]}"
         try:
-            client = await self._ensure_client()
-            pipe = client.pipeline(transaction=False)
-            pipe.xrange(key, start, "+")
-            pipe.xinfo_stream(key)
-            entries, info = await pipe.execute(raise_on_error=False)
-            if isinstance(entries, Exception):
-                raise entries
-            publications = await self._decode_and_filter(client, room, entries, claim=False)
+            async with self._deadline():
+                client = await self._ensure_client()
+                pipe = client.pipeline(transaction=False)
+                pipe.xrange(key, start, "+")
+                pipe.xinfo_stream(key)
+                entries, info = await pipe.execute(raise_on_error=False)
+                if isinstance(entries, Exception):
+                    raise entries
+                publications = await self._decode_and_filter(client, room, entries, claim=False)
         except UNAVAILABLE_ERRORS as exc:
-            raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
+            raise _unavailable(exc) from exc
         except ResponseError as exc:
             raise BrokerError(f"history of room {room!r}: {exc}") from exc
         return History(publications=publications, complete=_history_complete(after, info))
@@ -377,18 +396,20 @@ class RedisBroker:
     async def save_session(self, pid: str, state: bytes, ttl_ms: int) -> None:
         key = self._keys.session(pid)
         try:
-            client = await self._ensure_client()
-            await client.set(key, state, px=max(1, ttl_ms))
+            async with self._deadline():
+                client = await self._ensure_client()
+                await client.set(key, state, px=max(1, ttl_ms))
         except UNAVAILABLE_ERRORS as exc:
-            raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
+            raise _unavailable(exc) from exc
 
     async def take_session(self, pid: str) -> bytes | None:
         key = self._keys.session(pid)
         try:
-            client = await self._ensure_client()
-            value = await client.getdel(key)
+            async with self._deadline():
+                client = await self._ensure_client()
+                value = await client.getdel(key)
         except UNAVAILABLE_ERRORS as exc:
-            raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
+            raise _unavailable(exc) from exc
         if value is None or isinstance(value, bytes):
             return value
         return str(value).encode()
@@ -397,28 +418,30 @@ class RedisBroker:
         if not pids:
             return
         try:
-            client = await self._ensure_client()
-            pipe = client.pipeline(transaction=False)
-            for pid in pids:
-                pipe.pexpire(self._keys.session(pid), max(1, ttl_ms))
-            await pipe.execute()
+            async with self._deadline():
+                client = await self._ensure_client()
+                pipe = client.pipeline(transaction=False)
+                for pid in pids:
+                    pipe.pexpire(self._keys.session(pid), max(1, ttl_ms))
+                await pipe.execute()
         except UNAVAILABLE_ERRORS as exc:
-            raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
+            raise _unavailable(exc) from exc
 
     async def append_upstream(self, fields: dict[str, str]) -> str:
         """``XADD <prefix>:upstream [MAXLEN ~ upstream_maxlen] * <fields>``; return the entry id."""
         if not fields:
             raise ValueError("fields: an upstream entry needs at least one field")
         try:
-            client = await self._ensure_client()
-            entry_id = await client.xadd(
-                self._keys.upstream(),
-                dict(fields),  # type: ignore[arg-type]
-                maxlen=self._upstream_maxlen,
-                approximate=True,
-            )
+            async with self._deadline():
+                client = await self._ensure_client()
+                entry_id = await client.xadd(
+                    self._keys.upstream(),
+                    dict(fields),  # type: ignore[arg-type]
+                    maxlen=self._upstream_maxlen,
+                    approximate=True,
+                )
         except UNAVAILABLE_ERRORS as exc:
-            raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
+            raise _unavailable(exc) from exc
         return _text(entry_id)
 
     # ------------------------------------------------------------------ connection
@@ -434,12 +457,21 @@ class RedisBroker:
 
     def _client_options(self) -> dict[str, Any]:
         # No automatic retries: a retried XADD whose reply was lost would publish twice.
+        # No socket_timeout (redis-py 8 defaults to 5 s): it is enforced on writes with
+        # asyncio.wait_for, which on Python 3.11 can swallow a cancellation (stop() then
+        # hangs). Every operation runs under _deadline() instead, and redis-py drops a
+        # connection interrupted mid-command, so no reply is ever read by the wrong caller.
         return {
             "retry": Retry(NoBackoff(), 0),
-            "socket_timeout": self._socket_timeout,
+            "socket_timeout": None,
             "socket_connect_timeout": self._socket_timeout,
+            "socket_keepalive": True,
             "protocol": 2,
         }
+
+    def _deadline(self, *, epoch: bool = False) -> asyncio.Timeout:
+        """The time limit of one operation (of connecting a whole epoch, with ``epoch``)."""
+        return asyncio.timeout(self._socket_timeout * (4 if epoch else 1))
 
     async def _connect(self) -> _Client:
         options = self._client_options()
@@ -448,39 +480,49 @@ class RedisBroker:
         if is_cluster is None:
             probe = aioredis.Redis.from_url(self._url, **options)
             try:
-                info = await probe.info("cluster")
+                async with self._deadline():
+                    info = await probe.info("cluster")
             except UNAVAILABLE_ERRORS as exc:
-                raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
+                raise _unavailable(exc) from exc
             finally:
                 await probe.aclose()
             is_cluster = int(info.get("cluster_enabled", 0)) == 1
         if is_cluster:
             client = RedisCluster.from_url(self._url, **options)
         else:
-            client = aioredis.Redis.from_url(self._url, **options)
+            # A blocking pool: a burst of commands (thousands of sockets saving their recovery
+            # state at once) waits for a connection instead of failing "Too many connections".
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self._url, max_connections=64, timeout=None, **options
+            )
+            client = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         try:
-            if isinstance(client, RedisCluster):
-                await client.initialize()
-                versions = [
-                    (await client.info("server", target_nodes=node))["redis_version"]
-                    for node in client.get_primaries()
-                ]
-                db = 0
-            else:
-                versions = [(await client.info("server"))["redis_version"]]
-                db = int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
-        except UNAVAILABLE_ERRORS as exc:
+            async with self._deadline(epoch=True):
+                versions = await self._server_versions(client)
+        except (*UNAVAILABLE_ERRORS, RedisClusterException) as exc:
             await client.aclose()
-            raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
+            raise _unavailable(exc) from exc
         for version in versions:
             major_minor = tuple(int(part) for part in str(version).split(".")[:2])
             if major_minor < _MIN_REDIS_VERSION:
                 await client.aclose()
                 raise BrokerError(f"redis {version} is too old: roomcast needs redis 7.0 or newer")
         self._is_cluster = isinstance(client, RedisCluster)
-        self._db = db
+        if self._is_cluster and self._db != 0:
+            await client.aclose()
+            raise BrokerError(f"redis cluster has only database 0, the url names {self._db}")
         self._script = client.register_script(_PUBLISH_LUA)
         return client
+
+    async def _server_versions(self, client: _Client) -> list[str]:
+        """The version of every primary."""
+        if isinstance(client, RedisCluster):
+            await client.initialize()
+            return [
+                (await client.info("server", target_nodes=node))["redis_version"]
+                for node in client.get_primaries()
+            ]
+        return [(await client.info("server"))["redis_version"]]
 
     async def _supervise(self) -> None:
         """Run epochs until stopped; reconnect with capped exponential backoff."""
@@ -489,7 +531,8 @@ class RedisBroker:
         while True:
             if not opened:
                 try:
-                    await self._open_epoch()
+                    async with self._deadline(epoch=True):
+                        await self._open_epoch()
                 except UNAVAILABLE_ERRORS as exc:
                     logger.warning("redis reconnect failed: %s; next try in %.1fs", exc, delay)
                     await self._close_listeners()
@@ -734,7 +777,8 @@ class RedisBroker:
             names, self._dirty = self._dirty, set()
             rooms = [self._rooms[name] for name in names if name in self._rooms]
             for chunk in _chunks(rooms, _FETCH_CHUNK):
-                await self._fetch_and_deliver(client, chunk)
+                async with self._deadline(epoch=True):
+                    await self._fetch_and_deliver(client, chunk)
 
     async def _fetch_and_deliver(self, client: _Client, rooms: list[_Room]) -> None:
         pending = [room for room in rooms if room.last_id is None]
@@ -760,7 +804,8 @@ class RedisBroker:
         if not fetched:
             return
         decoded = [
-            (item.room, self._decode_entries(item.room.name, item.entries)) for item in fetched
+            (item.room, self._decode_entries(item.room.name, item.entries, reason_prefix=""))
+            for item in fetched
         ]
         skip = await self._claim_idempotency_keys(
             client, [pub for _, pubs in decoded for _, pub in pubs if pub is not None]
@@ -794,19 +839,23 @@ class RedisBroker:
         self.delivered += 1
 
     def _decode_entries(
-        self, room: str, entries: list[_Entry]
+        self, room: str, entries: list[_Entry], *, reason_prefix: str
     ) -> list[tuple[str, Publication | None]]:
-        """Decode entries; a malformed one is counted, logged and returned as ``None``."""
+        """Decode entries; a malformed one is counted, logged and returned as ``None``.
+
+        Deliveries count under ``malformed_envelope``, history reads under
+        ``history_malformed_envelope`` (``reason_prefix``), so one entry is not counted twice
+        as an undelivered publication.
+        """
         decoded: list[tuple[str, Publication | None]] = []
         for raw_id, fields in entries:
             entry_id = _text(raw_id)
             try:
                 decoded.append((entry_id, decode_envelope(entry_id, fields, room=room)))
             except EnvelopeError as exc:
-                self.dropped["malformed_envelope"] += 1
-                logger.warning(
-                    "dropped entry %s of room %r: malformed_envelope (%s)", entry_id, room, exc
-                )
+                reason = f"{reason_prefix}malformed_envelope"
+                self.dropped[reason] += 1
+                logger.warning("dropped entry %s of room %r: %s (%s)", entry_id, room, reason, exc)
                 decoded.append((entry_id, None))
         return decoded
 
@@ -832,17 +881,19 @@ class RedisBroker:
                 pipe.get(key)
         results = await pipe.execute()
         duplicates: set[str] = set()
+        reason = "duplicate_idempotency_key" if claim else "history_duplicate_idempotency_key"
         for pub, stored in zip(keyed, results, strict=True):
             if stored is None:
                 continue
             _, _, owner = _text(stored).partition("|")
             if owner != pub.offset:
                 duplicates.add(pub.offset)
-                self.dropped["duplicate_idempotency_key"] += 1
+                self.dropped[reason] += 1
                 logger.info(
-                    "dropped entry %s of room %r: duplicate_idempotency_key %r (first: %s)",
+                    "dropped entry %s of room %r: %s %r (first: %s)",
                     pub.offset,
                     pub.room,
+                    reason,
                     pub.idempotency_key,
                     owner,
                 )
@@ -851,7 +902,8 @@ class RedisBroker:
     async def _decode_and_filter(
         self, client: _Client, room: str, entries: list[_Entry], *, claim: bool
     ) -> list[Publication]:
-        decoded = [pub for _, pub in self._decode_entries(room, entries) if pub is not None]
+        pairs = self._decode_entries(room, entries, reason_prefix="history_" if not claim else "")
+        decoded = [pub for _, pub in pairs if pub is not None]
         skip = await self._claim_idempotency_keys(client, decoded, claim=claim)
         return [pub for pub in decoded if pub.offset not in skip]
 
@@ -873,12 +925,13 @@ class RedisBroker:
         client = await self._ensure_client()
         while True:
             await asyncio.sleep(self._ping_interval)
-            for conn in list(self._listeners.values()):
-                await conn.send_command("PING", check_health=False)
-            if isinstance(client, RedisCluster):
-                topology = await self._read_topology(client)
-                if topology != self._topology:
-                    raise _TopologyChangedError("cluster slots moved")
+            async with self._deadline():
+                for conn in list(self._listeners.values()):
+                    await conn.send_command("PING", check_health=False)
+                if isinstance(client, RedisCluster):
+                    topology = await self._read_topology(client)
+                    if topology != self._topology:
+                        raise _TopologyChangedError("cluster slots moved")
 
     async def _read_topology(self, client: RedisCluster) -> frozenset[tuple[int, int, str]]:
         slots = await client.execute_command("CLUSTER SLOTS", target_nodes=client.get_random_node())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from roomcast.auth import InvalidRoomError, validate_room
 from roomcast.broker.base import BrokerUnavailableError, PublishRequest, PublishResult
 from roomcast.http.errors import ApiError, api_error_response, json_response
+from roomcast.protocol.socketio import RESERVED_EVENTS
 from roomcast.transport.http import Exchange, HttpHandler, Request
 
 if TYPE_CHECKING:
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from roomcast.tasks import TaskSet
 
 log = logging.getLogger("roomcast.api")
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 Publish = Callable[[PublishRequest], Awaitable[PublishResult]]
 
@@ -131,8 +134,12 @@ def parse_publish_body(body: bytes, max_payload: int) -> PublishRequest:
     if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 256):
         raise ApiError(400, "invalid_idempotency_key", "idempotency_key must be 1-256 characters")
     traceparent = value.get("traceparent")
-    if traceparent is not None and not isinstance(traceparent, str):
-        raise ApiError(400, "invalid_traceparent", "traceparent must be a string")
+    if traceparent is not None and (
+        not isinstance(traceparent, str) or not _TRACEPARENT.fullmatch(traceparent)
+    ):
+        raise ApiError(400, "invalid_traceparent", "traceparent must be a w3c traceparent")
+    if event in RESERVED_EVENTS:
+        raise ApiError(400, "invalid_event", f"event name {event!r} is reserved by socket.io")
     return PublishRequest(
         room=room, event=event, data=value["data"], idempotency_key=key, traceparent=traceparent
     )

@@ -1,0 +1,207 @@
+"""The envelope codec and key names: no Redis, no event loop."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from redis.crc import key_slot
+
+from roomcast.auth import InvalidRoomError
+from roomcast.broker.base import Publication
+from roomcast.broker.envelope import (
+    FIELDS,
+    OPTIONAL_FIELDS,
+    REQUIRED_FIELDS,
+    EnvelopeError,
+    decode_envelope,
+    encode_envelope,
+)
+from roomcast.broker.keys import KeyNameError, Keys, keyspace_channel
+
+SCHEMA_PATH = Path(__file__).parent.parent / "src/roomcast/broker/envelope.schema.json"
+SCHEMA: dict[str, Any] = json.loads(SCHEMA_PATH.read_text())
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def schema_errors(instance: dict[str, Any]) -> list[str]:
+    """The subset of JSON Schema the envelope schema uses: required, type, pattern, lengths."""
+    errors = [f"{name}: missing" for name in SCHEMA["required"] if name not in instance]
+    for name, value in instance.items():
+        rule = SCHEMA["properties"].get(name, SCHEMA["additionalProperties"])
+        if rule.get("type") == "string" and not isinstance(value, str):
+            errors.append(f"{name}: not a string")
+            continue
+        if "pattern" in rule and re.search(rule["pattern"], value) is None:
+            errors.append(f"{name}: does not match {rule['pattern']}")
+        if len(value) < rule.get("minLength", 0) or len(value) > rule.get("maxLength", 1 << 30):
+            errors.append(f"{name}: bad length {len(value)}")
+    return errors
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+rooms = st.from_regex(r"\A[A-Za-z0-9:_.@/-]{1,40}\Z")
+publications = st.builds(
+    Publication,
+    room=rooms,
+    event=st.text(min_size=1, max_size=30),
+    data=json_values,
+    id=st.text(alphabet="0123456789abcdef", min_size=32, max_size=32),
+    offset=st.just(""),
+    idempotency_key=st.none() | st.text(min_size=1, max_size=40),
+    traceparent=st.none() | st.just(TRACEPARENT),
+    published_at_ms=st.integers(min_value=0, max_value=10**13),
+    exclude_sid=st.none() | st.text(min_size=1, max_size=20),
+    origin=st.none() | st.text(min_size=1, max_size=20),
+)
+
+
+def valid_fields() -> dict[str, str]:
+    return {
+        "room": "chat:1",
+        "event": "message",
+        "data": '{"text":"hi"}',
+        "id": "abc",
+        "published_at": "1700000000000",
+    }
+
+
+@given(publications)
+def test_encode_then_decode_round_trips(publication: Publication) -> None:
+    """Decoding an encoded publication gives it back, with the entry id as its offset."""
+    fields = encode_envelope(publication)
+    decoded = decode_envelope("1700000000000-7", fields, room=publication.room)
+    assert decoded == Publication(
+        **{**_as_dict(publication), "offset": "1700000000000-7"},
+    )
+    as_bytes = {k.encode(): v.encode() for k, v in fields.items()}
+    assert decode_envelope("1-0", as_bytes) == decode_envelope("1-0", fields)
+
+
+@given(publications)
+def test_encoded_envelopes_validate_against_the_schema(publication: Publication) -> None:
+    """Every encoded envelope satisfies envelope.schema.json."""
+    assert schema_errors(encode_envelope(publication)) == []
+
+
+def _as_dict(publication: Publication) -> dict[str, Any]:
+    return {name: getattr(publication, name) for name in Publication.__slots__}
+
+
+def test_schema_matches_the_codec() -> None:
+    """The schema names the codec's fields, requires the required ones, and is draft 2020-12."""
+    assert SCHEMA["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert set(SCHEMA["required"]) == set(REQUIRED_FIELDS)
+    assert set(SCHEMA["properties"]) == set(FIELDS) == set(REQUIRED_FIELDS + OPTIONAL_FIELDS)
+    assert all(rule.get("description") for rule in SCHEMA["properties"].values())
+    assert schema_errors(valid_fields()) == []
+    assert schema_errors({**valid_fields(), "published_at": "soon"}) != []
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"room": None}, "room"),
+        ({"event": None}, "event"),
+        ({"data": None}, "data"),
+        ({"id": None}, "id"),
+        ({"published_at": None}, "published_at"),
+        ({"event": ""}, "event"),
+        ({"event": "e" * 257}, "event"),
+        ({"data": "{not json"}, "data"),
+        ({"data": ""}, "data"),
+        ({"published_at": "-5"}, "published_at"),
+        ({"published_at": "1.5"}, "published_at"),
+        ({"id": ""}, "id"),
+        ({"room": "bad room"}, "room"),
+        ({"room": "a{b}"}, "room"),
+        ({"traceparent": "nope"}, "traceparent"),
+        ({"idempotency_key": ""}, "idempotency_key"),
+        ({"exclude_sid": ""}, "exclude_sid"),
+    ],
+)
+def test_decode_errors_name_the_field(change: dict[str, str | None], field: str) -> None:
+    """A missing or bad field raises EnvelopeError whose message starts with the field name."""
+    fields = valid_fields()
+    for name, value in change.items():
+        if value is None:
+            del fields[name]
+        else:
+            fields[name] = value
+    with pytest.raises(EnvelopeError, match=rf"^{field}: "):
+        decode_envelope("1-0", fields)
+
+
+def test_decode_rejects_non_utf8_and_a_foreign_room() -> None:
+    """Bytes that are not UTF-8, and a room other than the stream's, are errors."""
+    raw = {k.encode(): v.encode() for k, v in valid_fields().items()}
+    with pytest.raises(EnvelopeError, match=r"^data: not utf-8"):
+        decode_envelope("1-0", {**raw, b"data": b"\xff"})
+    with pytest.raises(EnvelopeError, match=r"^room: entry names 'chat:1', stream is 'other'"):
+        decode_envelope("1-0", valid_fields(), room="other")
+
+
+def test_decode_ignores_unknown_fields() -> None:
+    """Fields this version does not know are ignored, so publishers may add their own."""
+    publication = decode_envelope("5-1", {**valid_fields(), "x-tenant": "t1"})
+    assert (publication.room, publication.data, publication.offset) == (
+        "chat:1",
+        {"text": "hi"},
+        "5-1",
+    )
+    assert publication.idempotency_key is None and publication.traceparent is None
+
+
+def test_encode_rejects_what_could_not_be_decoded() -> None:
+    """Encoding refuses data that is not JSON, bad rooms and bad optional fields."""
+    base = Publication(room="r", event="e", data=1, id="i", published_at_ms=1)
+    with pytest.raises(EnvelopeError, match=r"^data: not json-serializable"):
+        encode_envelope(Publication(room="r", event="e", data={1j}, id="i"))
+    with pytest.raises(InvalidRoomError):
+        encode_envelope(Publication(room="a b", event="e", data=1, id="i"))
+    with pytest.raises(EnvelopeError, match=r"^traceparent"):
+        encode_envelope(Publication(**{**_as_dict(base), "traceparent": "x"}))
+    with pytest.raises(EnvelopeError, match=r"^published_at"):
+        encode_envelope(Publication(**{**_as_dict(base), "published_at_ms": -1}))
+
+
+def test_room_keys_share_one_cluster_slot() -> None:
+    """A room's stream and idempotency keys hash to one slot: the room is the hash tag."""
+    keys = Keys("rc")
+    assert keys.room("chat:1") == "rc:room:{chat:1}"
+    assert keys.idempotency("chat:1", "k{x}") == "rc:idem:{chat:1}:k{x}"
+    assert key_slot(keys.room("chat:1").encode()) == key_slot(
+        keys.idempotency("chat:1", "k{x}").encode()
+    )
+    assert keys.session("p1") == "rc:session:{p1}"
+    assert keys.upstream() == "rc:upstream"
+    assert Keys("rc", upstream="events").upstream() == "events"
+    assert keyspace_channel(0, "rc:room:{a}") == "__keyspace@0__:rc:room:{a}"
+
+
+@pytest.mark.parametrize("prefix", ["", "a{b", "a}b", "with space", "x" * 65])
+def test_bad_prefixes_are_rejected(prefix: str) -> None:
+    """A prefix that could change the hash tag or the key layout is refused."""
+    with pytest.raises(KeyNameError, match="invalid prefix"):
+        Keys(prefix)
+
+
+def test_session_ids_with_braces_are_rejected() -> None:
+    """A session id must not carry its own hash tag."""
+    with pytest.raises(KeyNameError, match="invalid session id"):
+        Keys().session("a}b")
