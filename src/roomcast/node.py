@@ -212,11 +212,14 @@ class Node:
         for engine in self.engines:
             for conn in list(engine.sessions.values()):
                 conn.close("server shutting down")
-        deadline = asyncio.get_running_loop().time() + self.settings.drain_seconds
-        while any(e.sessions for e in self.engines):
-            if asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(0.05)
+        try:
+            async with asyncio.timeout(self.settings.drain_seconds):
+                # the recovery states of the sockets just closed, so clients recover elsewhere
+                await self.sockets.session_writer.flush()
+        except TimeoutError:
+            log.warning(
+                "drain: recovery states not all saved within %ss", self.settings.drain_seconds
+            )
 
     async def stop(self) -> None:
         if not self.draining:

@@ -83,6 +83,7 @@ class SocketServer:
         self.tasks = tasks
         self.options = options
         self.sockets: dict[SocketId, Socket] = {}
+        self.session_writer = SessionWriter(broker, metrics, tasks)
 
     def client(self, conn: Connection) -> Client:
         return Client(self, conn)
@@ -116,24 +117,67 @@ class SocketServer:
             {"sid": socket.id, "user": socket.principal.user_id, "rooms": sorted(socket.rooms)},
             separators=(",", ":"),
         ).encode()
-        self.tasks.spawn(self._save(socket.pid, state, ttl_ms), name=f"save-session-{socket.id}")
-
-    async def _save(self, pid: str, state: bytes, ttl_ms: int) -> None:
-        try:
-            await self.broker.save_session(pid, state, ttl_ms)
-        except BrokerError as exc:
-            self.metrics.recoveries.labels("save_failed").inc()
-            log.warning("could not save recovery state: %s", exc)
+        self.session_writer.put(socket.pid, state, ttl_ms)
 
     def forget_session(self, socket: Socket) -> None:
         if socket.pid and self.options.recovery_ms:
-            self.tasks.spawn(self._forget(socket.pid), name=f"forget-session-{socket.id}")
+            self.session_writer.put(socket.pid, None, 0)
 
-    async def _forget(self, pid: str) -> None:
+
+class SessionWriter:
+    """Writes recovery states to the broker from one task, coalescing per socket.
+
+    A thousand sockets joining (or a mass disconnect) become batches of concurrent writes,
+    not a thousand tasks; only the newest state of a socket is written.
+    """
+
+    BATCH = 64
+
+    def __init__(self, broker: Broker, metrics: Metrics, tasks: TaskSet) -> None:
+        self._broker = broker
+        self._metrics = metrics
+        self._tasks = tasks
+        self._pending: dict[str, tuple[bytes | None, int]] = {}
+        self._wake: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+
+    def put(self, pid: str, state: bytes | None, ttl_ms: int) -> None:
+        """Queue a state to save (``None``: delete it)."""
+        self._pending[pid] = (state, ttl_ms)
+        if self._wake is None:
+            self._wake, self._idle = asyncio.Event(), asyncio.Event()
+            self._tasks.spawn(self._run(), name="session-writer")
+        assert self._idle is not None
+        self._idle.clear()
+        self._wake.set()
+
+    async def flush(self) -> None:
+        """Return once everything queued so far was written (or failed and was counted)."""
+        if self._idle is not None:
+            await self._idle.wait()
+
+    async def _run(self) -> None:
+        assert self._wake is not None and self._idle is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = list(self._pending.items())
+                self._pending = {}
+                for start in range(0, len(batch), self.BATCH):
+                    chunk = batch[start : start + self.BATCH]
+                    await asyncio.gather(*(self._write(pid, s, ttl) for pid, (s, ttl) in chunk))
+            self._idle.set()
+
+    async def _write(self, pid: str, state: bytes | None, ttl_ms: int) -> None:
         try:
-            await self.broker.take_session(pid)
+            if state is None:
+                await self._broker.take_session(pid)
+            else:
+                await self._broker.save_session(pid, state, ttl_ms)
         except BrokerError as exc:
-            log.warning("could not delete recovery state: %s", exc)
+            self._metrics.recoveries.labels("save_failed").inc()
+            log.warning("could not write recovery state: %s", exc)
 
 
 class Client:

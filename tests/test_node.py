@@ -1,0 +1,104 @@
+"""Node lifecycle: graceful drain, recovery on the same node, dependency direction."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+from pathlib import Path
+
+from conftest_helpers import token_for
+from wire import Raw, connect_sio, publish, running
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "roomcast"
+
+
+async def test_drain_closes_clients_and_keeps_their_recovery_state() -> None:
+    """Draining refuses new sessions, closes clients, and saves their recovery state first."""
+    async with running() as node:
+        raw = await connect_sio(node.port, {"token": token_for("doc:*")})
+        answer = json.loads(str(await raw.recv())[2:])
+        await raw.send('421["join","doc:1"]')
+        assert await raw.recv() == '431[{"ok":true}]'
+        await node.drain()
+        assert node.readiness()[0] is False
+        assert await raw.closed()
+        state = await node.broker.take_session(answer["pid"])
+        assert state is not None and json.loads(state)["rooms"] == ["doc:1"]
+
+
+async def test_recovery_on_the_same_node() -> None:
+    """A client that comes back with its pid and last offset gets its id, rooms and missed events."""
+    async with running() as node:
+        raw = await connect_sio(node.port, {"token": token_for("doc:*")})
+        hello = json.loads(str(await raw.recv())[2:])
+        await raw.send('421["join","doc:1"]')
+        assert await raw.recv() == '431[{"ok":true}]'
+        await publish(node.port, {"room": "doc:1", "event": "e", "data": 0})
+        first = json.loads(str(await raw.recv())[2:])
+        offset = first[-1]
+        raw.ws.transport.abort()  # a dropped transport, not a clean disconnect
+        for _ in range(100):
+            if not node.sockets.sockets:
+                break
+            await asyncio.sleep(0.01)
+        for i in range(1, 4):
+            await publish(node.port, {"room": "doc:1", "event": "e", "data": i})
+        await node.sockets.session_writer.flush()
+        back = await Raw.connect(node.port)
+        await back.send(
+            "40" + json.dumps({"token": token_for("doc:*"), "pid": hello["pid"], "offset": offset})
+        )
+        again = json.loads(str(await back.recv())[2:])
+        assert again == {"sid": hello["sid"], "pid": hello["pid"]}
+        missed = [json.loads(str(await back.recv())[2:])[1] for _ in range(3)]
+        assert missed == [1, 2, 3]
+        await publish(node.port, {"room": "doc:1", "event": "e", "data": 4})
+        assert json.loads(str(await back.recv())[2:])[1] == 4
+
+
+async def test_recovery_refused_for_another_user() -> None:
+    """A pid presented with another user's token does not recover that session."""
+    async with running() as node:
+        raw = await connect_sio(node.port, {"token": token_for("doc:*", user="alice")})
+        hello = json.loads(str(await raw.recv())[2:])
+        raw.ws.transport.abort()
+        for _ in range(100):
+            if not node.sockets.sockets:
+                break
+            await asyncio.sleep(0.01)
+        await node.sockets.session_writer.flush()
+        back = await Raw.connect(node.port)
+        await back.send(
+            "40"
+            + json.dumps(
+                {"token": token_for("doc:*", user="mallory"), "pid": hello["pid"], "offset": "0"}
+            )
+        )
+        again = json.loads(str(await back.recv())[2:])
+        assert again["sid"] != hello["sid"] and again["pid"] != hello["pid"]
+
+
+def test_dependencies_point_one_way() -> None:
+    """protocol imports nothing of ours; broker, auth, metrics, config never import hub or node."""
+    rules = {
+        "protocol": {"roomcast.protocol"},
+        "broker": {"roomcast.broker", "roomcast.auth"},
+        "auth.py": set(),
+        "metrics.py": set(),
+        "config.py": set(),
+    }
+    for target, allowed in rules.items():
+        files = list((SRC / target).rglob("*.py")) if (SRC / target).is_dir() else [SRC / target]
+        for file in files:
+            for node in ast.walk(ast.parse(file.read_text())):
+                names = []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                for name in names:
+                    if name.startswith("roomcast"):
+                        assert any(name.startswith(a) for a in allowed), (
+                            f"{file.name} imports {name}"
+                        )
