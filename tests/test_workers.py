@@ -1,0 +1,105 @@
+"""`roomcast serve --workers 2`: one port, a shared Redis, polling sessions reach their worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+import redis_fixtures
+from conftest_helpers import token_for
+from redis_fixtures import free_port
+from wire import API_KEY, SECRET
+
+redis_url = redis_fixtures.redis_url
+redis_prefix = redis_fixtures.redis_prefix
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def two_workers(redis_url: str, redis_prefix: str) -> Iterator[int]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROOMCAST_")}
+    env.update(ROOMCAST_JWT_SECRET=SECRET, ROOMCAST_API_KEY=API_KEY)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "roomcast",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--redis-url",
+            redis_url,
+            "--redis-prefix",
+            redis_prefix,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    with proc:
+        pids = set()
+        deadline = time.monotonic() + 20
+        assert proc.stdout is not None
+        while len(pids) < 2 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if line.startswith("roomcast ready"):
+                pids.add(line.rsplit("pid ", 1)[1].rstrip(")\n"))
+        assert len(pids) == 2, "both workers should report ready"
+        yield port
+        proc.terminate()
+        proc.wait(20)
+
+
+def _get(url: str) -> str:
+    # a fresh TCP connection per request, so the kernel spreads them over both workers
+    with urllib.request.urlopen(
+        urllib.request.Request(url, headers={"Connection": "close"}), timeout=10
+    ) as r:
+        return str(r.read().decode())
+
+
+def _post(url: str, body: str) -> str:
+    request = urllib.request.Request(
+        url, data=body.encode(), headers={"Connection": "close"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return str(r.read().decode())
+
+
+def test_polling_sessions_work_across_workers(two_workers: int) -> None:
+    """Polling requests on new connections land on either worker and still reach their session."""
+    base = f"http://127.0.0.1:{two_workers}/socket.io/?EIO=4&transport=polling"
+    sessions = []
+    for _ in range(6):
+        sid = json.loads(_get(base)[1:])["sid"]
+        url = f"{base}&sid={sid}"
+        assert _post(url, "40" + json.dumps({"token": token_for("doc:*")})) == "ok"
+        assert _get(url).startswith('40{"sid"')
+        assert _post(url, '421["join","doc:1"]') == "ok"
+        assert _get(url) == '431[{"ok":true}]'
+        sessions.append(url)
+    owners = {url.split("sid=")[1][:2] for url in sessions}
+    assert owners == {"00", "01"}, "sessions should be spread over both workers"
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{two_workers}/api/v1/publish",
+        data=json.dumps({"room": "doc:1", "event": "e", "data": {"n": 1}}).encode(),
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        assert r.status == 202
+    for url in sessions:
+        packet = _get(url)
+        assert json.loads(packet[2:])[:2] == ["e", {"n": 1}]
