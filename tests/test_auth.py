@@ -601,3 +601,19 @@ def test_token_from_request_precedence(
 ) -> None:
     """The CONNECT auth token wins over a Bearer header, which wins over the query string."""
     assert token_from_request(auth_payload, headers, query) == expected
+
+
+async def test_verified_token_cache_still_honours_expiry() -> None:
+    """A token verified once is served from the cache, and refused once it has expired."""
+    authenticator = Authenticator(AuthSettings(secret="k" * 40))
+    token = jwt.encode({"sub": "u", "exp": int(time.time()) + 2}, "k" * 40, algorithm="HS256")
+    first = await authenticator.authenticate(token)
+    assert await authenticator.authenticate(token) is first
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            await authenticator.authenticate(token)
+        except TokenExpiredError:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("an expired token was still accepted from the cache")

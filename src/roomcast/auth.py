@@ -12,6 +12,7 @@ import math
 import re
 import time
 import types
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,6 +22,9 @@ from typing import Any, ClassVar
 import jwt
 from jwt.algorithms import get_default_algorithms
 from jwt.exceptions import InvalidJTIError, InvalidSubjectError
+
+VERIFIED_CACHE_SIZE = 10_000
+VERIFIED_CACHE_SECONDS = 60.0
 
 __all__ = [
     "ROOM_NAME_RE",
@@ -241,6 +245,7 @@ class Authenticator:
 
     def __init__(self, settings: AuthSettings) -> None:
         self._settings = settings
+        self._leeway = settings.leeway_seconds
         algorithms = settings.algorithms
         hmac_algs = [a for a in algorithms if _is_hmac(a)]
         asym_algs = [a for a in algorithms if not _is_hmac(a)]
@@ -279,6 +284,8 @@ class Authenticator:
         if settings.public_key_file is not None:
             self._public_keys = _load_public_keys(settings.public_key_file, asym_algs)
 
+        self._verified: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
+        """Recently verified tokens (a reconnect storm presents the same tokens again)."""
         self._jwks: jwt.PyJWKClient | None = None
         if settings.jwks_url is not None:
             try:
@@ -303,7 +310,28 @@ class Authenticator:
             raise TokenMissingError("no token given")
         if not isinstance(token, str):
             raise TokenInvalidError(f"token must be a string, got {type(token).__name__}")
+        now = time.time()
+        cached = self._verified.get(token)
+        if cached is not None:
+            until, principal = cached
+            if now < until:
+                return principal
+            del self._verified[token]  # verified again below: expired tokens fail there
+        principal = await self._verify(token)
+        self._remember(token, principal, now)
+        return principal
 
+    def _remember(self, token: str, principal: Principal, now: float) -> None:
+        """Cache a verified token until it expires, and at most ``VERIFIED_CACHE_SECONDS``
+        (so a key removed from a JWKS stops being honoured soon)."""
+        until = now + VERIFIED_CACHE_SECONDS
+        if principal.expires_at is not None:
+            until = min(until, principal.expires_at + self._leeway)
+        self._verified[token] = (until, principal)
+        if len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+
+    async def _verify(self, token: str) -> Principal:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.DecodeError as exc:
