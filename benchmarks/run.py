@@ -659,6 +659,8 @@ def loadgen_command(
         if ctx.roomcast_token is None:
             raise BenchError(ctx.roomcast_token_error or "no roomcast token")
         cmd += ["--token", ctx.roomcast_token, "--token-mode", a.token_mode]
+        if not a.shared_token:
+            cmd += ["--jwt-secret", ctx.jwt_secret]
     return cmd
 
 
@@ -1020,6 +1022,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--server-cpus", default="0", help="taskset CPU list for the server")
     p.add_argument("--loadgen-cpus", default="1", help="taskset CPU list for the load generator")
     p.add_argument("--no-pin", action="store_true", help="do not use taskset")
+    p.add_argument(
+        "--shared-token",
+        action="store_true",
+        help="give every Roomcast client the same JWT (default: a distinct JWT per client)",
+    )
     p.add_argument(
         "--redis-url",
         default="",

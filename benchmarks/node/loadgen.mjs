@@ -19,6 +19,7 @@
 // even when receivers live in forked shard processes (--procs > 1).
 
 import { fork } from "node:child_process";
+import { createHmac } from "node:crypto";
 import http from "node:http";
 import { monitorEventLoopDelay, performance } from "node:perf_hooks";
 import readline from "node:readline";
@@ -114,6 +115,19 @@ class Histogram {
 
 // ---------------------------------------------------------------------------
 // One Engine.IO/Socket.IO client connection.
+
+function b64url(data) {
+  return Buffer.from(data).toString("base64url");
+}
+
+/** An HS256 JWT for `sub`, allowed to join every bench room, valid for an hour. */
+function mintToken(secret, sub) {
+  const head = b64url(JSON.stringify({ alg: "HS256", typ: "JWT" }));
+  const exp = Math.floor(Date.now() / 1000) + 3600;
+  const body = b64url(JSON.stringify({ sub, rooms: ["bench:*"], exp }));
+  const sig = createHmac("sha256", secret).update(`${head}.${body}`).digest("base64url");
+  return `${head}.${body}.${sig}`;
+}
 
 class Client {
   constructor(shard, index, room) {
@@ -422,7 +436,13 @@ class Shard {
   }
 
   sendConnectPacket(client) {
-    client.send(this.connectPacket);
+    if (this.cfg.jwtSecret && this.cfg.tokenMode === "auth") {
+      // A distinct token per client, as real users have: the server cannot reuse a
+      // verification (Roomcast caches verified tokens, which a shared token would flatter).
+      client.send(`40${JSON.stringify({ token: mintToken(this.cfg.jwtSecret, `bench-${client.index}`) })}`);
+    } else {
+      client.send(this.connectPacket);
+    }
   }
 
   onDelivery(client, payload) {
@@ -790,6 +810,7 @@ function parseConfig() {
       shard: { type: "boolean", default: false },
       url: { type: "string", default: "http://127.0.0.1:3000" },
       token: { type: "string", default: "" },
+      "jwt-secret": { type: "string", default: "" },
       "token-mode": { type: "string", default: "auth" }, // auth | query | both
       "api-key": { type: "string", default: "" },
       clients: { type: "string", default: "100" },
@@ -819,6 +840,7 @@ function parseConfig() {
     shard: values.shard,
     url: values.url,
     token: values.token,
+    jwtSecret: values["jwt-secret"],
     tokenMode: values["token-mode"],
     apiKey: values["api-key"],
     clients: Math.floor(num("clients")),
@@ -887,7 +909,7 @@ async function main() {
   let aborted = null;
   const publisher = new Publisher(cfg);
   const result = {
-    config: { ...cfg, token: cfg.token ? "<set>" : "", apiKey: cfg.apiKey ? "<set>" : "" },
+    config: { ...cfg, token: cfg.token ? "<set>" : "", jwtSecret: cfg.jwtSecret ? "<set>" : "", apiKey: cfg.apiKey ? "<set>" : "" },
   };
   try {
     await phase("pre-connect", cfg.sync, lines);

@@ -246,6 +246,8 @@ class Authenticator:
     def __init__(self, settings: AuthSettings) -> None:
         self._settings = settings
         self._leeway = settings.leeway_seconds
+        self._hmac_algs = [a for a in settings.algorithms if _is_hmac(a)]
+        self._hmac_only = len(self._hmac_algs) == len(settings.algorithms)
         algorithms = settings.algorithms
         hmac_algs = [a for a in algorithms if _is_hmac(a)]
         asym_algs = [a for a in algorithms if not _is_hmac(a)]
@@ -332,6 +334,9 @@ class Authenticator:
             self._verified.popitem(last=False)
 
     async def _verify(self, token: str) -> Principal:
+        if self._hmac_only:
+            # One key for every allowed algorithm: no need to parse the header first.
+            return _principal_from_claims(self._decode(token, self._secret, self._hmac_algs))
         try:
             header = jwt.get_unverified_header(token)
         except jwt.DecodeError as exc:
@@ -341,7 +346,7 @@ class Authenticator:
             raise TokenInvalidError(f"token algorithm {_show(alg)} not allowed")
 
         key = await self._key_for(alg, token, header)
-        claims = self._decode(token, key, alg)
+        claims = self._decode(token, key, [alg])
         return _principal_from_claims(claims)
 
     async def _key_for(self, alg: str, token: str, header: Mapping[str, Any]) -> Any:
@@ -365,13 +370,13 @@ class Authenticator:
             # Not JSON, not UTF-8, or the connection died while reading the body.
             raise TokenInvalidError(f"cannot fetch signing keys: {_detail(exc)}") from exc
 
-    def _decode(self, token: str, key: Any, alg: str) -> dict[str, Any]:
+    def _decode(self, token: str, key: Any, algorithms: list[str]) -> dict[str, Any]:
         settings = self._settings
         try:
             return jwt.decode(
                 token,
                 key,
-                algorithms=[alg],
+                algorithms=algorithms,
                 issuer=settings.issuer,
                 audience=settings.audience,
                 leeway=settings.leeway_seconds,
@@ -399,6 +404,9 @@ class Authenticator:
         except InvalidJTIError as exc:
             raise TokenInvalidError("jti claim must be a string") from exc
         except jwt.InvalidAlgorithmError as exc:
+            alg = jwt.get_unverified_header(token).get("alg")  # parsed fine a moment ago
+            if alg not in algorithms:
+                raise TokenInvalidError(f"token algorithm {_show(alg)} not allowed") from exc
             raise TokenInvalidError(f"token algorithm not usable: {_detail(exc)}") from exc
         except jwt.InvalidSignatureError as exc:
             raise TokenInvalidError("token signature does not verify") from exc
