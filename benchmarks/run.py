@@ -331,7 +331,7 @@ SERVER_SPECS: dict[str, ServerSpec] = {
     "node": ServerSpec(
         "node",
         "reference Node socket.io 4.8 server (websocket only, perMessageDeflate off, "
-        "JWT NOT required)",
+        "JWT verified with jsonwebtoken)",
         "node",
     ),
     "roomcast-w2": ServerSpec(
@@ -419,6 +419,8 @@ def server_command(
             str(port),
             "--api-key",
             ctx.api_key,
+            "--jwt-secret",
+            ctx.jwt_secret,
         ]
     if ctx.roomcast is None:
         raise BenchError("roomcast CLI not found (is the package installed in the venv?)")
@@ -661,6 +663,8 @@ def loadgen_command(
         cmd += ["--token", ctx.roomcast_token, "--token-mode", a.token_mode]
         if not a.shared_token:
             cmd += ["--jwt-secret", ctx.jwt_secret]
+    else:  # the reference verifies the same distinct tokens
+        cmd += ["--jwt-secret", ctx.jwt_secret, "--token-mode", "auth"]
     return cmd
 
 

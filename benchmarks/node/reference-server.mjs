@@ -7,14 +7,16 @@
 //   * POST /api/v1/publish {room, event, data} with `Authorization: Bearer KEY`
 //     -> io.to(room).emit(event, data); answers 200 {"id": "..."};
 //   * GET /healthz -> 200 {"status":"ok"}.
-// Unlike Roomcast it does NOT require a JWT from clients (any connection is
-// accepted); the harness says so in its output.
+// With --jwt-secret, like Roomcast it requires an HS256 JWT in the CONNECT auth
+// payload (verified with the jsonwebtoken package) and checks `join` against the
+// token's `rooms` glob patterns.
 //
 // Usage: node reference-server.mjs [--host 127.0.0.1] [--port 0] [--api-key KEY]
 // Prints one line `READY {"host":...,"port":...,"pid":...}` once listening.
 
 import http from "node:http";
 import { parseArgs } from "node:util";
+import jwt from "jsonwebtoken";
 import { Server } from "socket.io";
 
 const { values: opts } = parseArgs({
@@ -22,6 +24,7 @@ const { values: opts } = parseArgs({
     host: { type: "string", default: "127.0.0.1" },
     port: { type: "string", default: "0" },
     "api-key": { type: "string", default: "bench-api-key" },
+    "jwt-secret": { type: "string", default: "" },
   },
 });
 
@@ -101,10 +104,32 @@ const io = new Server(httpServer, {
   // Keep socket.io's own defaults for pingInterval (25 s) / pingTimeout (20 s).
 });
 
+function globToRegExp(pattern) {
+  const escaped = pattern.replace(/[.+^${}()|[\]\\?]/g, "\\$&").replace(/\*/g, ".*");
+  return new RegExp(`^${escaped}$`);
+}
+
+if (opts["jwt-secret"]) {
+  io.use((socket, next) => {
+    const token = socket.handshake.auth?.token;
+    try {
+      const claims = jwt.verify(token, opts["jwt-secret"], { algorithms: ["HS256"] });
+      socket.data.rooms = (claims.rooms ?? []).map(globToRegExp);
+      next();
+    } catch (err) {
+      next(new Error(`token_invalid: ${err.message}`));
+    }
+  });
+}
+
 io.on("connection", (socket) => {
   socket.on("join", (room, ack) => {
     if (typeof room !== "string" || room.length === 0) {
       if (typeof ack === "function") ack({ ok: false, error: "invalid room" });
+      return;
+    }
+    if (socket.data.rooms && !socket.data.rooms.some((re) => re.test(room))) {
+      if (typeof ack === "function") ack({ ok: false, error: "forbidden" });
       return;
     }
     socket.join(room);
