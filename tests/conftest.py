@@ -1,7 +1,8 @@
 """Real ``roomcast serve`` processes, tokens, and the Node scripts that drive socket.io-client.
 
-- ``roomcast_factory`` starts servers for one test; ``roomcast_server`` is one shared per module
-  (with the test app of ``tests/interop/app_for_tests.py`` loaded). Servers listen on free ports,
+- ``roomcast_factory`` starts servers for one test, ``module_roomcast_factory`` for a module;
+  ``roomcast_server`` is one shared per module. All load the test app of
+  ``tests/interop/app_for_tests.py`` unless told otherwise. Servers listen on free ports,
   are waited for (their ready line, then ``/readyz``) under a deadline, and are killed at
   teardown; a failing test's report carries what they wrote on stderr meanwhile.
 - ``mint`` signs tokens in-process with the session's secret; ``expired_token`` makes one whose
@@ -25,7 +26,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,9 +137,9 @@ class RoomcastServer:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
+        # The secrets travel in the environment (ROOMCAST_JWT_SECRET, ROOMCAST_API_KEY).
         command = [sys.executable, "-m", "roomcast", "serve", "--host", "127.0.0.1"]
-        command += ["--port", str(self.port), "--jwt-secret", self.credentials.jwt_secret]
-        command += ["--api-key", self.credentials.api_key, "--drain-seconds", "1"]
+        command += ["--port", str(self.port), "--drain-seconds", "1"]
         if self.app:
             command += ["--app", self.app]
         return [*command, *self.args]
@@ -155,11 +156,14 @@ class RoomcastServer:
         pytest.fail(f"roomcast found no free port to start on\n{self.stderr()}")
 
     def _launch(self) -> bool:
-        env = dict(os.environ)
+        # Only the settings given here: none inherited from the developer's shell.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ROOMCAST_")}
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(INTEROP_DIR), env.get("PYTHONPATH", "")) if p
         )
-        env.pop("CI", None)  # nothing in the server depends on it
+        # Not argv: a value that starts with "-" would be taken for an option there.
+        env["ROOMCAST_JWT_SECRET"] = self.credentials.jwt_secret
+        env["ROOMCAST_API_KEY"] = self.credentials.api_key
         stdout_offset = self.stdout_path.stat().st_size
         stderr_offset = self.stderr_path.stat().st_size
         with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
@@ -242,18 +246,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     item.stash[_LOG_MARKS] = {id(s): s.stderr_path.stat().st_size for s in _SERVERS}
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """Attach to a failing test's report what the servers logged while it ran."""
-    outcome = yield
-    report: pytest.TestReport = outcome.get_result()
-    if not report.failed:
-        return
-    marks = item.stash.get(_LOG_MARKS, {})
-    for server in _SERVERS:
-        text = server.stderr(marks.get(id(server), 0))
-        if text:
-            report.sections.append((f"roomcast :{server.port} stderr", text))
+    report: pytest.TestReport = yield
+    if report.failed:
+        marks = item.stash.get(_LOG_MARKS, {})
+        for server in _SERVERS:
+            text = server.stderr(marks.get(id(server), 0))
+            if text:
+                report.sections.append((f"roomcast :{server.port} stderr", text))
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -294,34 +299,47 @@ def expired_token(credentials: Credentials) -> str:
 
 
 ServerFactory = Callable[..., RoomcastServer]
+"""``factory(*extra_args, app="app_for_tests:app")`` starts a server and returns it."""
 
 
-@pytest.fixture
-def roomcast_factory(tmp_path: Path, credentials: Credentials) -> Iterator[ServerFactory]:
-    """Start servers private to one test (to kill or restart); all stopped at teardown."""
+def _server_factory(
+    root: Path, credentials: Credentials
+) -> tuple[ServerFactory, list[RoomcastServer]]:
     servers: list[RoomcastServer] = []
 
     def factory(*args: str, app: str | None = "app_for_tests:app") -> RoomcastServer:
-        server = RoomcastServer(tmp_path / f"roomcast-{len(servers)}", credentials, *args, app=app)
+        server = RoomcastServer(root / f"roomcast-{len(servers)}", credentials, *args, app=app)
         servers.append(server)
         server.start()
         return server
 
+    return factory, servers
+
+
+@pytest.fixture
+def roomcast_factory(tmp_path: Path, credentials: Credentials) -> Iterator[ServerFactory]:
+    """Start servers private to one test (to kill or restart); all killed at teardown."""
+    factory, servers = _server_factory(tmp_path, credentials)
     yield factory
     for server in servers:
         server.kill()
 
 
 @pytest.fixture(scope="module")
-def roomcast_server(
+def module_roomcast_factory(
     tmp_path_factory: pytest.TempPathFactory, credentials: Credentials
-) -> Iterator[RoomcastServer]:
+) -> Iterator[ServerFactory]:
+    """Start servers shared by a module's tests; all killed when the module is done."""
+    factory, servers = _server_factory(tmp_path_factory.mktemp("roomcast"), credentials)
+    yield factory
+    for server in servers:
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def roomcast_server(module_roomcast_factory: ServerFactory) -> RoomcastServer:
     """One server shared by a module's tests, with the test app loaded and any origin allowed."""
-    workdir = tmp_path_factory.mktemp("roomcast")
-    server = RoomcastServer(workdir, credentials, "--allowed-origins", "*", app="app_for_tests:app")
-    server.start()
-    yield server
-    server.kill()
+    return module_roomcast_factory("--allowed-origins", "*")
 
 
 # --------------------------------------------------------------------------- node

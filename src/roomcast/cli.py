@@ -180,7 +180,7 @@ def _dev_defaults(settings: Settings) -> Settings:
     settings = dataclasses.replace(
         settings,
         jwt_secret=secrets.token_urlsafe(48),
-        api_key=settings.api_key or secrets.token_urlsafe(24),
+        api_key=settings.api_key or secrets.token_hex(24),  # never starts with "-"
     )
     from roomcast.node import make_authenticator
 

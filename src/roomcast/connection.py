@@ -77,6 +77,7 @@ class Connection:
         "_queue",
         "_timer",
         "_waiting_pong",
+        "farewell",
         "handler",
         "limit",
         "on_closed",
@@ -119,6 +120,8 @@ class Connection:
         self._poll: Exchange | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._waiting_pong = False
+        self.farewell: str | None = None
+        """Polling only: the last payload (ending in CLOSE) that no poll was there to take."""
 
     @property
     def closed(self) -> bool:
@@ -304,6 +307,14 @@ class Connection:
         if notify and self.ws is not None:
             self.flush()
             self.ws.write(text_frame(b"1"))
+        elif notify and self._out_size >= 0:
+            # Polling: what is queued, then CLOSE, goes to the held poll or, if none is held,
+            # is kept by the endpoint for the client's next poll.
+            self._queue.append("1")
+            if self._poll is not None:
+                self._answer_poll()
+            else:
+                self.farewell = engineio.encode_payload(self._queue)
         self.state = State.CLOSED
         if self._timer is not None:
             self._timer.cancel()
@@ -312,7 +323,8 @@ class Connection:
         self._queue = []
         self.release_poll(poll_answer)
         if self.ws is not None:
-            self.ws.close(1000 if notify else 1001 if "slow" not in reason else 1008, "")
+            code = 1008 if reason.startswith("slow client") else 1000 if notify else 1001
+            self.ws.close(code, "")
         handler, self.handler = self.handler, None
         if handler is not None:
             handler.on_close(reason)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,6 +58,8 @@ class EngineServer:
         self._metrics = metrics
         self._flusher = flusher
         self.sessions: dict[SessionId, Connection] = {}
+        self.farewells: dict[str, tuple[float, str]] = {}
+        """Closed polling sessions whose CLOSE packet awaits the client's next poll."""
         self.accepting = True
 
     # -- HTTP entry point -------------------------------------------------------------------------
@@ -113,6 +116,9 @@ class EngineServer:
             exchange.respond(200, "0" + self._open_payload(conn, ["websocket"]), cors)
             return
         found = self.sessions.get(SessionId(sid))
+        if found is None and request.method == "GET" and sid in self.farewells:
+            exchange.respond(200, self.farewells.pop(sid)[1], cors)
+            return
         if found is None:
             raise EngineRequestError(EngineErrorCode.UNKNOWN_SID, "session id unknown")
         conn = found
@@ -229,6 +235,12 @@ class EngineServer:
         ).decode()
 
     def _closed(self, conn: Connection, reason: str) -> None:
+        if conn.farewell is not None:
+            now = time.monotonic()
+            if len(self.farewells) > 1000:  # bounded: drop the expired ones
+                self.farewells = {k: v for k, v in self.farewells.items() if v[0] > now}
+            keep = (self.options.ping_interval_ms + self.options.ping_timeout_ms) / 1000
+            self.farewells[conn.sid] = (now + keep, conn.farewell)
         if self.sessions.pop(conn.sid, None) is not None:
             self._metrics.connections.dec()
             self._metrics.disconnects.labels(_reason_label(reason)).inc()

@@ -207,8 +207,6 @@ class Node:
         self.draining = True
         for engine in self.engines:
             engine.accepting = False
-        if self._server is not None:
-            self._server.close()
         for engine in self.engines:
             for conn in list(engine.sessions.values()):
                 conn.close("server shutting down")
@@ -216,10 +214,13 @@ class Node:
             async with asyncio.timeout(self.settings.drain_seconds):
                 # the recovery states of the sockets just closed, so clients recover elsewhere
                 await self.sockets.session_writer.flush()
+                # polling clients collect their CLOSE packet with their next poll
+                while any(e.farewells for e in self.engines):  # noqa: ASYNC110 - a bounded drain
+                    await asyncio.sleep(0.05)
         except TimeoutError:
-            log.warning(
-                "drain: recovery states not all saved within %ss", self.settings.drain_seconds
-            )
+            log.warning("drain: not finished within %ss", self.settings.drain_seconds)
+        if self._server is not None:
+            self._server.close()
 
     async def stop(self) -> None:
         if not self.draining:

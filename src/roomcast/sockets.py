@@ -221,7 +221,9 @@ class Client:
             self._connect_timer.cancel()
             self._connect_timer = None
         for socket in list(self.sockets.values()):
-            socket.closed(reason, client_initiated=reason == "client closed the session")
+            # A transport that ends, even by the client's Engine.IO close packet, is recoverable;
+            # a deliberate leave is the Socket.IO DISCONNECT packet, handled in _dispatch.
+            socket.closed(reason, client_initiated=False)
         self.sockets.clear()
 
     # -- dispatch ---------------------------------------------------------------------------------
@@ -554,7 +556,14 @@ class Socket:
         )
 
     async def _call_handler(self, call: Coroutine[Any, Any, Any], ack_id: int | None) -> None:
-        result = await call
+        try:
+            result = await call
+        except Exception:  # task boundary: log, count, and answer the client's ack
+            self.client.server.drop("handler_failed", f"handler of {self.namespace.name}")
+            log.exception("event handler failed on %s", self.id)
+            if ack_id is not None:
+                self.ack(ack_id, ack_error("internal_error", "the event handler failed"))
+            return
         if ack_id is not None:
             if result is None:
                 self.ack(ack_id)
