@@ -102,3 +102,18 @@ def test_dependencies_point_one_way() -> None:
                         assert any(name.startswith(a) for a in allowed), (
                             f"{file.name} imports {name}"
                         )
+
+
+async def test_broker_counters_are_exported() -> None:
+    """The broker's own drop counters appear on /metrics."""
+    async with running() as node:
+        node.broker.dropped["delivery_failed"] += 2  # type: ignore[attr-defined]
+        text = (await _get(f"http://127.0.0.1:{node.port}/metrics")).decode()
+        assert 'roomcast_broker_dropped_entries_total{reason="delivery_failed"} 2.0' in text
+
+
+async def _get(url: str) -> bytes:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return await response.read()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 
 class Metrics:
@@ -56,3 +59,32 @@ class Metrics:
             registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
         )
+
+
+class BrokerCollector:
+    """Exports a broker's own counters (``dropped``, ``errors``, ``reconnects``) at scrape time,
+    so the broker needs no reference to the metrics object."""
+
+    def __init__(self, broker: object) -> None:
+        self._broker = broker
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        dropped = CounterMetricFamily(
+            "roomcast_broker_dropped_entries",
+            "Stream entries the broker did not deliver, by reason",
+            labels=["reason"],
+        )
+        for reason, count in getattr(self._broker, "dropped", {}).items():
+            dropped.add_metric([reason], count)
+        yield dropped
+        errors = CounterMetricFamily(
+            "roomcast_broker_errors", "Broker failures, by kind", labels=["kind"]
+        )
+        for kind, count in getattr(self._broker, "errors", {}).items():
+            errors.add_metric([kind], count)
+        yield errors
+        reconnects = getattr(self._broker, "reconnects", None)
+        if isinstance(reconnects, int):
+            yield CounterMetricFamily(
+                "roomcast_broker_reconnects", "Broker reconnections", value=reconnects
+            )

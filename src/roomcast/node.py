@@ -16,7 +16,7 @@ from roomcast.connection import Connection, EngineHandler, Flusher
 from roomcast.engine import EngineOptions, EngineServer
 from roomcast.http.routes import Router
 from roomcast.hub import Hub, RoomKey
-from roomcast.metrics import Metrics
+from roomcast.metrics import BrokerCollector, Metrics
 from roomcast.protocol.socketio import Limits
 from roomcast.sockets import SocketOptions, SocketServer
 from roomcast.subscriptions import Subscriptions
@@ -78,6 +78,7 @@ class Node:
         self.tasks = TaskSet()
         self.broker = broker or make_broker(settings)
         self.auth = make_authenticator(settings)
+        self.metrics.registry.register(BrokerCollector(self.broker))
         self.subscriptions = Subscriptions(self.broker, self.tasks)
         self.hub = Hub(self._first_member, self._last_member)
         self.flusher = Flusher()

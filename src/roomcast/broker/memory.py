@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections import OrderedDict, deque
@@ -47,7 +48,7 @@ class MemoryBroker:
         """(room, idempotency key) -> when and what it published; keys are scoped per room."""
         self._sessions: dict[str, tuple[float, bytes]] = {}
         self._next_sweep = 0.0
-        self.delivery_failures = 0
+        self.dropped: collections.Counter[str] = collections.Counter()
         self.upstream: deque[tuple[str, dict[str, str]]] = deque(maxlen=10_000)
 
     @property
@@ -94,7 +95,7 @@ class MemoryBroker:
             try:
                 self._handler(publication)
             except Exception:  # a delivery boundary: the publication is stored; log and count
-                self.delivery_failures += 1
+                self.dropped["delivery_failed"] += 1
                 log.exception("local delivery of %s to %s failed", publication.id, publication.room)
         return result
 
