@@ -67,16 +67,27 @@ class Flusher:
             conn.flush()
 
 
+def _no_write(data: bytes) -> None:
+    raise RuntimeError("no websocket transport")
+
+
+def _no_buffer() -> int:
+    return 0
+
+
 class Connection:
     __slots__ = (
+        "_buffered",
         "_flusher",
         "_metrics",
+        "_open",
         "_out",
         "_out_size",
         "_poll",
         "_queue",
         "_timer",
         "_waiting_pong",
+        "_write",
         "farewell",
         "handler",
         "limit",
@@ -120,6 +131,10 @@ class Connection:
         self._poll: Exchange | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._waiting_pong = False
+        self._open = True
+        """False once closed or overflowing: nothing more is queued or written."""
+        self._write: Callable[[bytes], object] = _no_write
+        self._buffered: Callable[[], int] = _no_buffer
         self.farewell: str | None = None
         """Polling only: the last payload (ending in CLOSE) that no poll was there to take."""
 
@@ -153,14 +168,26 @@ class Connection:
                 self._enqueue("4" + message)
 
     def send_encoded(self, frame: bytes, text: str) -> None:
-        """The broadcast hot path: a pre-built WebSocket frame, or its polling text form."""
-        if self.ws is not None:
-            self._push(frame)
-        else:
+        """The broadcast hot path: a pre-built WebSocket frame, or its polling text form.
+
+        ``_push`` inlined for WebSocket: this runs once per member of every broadcast."""
+        if self.ws is None:
             self._enqueue(text)
+            return
+        out = self._out
+        if out is not None:
+            out.append(frame)
+        elif self._open:
+            self._out = [frame]
+            self._flusher.mark(self)
+        else:
+            return
+        self._out_size += len(frame)
+        if self._out_size > self.limit:
+            self._overflow()
 
     def _push(self, frame: bytes) -> None:
-        if self.state is State.CLOSED or self._out_size < 0:
+        if not self._open:
             return
         out = self._out
         if out is None:
@@ -173,7 +200,7 @@ class Connection:
             self._overflow()
 
     def _enqueue(self, packet: str | bytes) -> None:
-        if self.state is State.CLOSED or self._out_size < 0:
+        if not self._open:
             return
         queue = self._queue
         queue.append(packet)
@@ -185,19 +212,15 @@ class Connection:
             self._flusher.mark(self)
 
     def flush(self) -> None:
-        if self.state is State.CLOSED or self._out_size < 0:
-            return
-        ws = self.ws
-        if ws is not None:
-            out = self._out
-            if not out:
-                return
+        out = self._out
+        if out is not None:  # WebSocket: one write for everything queued this iteration
             self._out = None
-            ws.write(out[0] if len(out) == 1 else b"".join(out))
-            self._out_size = ws.buffered()
-            if self._out_size > self.limit:
-                self._overflow()
-        elif self._poll is not None and self._queue:
+            if self._open:
+                self._write(out[0] if len(out) == 1 else b"".join(out))
+                size = self._out_size = self._buffered()
+                if size > self.limit:
+                    self._overflow()
+        elif self._poll is not None and self._queue and self._open:
             self._answer_poll()
 
     def _answer_poll(self) -> None:
@@ -210,9 +233,9 @@ class Connection:
     def _overflow(self) -> None:
         """Drop what is queued and close on the next loop iteration: this may run inside a
         broadcast that is iterating over the room this connection is a member of."""
-        if self.state is State.CLOSED or self._out_size < 0:
+        if not self._open:
             return
-        self._out_size = -(2**62)  # nothing more is queued until the close runs
+        self._open = False  # nothing more is queued until the close runs
         self._out = None
         self._queue = []
         self._metrics.slow_client_disconnects.inc()
@@ -254,6 +277,8 @@ class Connection:
     def use_websocket(self, ws: WebSocketConnection) -> None:
         """Make ``ws`` the transport: on open, or when an upgrade completes."""
         self.ws = ws
+        self._write = ws.transport.write
+        self._buffered = ws.transport.get_write_buffer_size
         self.upgrading = False
         self.release_poll("6")
         queue, self._queue = self._queue, []
@@ -307,7 +332,7 @@ class Connection:
         if notify and self.ws is not None:
             self.flush()
             self.ws.write(text_frame(b"1"))
-        elif notify and self._out_size >= 0:
+        elif notify and self._open:
             # Polling: what is queued, then CLOSE, goes to the held poll or, if none is held,
             # is kept by the endpoint for the client's next poll.
             self._queue.append("1")
@@ -316,6 +341,7 @@ class Connection:
             else:
                 self.farewell = engineio.encode_payload(self._queue)
         self.state = State.CLOSED
+        self._open = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

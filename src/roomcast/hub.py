@@ -104,10 +104,15 @@ class Hub:
         frame = text_frame(text.encode("utf-8"))
         sent = 0
         if members:
-            for socket in members:
-                if socket.id != exclude:
+            if exclude is None:
+                for socket in members:
                     socket.conn.send_encoded(frame, text)
-                    sent += 1
+                sent = len(members)
+            else:
+                for socket in members:
+                    if socket.id != exclude:
+                        socket.conn.send_encoded(frame, text)
+                        sent += 1
         if held:
             for socket, items in held.items():
                 if socket.id != exclude:
