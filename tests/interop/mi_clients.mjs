@@ -12,7 +12,8 @@
 //   emit {event, args, timeoutMs?}        -> the ack's arguments (an array)
 //   waitEvents {count, untilEvent?, timeoutMs}
 //                                         -> every event so far ({event, data, offset, n,
-//                                            connection: how many connects preceded it}),
+//                                            connection: how many connects preceded it,
+//                                            engine: the Engine.IO session id it came on}),
 //                                            once there are >= count (and one named untilEvent)
 //   waitConnects {count, timeoutMs}       -> every connect so far, once there are >= count
 //   waitDisconnects {count, timeoutMs}    -> every disconnect reason so far, once >= count
