@@ -493,12 +493,6 @@ def test_recovery_success_rate(
     assert not failures, figure + "\n" + "\n".join(failures)
 
 
-DUPLICATE_BUG = (
-    "server bug: a publication appended while a socket recovers is replayed from history and "
-    "then delivered live again, on the same connection"
-)
-
-
 def test_recovery_while_publishing_continues(
     gateways: GatewayFactory,
     tcp_proxy: ProxyFactory,
@@ -549,8 +543,7 @@ def test_recovery_while_publishing_continues(
         for e in events
         if got.count(e["data"]) > 1
     ]
-    if repeated:
-        pytest.xfail(f"{DUPLICATE_BUG}: {repeated}")
+    assert not repeated, f"delivered twice: {repeated}"
 
 
 def test_recovery_skips_own_publication_and_covers_two_rooms(
@@ -592,15 +585,7 @@ def test_recovery_skips_own_publication_and_covers_two_rooms(
     assert "own" not in [e["event"] for e in events], got
 
 
-NEW_STREAM_BUG = (
-    "server bug: recovery compares the client's one offset (from another room) with each "
-    "room's stream; a room never published to, or first published to while the client was "
-    "away, looks expired, and the whole recovery is refused"
-)
-
-
 @pytest.mark.parametrize("quiet_room_gets", ["nothing", "its first publication"])
-@pytest.mark.xfail(strict=True, reason=NEW_STREAM_BUG)
 def test_recovery_with_a_room_without_history(
     quiet_room_gets: str,
     gateways: GatewayFactory,
@@ -628,20 +613,12 @@ def test_recovery_with_a_room_without_history(
         _publish_range(b, busy, 2, 4)()
 
     again = _move(node_clients, proxy, "roamer", b, while_away)
-    incomplete = metric(b, 'roomcast_recoveries_total{result="incomplete"}')
-    assert again["recovered"] is True and again["id"] == first["id"], (again, incomplete)
+    assert again["recovered"] is True and again["id"] == first["id"], again
     publish_ok(b, busy, "end", None)
     events = node_clients.wait_events("roamer", until="end")
     assert sorted(str(e["data"]) for e in events[2:-1]) == sorted(missed)
 
 
-CROSS_ROOM_BUG = (
-    "server bug: live delivery to a socket in two rooms does not follow offset order, but the "
-    "client keeps one offset (the last one received), so recovery replays what it already has"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=CROSS_ROOM_BUG)
 def test_recovery_after_cross_room_delivery_order(
     gateways: GatewayFactory,
     tcp_proxy: ProxyFactory,
@@ -693,18 +670,12 @@ def test_recovery_after_cross_room_delivery_order(
     assert replayed == [], f"received {inverted} (in this order), then after recovery: {replayed}"
 
 
-XDEL_BUG = (
-    "server bug: after any XDEL, _history_complete trusts max-deleted-entry-id, which MAXLEN "
-    "trimming does not update (redis 7.0), so a trimmed history is replayed as complete"
-)
-
-
 @pytest.mark.parametrize(
     "case",
     [
         "untrimmed",
         "trimmed",
-        pytest.param("trimmed-after-xdel", marks=pytest.mark.xfail(strict=True, reason=XDEL_BUG)),
+        "trimmed-after-xdel",
     ],
 )
 def test_recovery_never_replays_partial_history(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from roomcast.broker.offsets import parse_offset
 from roomcast.protocol.socketio import encode_event_prefix
 from roomcast.transport.websocket import text_frame
 
@@ -20,21 +21,44 @@ if TYPE_CHECKING:
 RoomKey = tuple[str, str]
 """(namespace, room)"""
 
+Position = tuple[int, int]
+Held = tuple[str, Position, bytes, str]
+"""A broadcast held for a recovering socket: (publication id, offset, frame, polling text)."""
+
+
+class _Holding:
+    """A recovering socket's place in a room before it becomes an ordinary member."""
+
+    __slots__ = ("items", "until")
+
+    def __init__(self) -> None:
+        self.items: list[Held] = []
+        self.until: Position | None = None
+        """Once set: broadcasts at or before it were replayed already and are skipped; the first
+        newer one is sent and makes the socket a member."""
+
 
 class Hub:
-    __slots__ = ("_on_first", "_on_last", "_pending", "rooms")
+    __slots__ = ("_on_first", "_on_last", "_pending", "last_offset", "rooms")
 
     def __init__(
         self, on_first_member: Callable[[RoomKey], None], on_last_member: Callable[[RoomKey], None]
     ) -> None:
         self.rooms: dict[RoomKey, set[Socket]] = {}
-        self._pending: dict[RoomKey, dict[Socket, list[tuple[str, str, bytes, str]]]] = {}
+        self._pending: dict[RoomKey, dict[Socket, _Holding]] = {}
         """Sockets recovering missed events: live broadcasts are held for them."""
+        self.last_offset: dict[RoomKey, Position] = {}
+        """The newest offset broadcast per room with members."""
         self._on_first = on_first_member
         self._on_last = on_last_member
 
     def _interested(self, key: RoomKey) -> bool:
         return key in self.rooms or key in self._pending
+
+    def _maybe_last(self, key: RoomKey) -> None:
+        if not self._interested(key):
+            self.last_offset.pop(key, None)
+            self._on_last(key)
 
     def join(self, socket: Socket, key: RoomKey) -> bool:
         """Add a member; return False if it already was one."""
@@ -51,39 +75,62 @@ class Hub:
         return True
 
     def leave(self, socket: Socket, key: RoomKey) -> bool:
+        held = self._pending.get(key)
+        if held is not None and socket in held:
+            self._unhold(socket, key)
+            return True
         members = self.rooms.get(key)
         if members is None or socket not in members:
             return False
         members.discard(socket)
         if not members:
             del self.rooms[key]
-            if not self._interested(key):
-                self._on_last(key)
+            self._maybe_last(key)
         return True
 
+    # -- recovery ---------------------------------------------------------------------------------
     def hold(self, socket: Socket, key: RoomKey) -> None:
         """Start holding live broadcasts of ``key`` for a recovering socket."""
         held = self._pending.get(key)
         if held is None:
             first = not self._interested(key)
-            self._pending[key] = {socket: []}
+            self._pending[key] = {socket: _Holding()}
             if first:
                 self._on_first(key)
         else:
-            held[socket] = []
+            held[socket] = _Holding()
 
-    def release(self, socket: Socket, key: RoomKey) -> list[tuple[str, str, bytes, str]]:
-        """Stop holding for ``socket``; return the held (id, offset, frame, text) items."""
+    def _unhold(self, socket: Socket, key: RoomKey) -> list[Held]:
         held = self._pending.get(key)
         if held is None:
             return []
-        items = held.pop(socket, [])
+        holding = held.pop(socket, None)
         if not held:
             del self._pending[key]
-            if not self._interested(key):
-                self._on_last(key)
-        return items
+        return holding.items if holding is not None else []
 
+    def release(self, socket: Socket, key: RoomKey) -> None:
+        """Give up holding for ``socket`` (its recovery failed)."""
+        self._unhold(socket, key)
+        self._maybe_last(key)
+
+    def settle(self, socket: Socket, key: RoomKey, replayed: Position, seen: set[str]) -> None:
+        """The socket was sent everything of ``key`` up to ``replayed``: send what was held
+        after that, and make it a member as soon as no older broadcast can still arrive."""
+        held = self._pending[key][socket]
+        for pub_id, position, frame, text in held.items:
+            if position > replayed and pub_id not in seen:
+                seen.add(pub_id)
+                socket.conn.send_encoded(frame, text)
+                replayed = position
+        held.items = []
+        if self.last_offset.get(key, (0, 0)) >= replayed:
+            self._unhold(socket, key)
+            self.join(socket, key)
+        else:
+            held.until = replayed  # the broker has not delivered that far yet
+
+    # -- fan-out ----------------------------------------------------------------------------------
     def broadcast(
         self,
         key: RoomKey,
@@ -102,6 +149,9 @@ class Hub:
         args = [event, data, offset] if offset is not None else [event, data]
         text = encode_event_prefix(key[0]) + orjson.dumps(args).decode("utf-8")
         frame = text_frame(text.encode("utf-8"))
+        position = parse_offset(offset) if offset else (0, 0)
+        if position > self.last_offset.get(key, (0, 0)):
+            self.last_offset[key] = position
         sent = 0
         if members:
             if exclude is None:
@@ -114,7 +164,25 @@ class Hub:
                         socket.conn.send_encoded(frame, text)
                         sent += 1
         if held:
-            for socket, items in held.items():
-                if socket.id != exclude:
-                    items.append((publication_id, offset or "", frame, text))
+            sent += self._to_held(key, held, (publication_id, position, frame, text), exclude)
+        return sent
+
+    def _to_held(
+        self, key: RoomKey, held: dict[Socket, _Holding], item: Held, exclude: str | None
+    ) -> int:
+        settled: list[Socket] = []
+        sent = 0
+        for socket, holding in held.items():
+            if socket.id == exclude:
+                continue
+            if holding.until is None:
+                holding.items.append(item)
+            elif item[1] > holding.until:
+                socket.conn.send_encoded(item[2], item[3])
+                settled.append(socket)
+                sent += 1
+            # else: already replayed to this socket
+        for socket in settled:
+            self._unhold(socket, key)
+            self.join(socket, key)
         return sent

@@ -36,7 +36,7 @@ from roomcast.broker.base import (
 from roomcast.broker.offsets import OffsetError, parse_offset
 from roomcast.connection import Connection
 from roomcast.http.errors import ACK_OK, ack_error, connect_error_payload
-from roomcast.hub import Hub, RoomKey
+from roomcast.hub import Hub
 from roomcast.metrics import Metrics
 from roomcast.protocol.errors import ProtocolError, SocketIOError
 from roomcast.protocol.socketio import RESERVED_EVENTS, Decoder, Limits, Packet, PacketType
@@ -430,21 +430,20 @@ class Socket:
     def finish_recovery(self) -> None:
         """Replay what was missed, then the live broadcasts held meanwhile, then go live."""
         assert self.recovering is not None
-        rooms, missed, _after = self.recovering
+        rooms, missed, after = self.recovering
         self.recovering = None
         hub = self.client.server.hub
         seen: set[str] = set()
+        replayed = dict.fromkeys(rooms, after)
         for publication in missed:
             seen.add(publication.id)
             self.emit(publication.event, publication.data, publication.offset)
+            replayed[publication.room] = max(
+                replayed[publication.room], parse_offset(publication.offset)
+            )
         for room in rooms:
-            key: RoomKey = ("/", room)
-            hub.join(self, key)
             self.rooms.add(room)
-            for pub_id, _offset, frame, text in hub.release(self, key):
-                if pub_id not in seen:
-                    seen.add(pub_id)
-                    self.conn.send_encoded(frame, text)
+            hub.settle(self, ("/", room), replayed[room], seen)
         server = self.client.server
         server.save_session(self, server.options.recovery_ms)
 

@@ -369,9 +369,7 @@ class RedisBroker:
     async def history(self, room: str, after_offset: str) -> History:
         """Entries of ``room`` after ``after_offset``; ``complete`` is false if any may be gone.
 
-        Trimming is detected with the stream's ``max-deleted-entry-id``; a stream that expired
-        (or was recreated since) cannot prove it lost nothing, so it reports incomplete unless
-        ``after_offset`` is the start.
+        See :func:`_history_complete` for how trimming, deletion and expiry are detected.
         """
         validate_room(room)
         after = parse_offset(after_offset)
@@ -391,7 +389,8 @@ class RedisBroker:
             raise _unavailable(exc) from exc
         except ResponseError as exc:
             raise BrokerError(f"history of room {room!r}: {exc}") from exc
-        return History(publications=publications, complete=_history_complete(after, info))
+        complete = _history_complete(after, info, int(time.time() * 1000), self._history_ttl_ms)
+        return History(publications=publications, complete=complete)
 
     async def save_session(self, pid: str, state: bytes, ttl_ms: int) -> None:
         key = self._keys.session(pid)
@@ -810,14 +809,23 @@ class RedisBroker:
         skip = await self._claim_idempotency_keys(
             client, [pub for _, pubs in decoded for _, pub in pubs if pub is not None]
         )
-        for room, pubs in decoded:
-            for entry_id, publication in pubs:
-                if self._rooms.get(room.name) is not room:
-                    break  # unsubscribed meanwhile
-                room.last_id = entry_id
-                if publication is None or publication.offset in skip:
-                    continue
-                self._deliver(publication)
+        # Deliver the whole batch in entry-id order across rooms, so that a socket in several
+        # rooms receives them in offset order: its last offset then tells recovery what it has.
+        merged = sorted(
+            (
+                (parse_offset(entry_id), room, entry_id, pub)
+                for room, pubs in decoded
+                for entry_id, pub in pubs
+            ),
+            key=lambda item: item[0],
+        )
+        for _, room, entry_id, publication in merged:
+            if self._rooms.get(room.name) is not room:
+                continue  # unsubscribed meanwhile
+            room.last_id = entry_id
+            if publication is None or publication.offset in skip:
+                continue
+            self._deliver(publication)
 
     def _deliver(self, publication: Publication) -> None:
         handler = self._handler
@@ -942,20 +950,33 @@ class RedisBroker:
         return frozenset(topology)
 
 
-def _history_complete(after: tuple[int, int], info: object) -> bool:
-    if isinstance(info, Exception):
-        # No stream: either never used (complete from the start) or expired (entries lost).
-        return after == (0, 0)
-    fields = dict(info)  # type: ignore[call-overload]
-    max_deleted = parse_offset(_text(fields.get("max-deleted-entry-id", b"0-0")))
-    if after < max_deleted:
+CLOCK_MARGIN_MS: Final = 5_000
+"""Allowed disagreement between the gateway's clock and Redis's (offsets carry Redis time)."""
+
+
+def _history_complete(after: tuple[int, int], info: object, now_ms: int, ttl_ms: int) -> bool:
+    """Whether every entry of the stream newer than ``after`` is still there.
+
+    Every publish refreshes the key's TTL, so an entry published after ``after`` keeps the key
+    alive at least until ``after``'s time + ``ttl_ms``: if that moment has not come (``recent``),
+    a missing or re-created stream lost nothing after ``after``.  Trimming removes entries from
+    the head, all older than the first entry; ``XDEL`` is tracked by ``max-deleted-entry-id``
+    (which Redis 7.0 does not update when trimming, so trimming is judged by the first entry).
+    """
+    recent = after != (0, 0) and now_ms - after[0] < ttl_ms - CLOCK_MARGIN_MS
+    if isinstance(info, Exception):  # no stream: never used, or expired
+        return after == (0, 0) or recent
+    fields = {_text(k): v for k, v in dict(info).items()}  # type: ignore[call-overload]
+    if after < parse_offset(_text(fields.get("max-deleted-entry-id", b"0-0"))):
         return False
     first = fields.get("first-entry")
-    if max_deleted == (0, 0) and after != (0, 0) and first:
-        # Nothing was ever trimmed from this stream, yet the caller saw an entry older than its
-        # first one: the stream was recreated after expiring, and the old one's tail is gone.
-        return parse_offset(_text(first[0])) <= after
-    return True
+    first_id = parse_offset(_text(first[0])) if first else None
+    if fields.get("entries-added") == fields.get("length"):
+        # Nothing removed from this stream; if it was re-created after expiring, the old one's
+        # entries after `after` survive only if `after` is recent.
+        return first_id is None or first_id <= after or after == (0, 0) or recent
+    # Entries were trimmed: all of them older than the first entry that is left.
+    return first_id is not None and first_id <= after
 
 
 async def _on_node(client: _Client, node: ClusterNode | None, *args: str) -> Any:
