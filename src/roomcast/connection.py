@@ -84,6 +84,7 @@ class Connection:
         "_out",
         "_out_size",
         "_poll",
+        "_poll_headers",
         "_queue",
         "_timer",
         "_waiting_pong",
@@ -132,6 +133,7 @@ class Connection:
         self._timer: asyncio.TimerHandle | None = None
         self._waiting_pong = False
         self._open = True
+        self._poll_headers: list[tuple[str, str]] = []
         """False once closed or overflowing: nothing more is queued or written."""
         self._write: Callable[[bytes], object] = _no_write
         self._buffered: Callable[[], int] = _no_buffer
@@ -228,7 +230,12 @@ class Connection:
         assert poll is not None
         queue, self._queue = self._queue, []
         self._out_size = 0
-        poll.respond(200, engineio.encode_payload(queue), content_type="text/plain; charset=UTF-8")
+        poll.respond(
+            200,
+            engineio.encode_payload(queue),
+            self._poll_headers,
+            content_type="text/plain; charset=UTF-8",
+        )
 
     def _overflow(self) -> None:
         """Drop what is queued and close on the next loop iteration: this may run inside a
@@ -247,14 +254,17 @@ class Connection:
         self.close("slow client: outbound buffer full", notify=False)
 
     # -- polling ----------------------------------------------------------------------------
-    def attach_poll(self, exchange: Exchange) -> None:
-        """A GET arrived.  Answer now if packets are queued, else hold it (a long-poll)."""
+    def attach_poll(self, exchange: Exchange, headers: list[tuple[str, str]]) -> None:
+        """A GET arrived.  Answer now if packets are queued, else hold it (a long-poll).
+
+        ``headers`` (CORS) go on whatever answers it, now or later."""
+        self._poll_headers = headers
         if self._queue:
             self._poll = exchange
             self._answer_poll()
             return
         if self.upgrading:
-            exchange.respond(200, "6")
+            exchange.respond(200, "6", headers)
             return
         self._poll = exchange
         exchange.on_abort.append(self._poll_aborted)
@@ -271,7 +281,7 @@ class Connection:
         """End a held long-poll with a single packet (``6`` noop or ``1`` close)."""
         poll, self._poll = self._poll, None
         if poll is not None and not poll.done:
-            poll.respond(200, packet)
+            poll.respond(200, packet, self._poll_headers)
 
     # -- WebSocket ----------------------------------------------------------------------------
     def use_websocket(self, ws: WebSocketConnection) -> None:

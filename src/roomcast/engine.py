@@ -128,7 +128,7 @@ class EngineServer:
             if conn.has_poll():
                 conn.close("duplicate polling request", notify=False)
                 raise EngineRequestError(EngineErrorCode.BAD_REQUEST, "duplicate polling request")
-            conn.attach_poll(exchange)
+            conn.attach_poll(exchange, cors)
             return
         if request.method == "POST":
             self._post(conn, request, exchange, cors)
