@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import json
 import logging
@@ -232,6 +233,7 @@ async def _run(
     node = Node(settings, app, worker=worker)
     for path, factory in mounts.items():
         node.mount_engine(path, factory)
+    _tune_gc()
     await node.start(sock)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -242,6 +244,18 @@ async def _run(
     log.info("draining")
     await node.drain()
     await node.stop()
+
+
+def _tune_gc() -> None:
+    """Keep the cyclic garbage collector out of the broadcast path.
+
+    The hot path creates no reference cycles, so young-generation collections find little; with
+    10,000 connections a full collection walks every connection's objects and stalls the loop.
+    Everything alive at start-up moves to the permanent generation, and collections run far
+    less often (they still run: cycles made by handlers are reclaimed).
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
 
 
 _COMMANDS = {
