@@ -204,6 +204,8 @@ class RedisBroker:
         self._handler: DeliveryHandler | None = None
         self._client: _Client | None = None
         self._is_cluster = False
+        self._publish_queue: list[tuple[list[str], list[str | int], asyncio.Future[Any]]] = []
+        self._publish_tasks: set[asyncio.Task[None]] = set()
         # Keyspace channels name the database; known from the URL before any connection, so
         # rooms subscribed before start() get the right channel.  A cluster only has db 0.
         self._db = int(parse_url(url).get("db", 0) or 0)
@@ -316,8 +318,11 @@ class RedisBroker:
             args += (name, value)
         try:
             async with self._deadline():
-                client = await self._ensure_client()
-                appended, value = await self._script(keys=keys, args=args, client=client)
+                if self._is_cluster:
+                    client = await self._ensure_client()
+                    appended, value = await self._script(keys=keys, args=args, client=client)
+                else:
+                    appended, value = await self._batched_publish(keys, args)
         except UNAVAILABLE_ERRORS as exc:
             # On a timeout the script may still have run: a retry needs the idempotency key.
             raise _unavailable(exc) from exc
@@ -325,6 +330,49 @@ class RedisBroker:
             return PublishResult(id=publication.id, offset=_text(value))
         original_id, _, offset = _text(value).partition("|")
         return PublishResult(id=original_id, offset=offset, duplicate=True)
+
+    def _batched_publish(self, keys: list[str], args: list[str | int]) -> asyncio.Future[Any]:
+        """Queue one publish script; every publish queued in one loop iteration goes to Redis in
+        one pipeline (one write, one read) instead of a round trip each."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._publish_queue.append((keys, args, future))
+        if len(self._publish_queue) == 1:
+            loop.call_soon(self._flush_publishes)
+        return future
+
+    def _flush_publishes(self) -> None:
+        batch, self._publish_queue = self._publish_queue, []
+        task = asyncio.get_running_loop().create_task(
+            self._send_publishes(batch), name="roomcast-redis-publish"
+        )
+        self._publish_tasks.add(task)
+        task.add_done_callback(self._publish_tasks.discard)
+
+    async def _send_publishes(
+        self, batch: list[tuple[list[str], list[str | int], asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            async with self._deadline():
+                client = await self._ensure_client()
+                pipe = client.pipeline(transaction=False)
+                for keys, args, _ in batch:
+                    await self._script(keys=keys, args=args, client=pipe)  # queues EVALSHA
+                results = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:  # every waiting publisher gets the failure, then it goes on
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
 
     async def subscribe(self, room: str) -> None:
         """Deliver ``room``'s entries newer than its stream's last entry right now.
