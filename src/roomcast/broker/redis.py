@@ -33,6 +33,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     ClusterDownError,
+    NoScriptError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -355,10 +356,10 @@ class RedisBroker:
         try:
             async with self._deadline():
                 client = await self._ensure_client()
-                pipe = client.pipeline(transaction=False)
-                for keys, args, _ in batch:
-                    await self._script(keys=keys, args=args, client=pipe)  # queues EVALSHA
-                results = await pipe.execute(raise_on_error=False)
+                results = await self._eval_batch(client, batch, by_sha=True)
+                if any(isinstance(r, NoScriptError) for r in results):
+                    # Redis restarted or flushed its script cache: send the bodies once.
+                    results = await self._eval_batch(client, batch, by_sha=False)
         except BaseException as exc:  # every waiting publisher gets the failure, then it goes on
             for _, _, future in batch:
                 if not future.done():
@@ -373,6 +374,24 @@ class RedisBroker:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+    async def _eval_batch(
+        self,
+        client: _Client,
+        batch: list[tuple[list[str], list[str | int], asyncio.Future[Any]]],
+        *,
+        by_sha: bool,
+    ) -> list[Any]:
+        """One pipeline of publish scripts.  Not redis-py's ``Script`` in a pipeline: that asks
+        ``SCRIPT EXISTS`` first, one more round trip per batch."""
+        pipe = client.pipeline(transaction=False)
+        for keys, args, _ in batch:
+            if by_sha:
+                pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+            else:
+                pipe.eval(_PUBLISH_LUA, len(keys), *keys, *args)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
 
     async def subscribe(self, room: str) -> None:
         """Deliver ``room``'s entries newer than its stream's last entry right now.
