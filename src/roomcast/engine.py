@@ -112,7 +112,7 @@ class EngineServer:
                 raise EngineRequestError(
                     EngineErrorCode.BAD_HANDSHAKE_METHOD, "handshake must be GET"
                 )
-            conn = self._open(request, ["websocket"])
+            conn = self._open(request)
             exchange.respond(200, "0" + self._open_payload(conn, ["websocket"]), cors)
             return
         found = self.sessions.get(SessionId(sid))
@@ -167,7 +167,7 @@ class EngineServer:
         if not key or request.headers.get("upgrade", "").lower() != "websocket":
             raise EngineRequestError(EngineErrorCode.BAD_REQUEST, "invalid websocket handshake")
         if sid is None:
-            conn = self._open(request, [])
+            conn = self._open(request)
             ws = exchange.accept_websocket(_Peer(self, conn), key, self.options.max_payload, [])
             conn.use_websocket(ws)
             conn.send_packet(PacketType.OPEN, self._open_payload(conn, []))
@@ -197,7 +197,7 @@ class EngineServer:
         return sockets[index]
 
     # -- sessions ---------------------------------------------------------------------------------
-    def _open(self, request: Request, upgrades: list[str]) -> Connection:
+    def _open(self, request: Request) -> Connection:
         if not self.accepting:
             raise EngineRequestError(EngineErrorCode.FORBIDDEN, "server is draining", 503)
         if len(self.sessions) >= self.options.max_connections:

@@ -12,7 +12,7 @@ from roomcast.auth import Authenticator, AuthSettings
 from roomcast.broker.base import Broker, PublishRequest, PublishResult
 from roomcast.broker.memory import MemoryBroker
 from roomcast.config import Settings
-from roomcast.connection import Connection, EngineHandler, Flusher
+from roomcast.connection import Flusher
 from roomcast.engine import EngineOptions, EngineServer
 from roomcast.http.routes import Router
 from roomcast.hub import Hub, RoomKey
@@ -237,6 +237,3 @@ class Node:
         if self._server is not None:
             await self._server.wait_closed()
         self.started = False
-
-
-__all__ = ["Connection", "EngineHandler", "Node"]
