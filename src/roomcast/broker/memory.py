@@ -48,6 +48,7 @@ class MemoryBroker:
         """(room, idempotency key) -> when and what it published; keys are scoped per room."""
         self._sessions: dict[str, tuple[float, bytes]] = {}
         self._next_sweep = 0.0
+        self._next_history_sweep_ms = 0
         self.dropped: collections.Counter[str] = collections.Counter()
         self.upstream: deque[tuple[str, dict[str, str]]] = deque(maxlen=10_000)
 
@@ -112,7 +113,14 @@ class MemoryBroker:
         if kept is not None:
             self._trim(room, kept, now_ms)
         trimmed = self._trimmed.get(room)
-        complete = trimmed is None or parse_offset(trimmed) <= after
+        if trimmed is not None:
+            complete = parse_offset(trimmed) <= after
+        elif room in self._history:
+            complete = True  # nothing of this room was ever dropped
+        else:
+            # Never published to, or swept long ago: as for Redis, anything published after
+            # `after` would still be kept if `after` is younger than the history's lifetime.
+            complete = after == (0, 0) or now_ms - after[0] < self._history_ttl_ms
         found = [p for p in kept or () if parse_offset(p.offset) > after]
         return History(publications=found, complete=complete)
 
@@ -147,6 +155,15 @@ class MemoryBroker:
         kept = self._history.setdefault(publication.room, deque())
         kept.append(publication)
         self._trim(publication.room, kept, now_ms)
+        if now_ms >= self._next_history_sweep_ms:
+            # Rooms nobody publishes to any more: drop their expired history (at most 1/s).
+            self._next_history_sweep_ms = now_ms + 1000
+            oldest_allowed = now_ms - self._history_ttl_ms
+            for room in [
+                r for r, k in self._history.items() if k[-1].published_at_ms < oldest_allowed
+            ]:
+                self._trim(room, self._history[room], now_ms)
+            self._trimmed = {r: o for r, o in self._trimmed.items() if r in self._history}
 
     def _trim(self, room: str, kept: deque[Publication], now_ms: int) -> None:
         oldest_allowed = now_ms - self._history_ttl_ms
