@@ -208,3 +208,15 @@ async def test_append_upstream_returns_increasing_ids(make_broker: MakeBroker) -
     ]
     parsed = [parse_offset(entry_id) for entry_id in ids]
     assert parsed == sorted(parsed) and len(set(parsed)) == 3
+
+
+async def test_write_sessions_saves_and_deletes_in_one_batch(make_broker: MakeBroker) -> None:
+    """A batch of recovery-state writes saves states and deletes the ones given as None."""
+    broker, _ = await make_broker()
+    await broker.save_session("pid-old", b"old", 60_000)
+    await broker.write_sessions(
+        [("pid-a", b"a", 60_000), ("pid-old", None, 0), ("pid-b", b"b", 60_000)]
+    )
+    assert await broker.take_session("pid-a") == b"a"
+    assert await broker.take_session("pid-b") == b"b"
+    assert await broker.take_session("pid-old") is None

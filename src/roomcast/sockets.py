@@ -127,11 +127,11 @@ class SocketServer:
 class SessionWriter:
     """Writes recovery states to the broker from one task, coalescing per socket.
 
-    A thousand sockets joining (or a mass disconnect) become batches of concurrent writes,
+    A thousand sockets joining (or a mass disconnect) become a few pipelined batches,
     not a thousand tasks; only the newest state of a socket is written.
     """
 
-    BATCH = 64
+    BATCH = 500
 
     def __init__(self, broker: Broker, metrics: Metrics, tasks: TaskSet) -> None:
         self._broker = broker
@@ -162,22 +162,18 @@ class SessionWriter:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
-                batch = list(self._pending.items())
+                batch = [(pid, state, ttl) for pid, (state, ttl) in self._pending.items()]
                 self._pending = {}
                 for start in range(0, len(batch), self.BATCH):
-                    chunk = batch[start : start + self.BATCH]
-                    await asyncio.gather(*(self._write(pid, s, ttl) for pid, (s, ttl) in chunk))
+                    await self._write(batch[start : start + self.BATCH])
             self._idle.set()
 
-    async def _write(self, pid: str, state: bytes | None, ttl_ms: int) -> None:
+    async def _write(self, items: list[tuple[str, bytes | None, int]]) -> None:
         try:
-            if state is None:
-                await self._broker.take_session(pid)
-            else:
-                await self._broker.save_session(pid, state, ttl_ms)
+            await self._broker.write_sessions(items)
         except BrokerError as exc:
-            self._metrics.recoveries.labels("save_failed").inc()
-            log.warning("could not write recovery state: %s", exc)
+            self._metrics.recoveries.labels("save_failed").inc(len(items))
+            log.warning("could not write %d recovery states: %s", len(items), exc)
 
 
 class Client:

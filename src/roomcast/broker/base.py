@@ -127,6 +127,9 @@ class Broker(Protocol):
     async def take_session(self, pid: str) -> bytes | None:
         """Fetch and delete a stored recovery state; ``None`` when unknown or expired."""
 
+    async def write_sessions(self, items: list[tuple[str, bytes | None, int]]) -> None:
+        """Save (state, ttl) or, with ``None``, delete many recovery states in one batch."""
+
     async def touch_sessions(self, pids: list[str], ttl_ms: int) -> None:
         """Extend the lifetime of stored recovery states of live sockets (one batch)."""
 

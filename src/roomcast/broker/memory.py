@@ -138,6 +138,13 @@ class MemoryBroker:
             return None
         return entry[1]
 
+    async def write_sessions(self, items: list[tuple[str, bytes | None, int]]) -> None:
+        for pid, state, ttl_ms in items:
+            if state is None:
+                self._sessions.pop(pid, None)
+            else:
+                await self.save_session(pid, state, ttl_ms)
+
     async def touch_sessions(self, pids: list[str], ttl_ms: int) -> None:
         deadline = time.monotonic() + ttl_ms / 1000
         for pid in pids:

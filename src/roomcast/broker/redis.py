@@ -468,6 +468,22 @@ class RedisBroker:
         except UNAVAILABLE_ERRORS as exc:
             raise _unavailable(exc) from exc
 
+    async def write_sessions(self, items: list[tuple[str, bytes | None, int]]) -> None:
+        if not items:
+            return
+        try:
+            async with self._deadline():
+                client = await self._ensure_client()
+                pipe = client.pipeline(transaction=False)
+                for pid, state, ttl_ms in items:
+                    if state is None:
+                        pipe.delete(self._keys.session(pid))
+                    else:
+                        pipe.set(self._keys.session(pid), state, px=max(1, ttl_ms))
+                await pipe.execute()
+        except UNAVAILABLE_ERRORS as exc:
+            raise _unavailable(exc) from exc
+
     async def take_session(self, pid: str) -> bytes | None:
         key = self._keys.session(pid)
         try:
