@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from roomcast.sockets import Socket
+    pass
 
 EventHandler = Callable[..., Coroutine[Any, Any, Any]]
-ConnectHandler = Callable[["Socket"], Awaitable[None]]
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 

@@ -145,10 +145,6 @@ class Connection:
         return self.state is State.CLOSED
 
     # -- sending ----------------------------------------------------------------------------
-    @property
-    def transport_name(self) -> str:
-        return "websocket" if self.ws is not None else "polling"
-
     def send_packet(self, kind: PacketType, data: str = "") -> None:
         text = f"{kind.value}{data}"
         if self.ws is not None:

@@ -123,7 +123,6 @@ class Node:
         self.router.mount("/socket.io/", self.engine)
         self._server: asyncio.Server | None = None
         self._unix: asyncio.Server | None = None
-        self._touch: asyncio.Task[None] | None = None
         self.started = False
         self.draining = False
 
@@ -180,7 +179,7 @@ class Node:
         if self.worker is not None:
             self._unix = await loop.create_unix_server(factory, self.worker[1][self.worker[0]])
         if self.settings.recovery_max_disconnection_ms:
-            self._touch = self.tasks.spawn(self._touch_sessions(), name="touch-sessions")
+            self.tasks.spawn(self._touch_sessions(), name="touch-sessions")
         self.started = True
         log.info("listening on %s", ", ".join(str(s.getsockname()) for s in self._server.sockets))
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from roomcast.protocol.errors import EngineIOError, PayloadTooLargeError
 
 SEPARATOR = "\x1e"
-PROTOCOL_VERSION = 4
 
 
 class PacketType(enum.IntEnum):
@@ -52,12 +51,6 @@ class Packet:
         """The WebSocket form: bytes for a binary message, else the type digit and the text."""
         if isinstance(self.data, bytes):
             return self.data
-        return f"{self.type.value}{self.data}"
-
-    def serialize_polling(self) -> str:
-        """The polling form: binary data becomes ``b<base64>``."""
-        if isinstance(self.data, bytes):
-            return "b" + base64.b64encode(self.data).decode("ascii")
         return f"{self.type.value}{self.data}"
 
 

@@ -116,9 +116,6 @@ class WebSocketConnection:
         if not self._closed:
             self.transport.write(data)
 
-    def buffered(self) -> int:
-        return self.transport.get_write_buffer_size()
-
     def close(self, code: int = 1000, reason: str = "") -> None:
         if self._closed:
             return
