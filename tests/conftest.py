@@ -17,9 +17,7 @@ import json
 import os
 import queue
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +32,7 @@ from typing import Any
 import jwt
 import pytest
 
+from redis_fixtures import free_port, require_binary
 from roomcast.auth import Authenticator, AuthSettings
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -47,24 +46,6 @@ _LOG_LIMIT = 20_000
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def require_binary(name: str) -> str:
-    """The path of ``name``; skip the test without it, or fail it when ``CI`` is set."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not on PATH"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http_json(
