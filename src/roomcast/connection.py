@@ -179,6 +179,7 @@ class Connection:
             self._out = [frame]
             self._flusher.mark(self)
         else:
+            self._closed_drop()
             return
         self._out_size += len(frame)
         if self._out_size > self.limit:
@@ -186,6 +187,7 @@ class Connection:
 
     def _push(self, frame: bytes) -> None:
         if not self._open:
+            self._closed_drop()
             return
         out = self._out
         if out is None:
@@ -199,6 +201,7 @@ class Connection:
 
     def _enqueue(self, packet: str | bytes) -> None:
         if not self._open:
+            self._closed_drop()
             return
         queue = self._queue
         queue.append(packet)
@@ -232,6 +235,11 @@ class Connection:
             self._poll_headers,
             content_type="text/plain; charset=UTF-8",
         )
+
+    def _closed_drop(self) -> None:
+        """A message for a connection that is closing (or was dropped as too slow)."""
+        self._metrics.dropped.labels("connection_closed").inc()
+        log.debug("dropped a message for closed connection %s", self.sid)
 
     def _overflow(self) -> None:
         """Drop what is queued and close on the next loop iteration: this may run inside a

@@ -486,6 +486,8 @@ class Socket:
         """Send an event to this socket."""
         if self.connected or self.recovering is not None:
             self.client.send(Packet(PacketType.EVENT, self.namespace.name, [event, *args]))
+        else:
+            self.client.server.drop("socket_disconnected", f"event {event!r} for {self.id}")
 
     async def call(self, event: str, *args: Any) -> list[Any]:
         """Send an event that asks for an ack; return the ack's arguments.
