@@ -154,3 +154,15 @@ def test_dev_mode_prints_token_and_curl(dev_server: tuple[int, subprocess.Popen[
         "x",
     )
     assert refused.returncode == 1 and "401" in refused.stderr
+
+
+def test_every_setting_is_documented() -> None:
+    """docs/operations.md lists every setting's flag and environment variable."""
+    import dataclasses
+
+    from roomcast.config import Settings
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    for f in dataclasses.fields(Settings):
+        assert f"`--{f.name.replace('_', '-')}`" in doc, f.name
+        assert f"`ROOMCAST_{f.name.upper()}`" in doc, f.name
