@@ -207,6 +207,8 @@ class RedisBroker:
         self._is_cluster = False
         self._publish_queue: list[tuple[list[str], list[str | int], asyncio.Future[Any]]] = []
         self._publish_tasks: set[asyncio.Task[None]] = set()
+        self._last_heard: dict[str, float] = {}
+        """Per pub/sub connection, when it last delivered anything (a PONG at least)."""
         # Keyspace channels name the database; known from the URL before any connection, so
         # rooms subscribed before start() get the right channel.  A cluster only has db 0.
         self._db = int(parse_url(url).get("db", 0) or 0)
@@ -817,12 +819,15 @@ class RedisBroker:
     # ------------------------------------------------------------------ epoch tasks
 
     async def _read(self, name: str, conn: AbstractConnection) -> None:
-        """Turn notifications into dirty rooms; the watcher's pings keep data flowing."""
-        timeout = self._ping_interval * 3
+        """Turn notifications into dirty rooms; the watcher's pings keep data flowing.
+
+        No timeout per read (one would cost a timer per notification): the watcher notices a
+        connection that stopped answering its pings and ends the epoch instead."""
+        heard = self._last_heard
+        heard[name] = time.monotonic()
         while True:
-            response = await conn.read_response(timeout=timeout)
-            if response is None:
-                raise RedisTimeoutError(f"no reply from {name} on the pub/sub connection")
+            response = await conn.read_response(timeout=None)
+            heard[name] = time.monotonic()
             self._on_pubsub(response)
 
     def _on_pubsub(self, response: object) -> None:
@@ -1016,6 +1021,10 @@ class RedisBroker:
         client = await self._ensure_client()
         while True:
             await asyncio.sleep(self._ping_interval)
+            silent_since = time.monotonic() - 3 * self._ping_interval
+            for name, heard in self._last_heard.items():
+                if name in self._listeners and heard < silent_since:
+                    raise RedisTimeoutError(f"no reply from {name} on the pub/sub connection")
             async with self._deadline():
                 for conn in list(self._listeners.values()):
                     await conn.send_command("PING", check_health=False)
