@@ -860,6 +860,7 @@ class RedisBroker:
         client = await self._ensure_client()
         while True:
             await self._wake.wait()
+            await asyncio.sleep(_COALESCE_SECONDS)  # let a burst of notifications gather
             self._wake.clear()
             names, self._dirty = self._dirty, set()
             rooms = [self._rooms[name] for name in names if name in self._rooms]
@@ -1041,6 +1042,9 @@ class RedisBroker:
             topology.add((int(start), int(end), f"{_text(host)}:{int(port)}"))
         return frozenset(topology)
 
+
+_COALESCE_SECONDS: Final = 0.002
+"""How long a wake-up waits for more notifications, so one pipelined fetch serves many rooms."""
 
 CLOCK_MARGIN_MS: Final = 5_000
 """Allowed disagreement between the gateway's clock and Redis's (offsets carry Redis time)."""
