@@ -71,5 +71,9 @@ async def test_slow_client_is_disconnected_and_others_get_everything() -> None:
         assert received == count
         slow = node.metrics.registry.get_sample_value("roomcast_slow_client_disconnects_total")
         assert slow == 1
+        lost = node.metrics.registry.get_sample_value(
+            "roomcast_dropped_messages_total", {"reason": "slow_client"}
+        )
+        assert lost is not None and lost >= 1, "the slow client's queued messages are counted"
         assert len(node.hub.rooms[("/", "doc:1")]) == 1
         stalled.close()

@@ -458,3 +458,46 @@ def test_handler_signatures_are_checked_at_registration() -> None:
 
     with pytest.raises(HandlerSignatureError, match="exactly 0"):
         app.on_connect()(bad_connect)
+
+
+def _masked(text: str) -> bytes:
+    import os as _os
+
+    payload = text.encode()
+    mask = _os.urandom(4)
+    return (
+        bytes([0x81, 0x80 | len(payload)])
+        + mask
+        + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    )
+
+
+async def test_upgrade_packet_and_next_event_in_one_read() -> None:
+    """An event sent in the same TCP segment as the upgrade packet is handled as an event."""
+    import base64
+    import os as _os
+
+    async with running() as node:
+        base = f"http://127.0.0.1:{node.port}/socket.io/?EIO=4&transport=polling"
+        _, body, _ = await http("GET", base)
+        sid = json.loads(body[1:])["sid"]
+        await http("POST", f"{base}&sid={sid}", data="40" + json.dumps({"token": token()}))
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+        key = base64.b64encode(_os.urandom(16)).decode()
+        writer.write(
+            (
+                f"GET /socket.io/?EIO=4&transport=websocket&sid={sid} HTTP/1.1\r\nHost: x\r\n"
+                f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(_masked("2probe"))
+        assert (await reader.readexactly(8))[2:] == b"3probe"
+        writer.write(_masked("5") + _masked('421["join","doc:7"]'))  # one write, one read
+        seen = b""
+        while b'431[{"ok":true}]' not in seen:
+            chunk = await asyncio.wait_for(reader.read(4096), 5)
+            assert chunk, f"the server closed the connection; it sent {seen!r}"
+            seen += chunk
+        writer.close()

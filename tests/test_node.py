@@ -117,3 +117,73 @@ async def _get(url: str) -> bytes:
 
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         return await response.read()
+
+
+async def test_unreadable_recovery_state_gives_a_fresh_session() -> None:
+    """A corrupt recovery state is counted and the client connects as a new session."""
+    async with running() as node:
+        await node.broker.save_session("pid-corrupt", b"{not json", 60_000)
+        raw = await Raw.connect(node.port)
+        await raw.send(
+            "40" + json.dumps({"token": token_for("doc:*"), "pid": "pid-corrupt", "offset": "0"})
+        )
+        answer = json.loads(str(await raw.recv())[2:])
+        assert answer["pid"] != "pid-corrupt"
+        value = node.metrics.registry.get_sample_value(
+            "roomcast_recoveries_total", {"result": "bad_state"}
+        )
+        assert value == 1
+
+
+async def test_refused_recovery_releases_its_rooms() -> None:
+    """A recovering socket refused by a before_connect handler leaves nothing held in the hub."""
+    from roomcast import Application, ConnectRefusedError, Socket
+
+    app = Application()
+
+    @app.before_connect()
+    async def refuse_returning(socket: Socket, auth: dict[str, object]) -> None:
+        if "pid" in auth:
+            raise ConnectRefusedError("no comebacks today")
+
+    async with running(app) as node:
+        raw = await connect_sio(node.port, {"token": token_for("doc:*")})
+        hello = json.loads(str(await raw.recv())[2:])
+        await raw.send('421["join","doc:1"]')
+        assert await raw.recv() == '431[{"ok":true}]'
+        raw.ws.transport.abort()
+        for _ in range(100):
+            if not node.sockets.sockets:
+                break
+            await asyncio.sleep(0.01)
+        await node.sockets.session_writer.flush()
+        back = await Raw.connect(node.port)
+        await back.send(
+            "40" + json.dumps({"token": token_for("doc:*"), "pid": hello["pid"], "offset": "0"})
+        )
+        refused = json.loads(str(await back.recv())[2:])
+        assert refused["message"] == "no comebacks today"
+        assert node.hub._pending == {} and ("/", "doc:1") not in node.hub.rooms
+
+
+async def test_failed_handler_task_is_counted() -> None:
+    """A connect handler that raises is logged and counted by kind."""
+    from roomcast import Application, Socket
+
+    app = Application()
+
+    @app.on_connect()
+    async def broken(socket: Socket) -> None:
+        raise RuntimeError("boom")
+
+    async with running(app) as node:
+        raw = await connect_sio(node.port, {"token": token_for("doc:*")})
+        assert (await raw.recv()).startswith("40")
+        for _ in range(100):
+            value = node.metrics.registry.get_sample_value(
+                "roomcast_task_failures_total", {"kind": "connect"}
+            )
+            if value:
+                break
+            await asyncio.sleep(0.01)
+        assert value == 1

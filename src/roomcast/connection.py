@@ -247,10 +247,11 @@ class Connection:
         if not self._open:
             return
         self._open = False  # nothing more is queued until the close runs
+        lost = len(self._out or ()) + len(self._queue)
         self._out = None
         self._queue = []
         self._metrics.slow_client_disconnects.inc()
-        self._metrics.dropped.labels("slow_client").inc()
+        self._metrics.dropped.labels("slow_client").inc(lost)
         log.warning("closing %s: outbound buffer over %d bytes (slow client)", self.sid, self.limit)
         asyncio.get_running_loop().call_soon(self._close_slow)
 

@@ -143,7 +143,7 @@ class EngineServer:
         try:
             packets = engineio.decode_payload(request.body, max_payload=self.options.max_payload)
         except ProtocolError as error:
-            self._protocol_error(conn, error)
+            self.protocol_error(conn, error)
             status = 413 if error.reason == "payload_too_large" else 400
             raise EngineRequestError(EngineErrorCode.BAD_REQUEST, str(error), status) from error
         exchange.respond(200, "ok", cors, content_type="text/html")
@@ -153,10 +153,10 @@ class EngineServer:
             try:
                 conn.receive(packet)
             except ProtocolError as error:
-                self._protocol_error(conn, error)
+                self.protocol_error(conn, error)
                 break
 
-    def _protocol_error(self, conn: Connection, error: ProtocolError) -> None:
+    def protocol_error(self, conn: Connection, error: ProtocolError) -> None:
         self._metrics.protocol_errors.labels(error.reason).inc()
         log.info("closing %s: %s", conn.sid, error)
         conn.close(f"protocol error: {error}", notify=False)
@@ -290,7 +290,7 @@ class _Peer:
         try:
             conn.receive(engineio.Packet.parse(message))
         except ProtocolError as error:
-            self._server._protocol_error(conn, error)
+            self._server.protocol_error(conn, error)
 
     def on_ws_closed(self, reason: str) -> None:
         self._conn.close(reason, notify=False)
@@ -307,35 +307,36 @@ class _Ignored:
 class _Probe:
     """A WebSocket offered as an upgrade of a polling session: ``2probe``, ``3probe``, ``5``."""
 
-    __slots__ = ("_conn", "_server", "_upgraded", "ws")
+    __slots__ = ("_conn", "_peer", "_server", "ws")
 
     def __init__(self, server: EngineServer, conn: Connection) -> None:
         self._server = server
         self._conn = conn
-        self._upgraded = False
+        self._peer: _Peer | None = None
+        """Set once upgraded: everything after ``5`` (even in the same read) goes to it."""
         self.ws: WebSocketConnection | None = None
 
     def on_ws_message(self, message: str | bytes) -> None:
-        conn = self._conn
-        if self._upgraded:
-            _Peer(self._server, conn).on_ws_message(message)
+        if self._peer is not None:
+            self._peer.on_ws_message(message)
             return
+        conn = self._conn
         if message == "2probe":
             conn.upgrading = True
             if self.ws is not None:
                 self.ws.write(text_frame(b"3probe"))
             conn.release_poll("6")
         elif message == "5" and conn.upgrading and self.ws is not None:
-            self._upgraded = True
+            self._peer = _Peer(self._server, conn)
             conn.use_websocket(self.ws)
         else:
-            self._server._protocol_error(
+            self._server.protocol_error(
                 conn,
                 EngineIOError(f"unexpected packet {str(message)[:20]!r} during upgrade"),
             )
 
     def on_ws_closed(self, reason: str) -> None:
-        if self._upgraded:
-            self._conn.close(reason, notify=False)
+        if self._peer is not None:
+            self._peer.on_ws_closed(reason)
         else:
-            self._conn.upgrading = False
+            self._conn.upgrading = False  # the probe failed; polling goes on

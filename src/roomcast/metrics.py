@@ -53,6 +53,12 @@ class Metrics:
         self.recoveries = Counter(
             "roomcast_recoveries", "Connection state recovery attempts", ["result"], registry=r
         )
+        self.task_failures = Counter(
+            "roomcast_task_failures",
+            "Background tasks that ended with an error, by kind",
+            ["kind"],
+            registry=r,
+        )
         self.publish_latency = Histogram(
             "roomcast_publish_to_fanout_seconds",
             "Time from publish to local fan-out",

@@ -9,7 +9,7 @@ from typing import Any
 
 from roomcast.app import Application
 from roomcast.auth import Authenticator, AuthSettings
-from roomcast.broker.base import Broker, PublishRequest, PublishResult
+from roomcast.broker.base import Broker, BrokerError, PublishRequest, PublishResult
 from roomcast.broker.memory import MemoryBroker
 from roomcast.config import Settings
 from roomcast.connection import Flusher
@@ -75,7 +75,7 @@ class Node:
         self.worker = worker
         self.app = app or Application()
         self.metrics = metrics or Metrics()
-        self.tasks = TaskSet()
+        self.tasks = TaskSet(on_error=self._task_failed)
         self.broker = broker or make_broker(settings)
         self.auth = make_authenticator(settings)
         self.metrics.registry.register(BrokerCollector(self.broker))
@@ -125,6 +125,10 @@ class Node:
         self._unix: asyncio.Server | None = None
         self.started = False
         self.draining = False
+
+    def _task_failed(self, name: str, error: BaseException) -> None:
+        """Count a failed task by kind (its name up to the first ``-``; already logged)."""
+        self.metrics.task_failures.labels(name.split("-", 1)[0]).inc()
 
     # -- wiring -----------------------------------------------------------------------------------
     def _first_member(self, key: RoomKey) -> None:
@@ -198,7 +202,7 @@ class Node:
             if pids:
                 try:
                     await self.broker.touch_sessions(pids, ttl)
-                except Exception as exc:  # noqa: BLE001 - task boundary: log, count, go on
+                except BrokerError as exc:
                     self.metrics.recoveries.labels("touch_failed").inc()
                     log.warning("could not refresh recovery state: %s", exc)
 

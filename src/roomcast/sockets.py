@@ -281,15 +281,15 @@ class Client:
             return None
         recovered = await self._recover(nsp, auth, principal)
         socket = recovered or Socket(self, namespace, principal, auth)
-        for reg in namespace.before_connect:
-            try:
+        try:
+            for reg in namespace.before_connect:
                 await reg.handler(socket, auth)
-            except ConnectRefusedError as refused:
-                self._refuse(
-                    nsp, connect_error_payload(refused.code, refused.message), refused.code
-                )
-                return None
+        except ConnectRefusedError as refused:
+            socket.abandon_recovery()
+            self._refuse(nsp, connect_error_payload(refused.code, refused.message), refused.code)
+            return None
         if self.conn.closed:
+            socket.abandon_recovery()
             return None
         socket.connected_at()
         if self._connect_timer is not None:
@@ -326,13 +326,22 @@ class Client:
         if raw is None:
             server.metrics.recoveries.labels("unknown_session").inc()
             return None
-        state = orjson.loads(raw)
-        if state.get("user") != principal.user_id:
+        try:
+            state = orjson.loads(raw)
+            user, sid, saved_rooms = state["user"], state["sid"], state["rooms"]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            server.metrics.recoveries.labels("bad_state").inc()
+            log.warning("recovery state of %s is unreadable: %r", pid[:40], exc)
+            return None
+        if not isinstance(sid, str) or not isinstance(saved_rooms, list):
+            server.metrics.recoveries.labels("bad_state").inc()
+            return None
+        if user != principal.user_id:
             server.metrics.recoveries.labels("user_mismatch").inc()
             return None
         namespace = server.app.namespaces["/"]
-        socket = Socket(self, namespace, principal, auth, sid=SocketId(state["sid"]), pid=pid)
-        rooms = [r for r in state.get("rooms", []) if isinstance(r, str) and principal.may_join(r)]
+        socket = Socket(self, namespace, principal, auth, sid=SocketId(sid), pid=pid)
+        rooms = [r for r in saved_rooms if isinstance(r, str) and principal.may_join(r)]
         for room in rooms:
             server.hub.hold(socket, ("/", room))
         for room in rooms:
@@ -422,6 +431,14 @@ class Socket:
             self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
         if self.recovering is None:
             server.save_session(self, server.options.recovery_ms)
+
+    def abandon_recovery(self) -> None:
+        """The recovered socket will not connect after all: stop holding its rooms."""
+        if self.recovering is not None:
+            rooms = self.recovering[0]
+            self.recovering = None
+            for room in rooms:
+                self.client.server.hub.release(self, ("/", room))
 
     def finish_recovery(self) -> None:
         """Replay what was missed, then the live broadcasts held meanwhile, then go live."""
@@ -572,6 +589,8 @@ class Socket:
     def ack(self, ack_id: int, *args: Any) -> None:
         if self.connected:
             self.client.send(Packet(PacketType.ACK, self.namespace.name, list(args), ack_id))
+        else:
+            self.client.server.drop("socket_disconnected", f"ack {ack_id} for {self.id}")
 
     def on_ack(self, ack_id: int | None, data: list[Any]) -> None:
         future = self._acks.pop(ack_id, None) if ack_id is not None else None

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 log = logging.getLogger("roomcast.tasks")
 
 
 class TaskSet:
-    def __init__(self, on_error: Any = None) -> None:
+    def __init__(self, on_error: Callable[[str, BaseException], None] | None = None) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._on_error = on_error
 

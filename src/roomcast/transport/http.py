@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Protocol
@@ -59,7 +60,7 @@ class Exchange:
         self._keep_alive = keep_alive
         self.done = False
         self._aborted = False
-        self.on_abort: list[object] = []
+        self.on_abort: list[Callable[[], None]] = []
 
     @property
     def aborted(self) -> bool:
@@ -98,7 +99,7 @@ class Exchange:
         self._aborted = True
         callbacks, self.on_abort = self.on_abort, []
         for callback in callbacks:
-            callback()  # type: ignore[operator]
+            callback()
 
 
 class WebSocketConnection:
