@@ -250,7 +250,7 @@ def find_roomcast() -> list[str] | None:
 
 
 def ensure_node_deps() -> None:
-    if (NODE_DIR / "node_modules" / "ws").is_dir() and (
+    if (NODE_DIR / "node_modules" / "jsonwebtoken").is_dir() and (
         NODE_DIR / "node_modules" / "socket.io"
     ).is_dir():
         return

@@ -1,7 +1,7 @@
 // Load generator for the Roomcast benchmark harness.
 //
 // Opens N websocket connections speaking Engine.IO v4 / Socket.IO v5 framing
-// itself (on top of the `ws` package, no socket.io-client), joins each one to a
+// itself (on a minimal WebSocket client, ./rawws.mjs; no socket.io-client), joins each one to a
 // room with an acknowledged `join` event, publishes timestamped events through
 // the server's HTTP publish API (POST /api/v1/publish), and measures
 // publish->client latency, throughput and loss.
@@ -25,7 +25,7 @@ import { monitorEventLoopDelay, performance } from "node:perf_hooks";
 import readline from "node:readline";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
-import WebSocket from "ws";
+import { RawWebSocket } from "./rawws.mjs";
 
 const SELF = fileURLToPath(import.meta.url);
 const MAX_SAMPLES = 20;
@@ -143,7 +143,6 @@ class Client {
     this.joined = false;
     this.closed = false;
     this.onConnect = null;
-    this.upgradeInfo = null;
   }
 
   connect() {
@@ -171,50 +170,33 @@ class Client {
         cfg.connectTimeoutMs,
       );
       this.onConnect = finish;
-      let ws;
       try {
-        ws = new WebSocket(this.shard.wsUrl, {
-          perMessageDeflate: false,
-          skipUTF8Validation: true,
-          handshakeTimeout: cfg.connectTimeoutMs,
-        });
+        this.ws = new RawWebSocket(
+          this.shard.wsUrl,
+          {
+            onOpen: () => undefined,
+            onMessage: (data, isBinary) => this.onFrame(data, isBinary),
+            onClose: (code, reason, err) => {
+              this.closed = true;
+              if (!this.connected) {
+                finish(err ?? new Error(`closed before connect (code ${code} ${reason})`));
+              } else if (!this.shard.closing) {
+                this.shard.disconnects += 1;
+                const why = err ? `error ${String(err?.message ?? err)}` : `code=${code} ${reason}`;
+                this.shard.sample("closed", this.index, `websocket closed: ${why}`);
+              }
+            },
+          },
+          { handshakeTimeoutMs: cfg.connectTimeoutMs },
+        );
       } catch (err) {
         finish(err);
-        return;
       }
-      this.ws = ws;
-      ws.on("upgrade", (res) => {
-        // Kept for diagnostics when the handshake is rejected afterwards.
-        this.upgradeInfo = `HTTP ${res.statusCode}; sent Sec-WebSocket-Key ${res.req?.getHeader?.(
-          "sec-websocket-key",
-        )}; got headers ${JSON.stringify(res.rawHeaders)}`;
-      });
-      ws.on("message", (data, isBinary) => this.onFrame(data, isBinary));
-      ws.on("error", (err) => {
-        if (!this.connected) finish(err);
-        else this.shard.sample("ws-error", this.index, String(err?.message ?? err));
-      });
-      ws.on("unexpected-response", (_req, res) => {
-        let body = "";
-        res.on("data", (c) => {
-          body += c;
-        });
-        res.on("end", () => finish(new Error(`HTTP ${res.statusCode} on upgrade: ${truncate(body)}`)));
-      });
-      ws.on("close", (code, reason) => {
-        this.closed = true;
-        if (!this.connected) {
-          finish(new Error(`closed before connect (code ${code} ${reason})`));
-        } else if (!this.shard.closing) {
-          this.shard.disconnects += 1;
-          this.shard.sample("closed", this.index, `websocket closed code=${code} ${reason}`);
-        }
-      });
     });
   }
 
   send(text) {
-    if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(text);
+    this.ws?.send(text);
   }
 
   emitWithAck(args, timeoutMs) {
@@ -508,7 +490,7 @@ class Shard {
         } catch (err) {
           failed += 1;
           const why = String(err?.message ?? err);
-          this.sample("connect-failed", c.index, c.upgradeInfo ? `${why} (${c.upgradeInfo})` : why);
+          this.sample("connect-failed", c.index, why);
         }
       }
     };
