@@ -158,6 +158,61 @@ async def test_two_instances_receive_only_their_rooms(
     assert list(counts.values()) == [1, 1]
 
 
+async def test_a_room_whose_key_is_not_a_stream_fails_alone(
+    brokers: Callable[..., Any], raw: aioredis.Redis, redis_prefix: str
+) -> None:
+    """One XREAD serves every dirty room; a key of the wrong type fails it as a whole, and the
+    room-by-room fallback then counts that room and delivers the others."""
+    broker, got = await brokers()
+    await broker.subscribe("broken")
+    await broker.subscribe("fine")
+    keys = Keys(redis_prefix)
+    async with raw.pipeline(transaction=True) as tx:  # both notified, then "broken" replaced
+        tx.xadd(keys.room("broken"), envelope("broken", 1))  # type: ignore[arg-type]
+        tx.xadd(keys.room("fine"), envelope("fine", 1))  # type: ignore[arg-type]
+        tx.delete(keys.room("broken"))
+        tx.set(keys.room("broken"), "not a stream")
+        await tx.execute()
+    await got.wait_for(1)
+    await eventually(lambda: broker.errors["read_failed"] >= 1, what="read_failed counted")
+    assert [(p.room, p.data) for p in got.publications] == [("fine", {"n": 1})]
+    await broker.publish(PublishRequest("fine", "e", "after"))
+    await got.wait_for(2)
+    assert got.publications[-1].data == "after"
+
+
+async def test_concurrent_publishes_share_round_trips_and_keep_their_order(
+    brokers: Callable[..., Any],
+) -> None:
+    """Publishes issued together go out in batches over one connection; each gets its own
+    entry id, ids follow issue order, and every entry is delivered once."""
+    broker, got = await brokers()
+    await broker.subscribe("burst")
+    results = await asyncio.gather(
+        *(broker.publish(PublishRequest("burst", "e", n)) for n in range(300))
+    )
+    offsets = [r.offset for r in results]
+    assert len(set(offsets)) == 300
+    assert offsets == sorted(offsets, key=lambda o: tuple(int(x) for x in o.split("-")))
+    await got.wait_for(300)
+    assert [p.data for p in got.publications] == list(range(300))
+
+
+async def test_stop_with_publishes_queued_ends_them(
+    brokers: Callable[..., Any],
+) -> None:
+    """stop() never leaves a publisher waiting: queued publishes end (done or cancelled)."""
+    broker, _ = await brokers()
+    tasks = [
+        asyncio.ensure_future(broker.publish(PublishRequest("late", "e", n))) for n in range(50)
+    ]
+    await asyncio.sleep(0)  # queued, maybe partly sent
+    await broker.stop()
+    done, pending = await asyncio.wait(tasks, timeout=5)
+    assert not pending
+    assert all(t.cancelled() or t.exception() is None for t in done)
+
+
 async def test_direct_duplicate_idempotency_keys_skipped_by_every_instance(
     brokers: Callable[..., Any], raw: aioredis.Redis, redis_prefix: str
 ) -> None:

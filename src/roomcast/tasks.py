@@ -14,9 +14,14 @@ class TaskSet:
     def __init__(self, on_error: Callable[[str, BaseException], None] | None = None) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._on_error = on_error
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
+        # The loop is looked up once: on Python 3.11 get_running_loop() is a getpid() call.
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        task = loop.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, parse_url
@@ -126,6 +127,38 @@ class _Fetched:
     entries: list[_Entry]
 
 
+class _HiredisPacking:
+    """Commands packed by hiredis in C.
+
+    redis-py's asyncio connections pack every argument in Python (its sync ones already use
+    hiredis); a publish script carries about twenty arguments, and packing them was the largest
+    single cost of a publish. Multi-word command names (``"CONFIG GET"``) are split as redis-py
+    does."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        name = args[0]
+        words = name.split() if isinstance(name, str | bytes) else [name]
+        if len(words) > 1:
+            args = (*words, *args[1:])
+        return [_pack(args)]
+
+
+def _packing(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
+    return type(f"Packed{connection_class.__name__}", (_HiredisPacking, connection_class), {})
+
+
+def _pack(args: Sequence[Any]) -> bytes:
+    """One command in RESP, packed by hiredis (C)."""
+    packed: bytes = hiredis.pack_command(tuple(args))
+    return packed
+
+
+def _field_map(fields: list[bytes]) -> dict[bytes, bytes]:
+    """A raw stream entry's ``[field, value, ...]`` as a dict."""
+    it = iter(fields)
+    return dict(zip(it, it, strict=True))
+
+
 def _unavailable(exc: BaseException) -> BrokerUnavailableError:
     detail = str(exc) or f"{type(exc).__name__} (timed out)"
     return BrokerUnavailableError(f"redis unavailable: {detail}")
@@ -206,13 +239,18 @@ class RedisBroker:
         self._client: _Client | None = None
         self._is_cluster = False
         self._publish_queue: list[tuple[list[str], list[str | int], asyncio.Future[Any]]] = []
-        self._publish_tasks: set[asyncio.Task[None]] = set()
+        self._publish_waiting = asyncio.Event()
+        self._publish_lane: asyncio.Task[None] | None = None
+        self._publish_conn: AbstractConnection | None = None
+        self._fetch_conn: AbstractConnection | None = None
+        """Single node: the processor's own connection for ``XREAD`` (no pool checkout)."""
         self._last_heard: dict[str, float] = {}
         """Per pub/sub connection, when it last delivered anything (a PONG at least)."""
         # Keyspace channels name the database; known from the URL before any connection, so
         # rooms subscribed before start() get the right channel.  A cluster only has db 0.
         self._db = int(parse_url(url).get("db", 0) or 0)
         self._script: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._connect_lock = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None
 
@@ -288,6 +326,10 @@ class RedisBroker:
                 logger.error(
                     "redis broker tasks did not stop within %.1fs", self._socket_timeout * 2
                 )
+        lane = self._publish_lane
+        if lane is not None:
+            lane.cancel()
+            await asyncio.wait([lane], timeout=self._socket_timeout)
         await self._close_listeners()
         client, self._client = self._client, None
         if client is not None:
@@ -320,12 +362,12 @@ class RedisBroker:
         for name, value in fields.items():
             args += (name, value)
         try:
-            async with self._deadline():
-                if self._is_cluster:
+            if self._is_cluster:
+                async with self._deadline():
                     client = await self._ensure_client()
                     appended, value = await self._script(keys=keys, args=args, client=client)
-                else:
-                    appended, value = await self._batched_publish(keys, args)
+            else:  # the batch carries the deadline: one timer per pipeline, not per publish
+                appended, value = await self._batched_publish(keys, args)
         except UNAVAILABLE_ERRORS as exc:
             # On a timeout the script may still have run: a retry needs the idempotency key.
             raise _unavailable(exc) from exc
@@ -335,40 +377,71 @@ class RedisBroker:
         return PublishResult(id=original_id, offset=offset, duplicate=True)
 
     def _batched_publish(self, keys: list[str], args: list[str | int]) -> asyncio.Future[Any]:
-        """Queue one publish script; every publish queued in one loop iteration goes to Redis in
-        one pipeline (one write, one read) instead of a round trip each."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        """Queue one publish script for the publishing lane (see :meth:`_run_publish_lane`)."""
+        future: asyncio.Future[Any] = self._running_loop().create_future()
         self._publish_queue.append((keys, args, future))
-        if len(self._publish_queue) == 1:
-            loop.call_soon(self._flush_publishes)
+        if self._publish_lane is None:
+            self._publish_lane = self._running_loop().create_task(
+                self._run_publish_lane(), name="roomcast-redis-publish"
+            )
+        self._publish_waiting.set()
         return future
 
-    def _flush_publishes(self) -> None:
-        batch, self._publish_queue = self._publish_queue, []
-        task = asyncio.get_running_loop().create_task(
-            self._send_publishes(batch), name="roomcast-redis-publish"
-        )
-        self._publish_tasks.add(task)
-        task.add_done_callback(self._publish_tasks.discard)
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The broker's loop, looked up once: on Python 3.11 every ``get_running_loop()`` is a
+        ``getpid()`` system call, several per publish otherwise."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
+    async def _run_publish_lane(self) -> None:
+        """Send queued publish scripts over one dedicated connection, one batch at a time.
+
+        Whatever is queued while a batch is in flight goes out as the next batch, in one write,
+        so the number of round trips adapts to the load with no timer. No pool checkout, no
+        redis-py pipeline object and no task per batch: at thousands of publishes a second
+        those were most of a publish's cost."""
+        try:
+            while True:
+                if not self._publish_queue:
+                    self._publish_waiting.clear()
+                    await self._publish_waiting.wait()
+                batch, self._publish_queue = self._publish_queue, []
+                await self._send_publishes(batch)
+        finally:
+            self._publish_lane = None
+            for _, _, future in self._publish_queue:
+                future.cancel()
+            self._publish_queue = []
+            conn, self._publish_conn = self._publish_conn, None
+            if conn is not None:
+                await conn.disconnect(nowait=True)
 
     async def _send_publishes(
         self, batch: list[tuple[list[str], list[str | int], asyncio.Future[Any]]]
     ) -> None:
+        """Run one batch; every publisher gets its own result or the batch's failure."""
         try:
             async with self._deadline():
-                client = await self._ensure_client()
-                results = await self._eval_batch(client, batch, by_sha=True)
-                if any(isinstance(r, NoScriptError) for r in results):
-                    # Redis restarted or flushed its script cache: send the bodies once.
-                    results = await self._eval_batch(client, batch, by_sha=False)
-        except BaseException as exc:  # every waiting publisher gets the failure, then it goes on
+                results = await self._eval_batch(batch, by_sha=True)
+                retry = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+                if retry:  # Redis restarted or flushed its script cache: send those bodies
+                    again = await self._eval_batch([batch[i] for i in retry], by_sha=False)
+                    for i, result in zip(retry, again, strict=True):
+                        results[i] = result
+        except Exception as exc:  # noqa: BLE001 - not swallowed: every publisher gets it
+            conn, self._publish_conn = self._publish_conn, None
+            if conn is not None:  # a reply may be half read: never reuse the connection
+                await conn.disconnect(nowait=True)
             for _, _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
             return
+        except BaseException:
+            for _, _, future in batch:
+                future.cancel()
+            raise
         for (_, _, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue
@@ -379,20 +452,30 @@ class RedisBroker:
 
     async def _eval_batch(
         self,
-        client: _Client,
         batch: list[tuple[list[str], list[str | int], asyncio.Future[Any]]],
         *,
         by_sha: bool,
     ) -> list[Any]:
-        """One pipeline of publish scripts.  Not redis-py's ``Script`` in a pipeline: that asks
-        ``SCRIPT EXISTS`` first, one more round trip per batch."""
-        pipe = client.pipeline(transaction=False)
-        for keys, args, _ in batch:
-            if by_sha:
-                pipe.evalsha(self._script.sha, len(keys), *keys, *args)
-            else:
-                pipe.eval(_PUBLISH_LUA, len(keys), *keys, *args)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
+        """The scripts of ``batch`` in one write; an error reply is returned in its place."""
+        conn = self._publish_conn
+        if conn is None:
+            client = await self._ensure_client()
+            conn = client.connection_pool.make_connection()  # type: ignore[union-attr]
+            self._publish_conn = conn
+        if by_sha:
+            commands = [
+                ("EVALSHA", self._script.sha, len(keys), *keys, *args) for keys, args, _ in batch
+            ]
+        else:
+            commands = [("EVAL", _PUBLISH_LUA, len(keys), *keys, *args) for keys, args, _ in batch]
+        packed = b"".join(_pack(command) for command in commands)
+        await conn.send_packed_command(packed, check_health=False)  # connects if needed
+        results: list[Any] = []
+        for _ in batch:
+            try:
+                results.append(await conn.read_response())
+            except ResponseError as exc:  # the error reply was read whole: the stream is in step
+                results.append(exc)
         return results
 
     async def subscribe(self, room: str) -> None:
@@ -579,6 +662,7 @@ class RedisBroker:
             pool = aioredis.BlockingConnectionPool.from_url(
                 self._url, max_connections=64, timeout=None, **options
             )
+            pool.connection_class = _packing(pool.connection_class)
             client = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         try:
             async with self._deadline(epoch=True):
@@ -691,6 +775,8 @@ class RedisBroker:
                 nodes.append((node.name, _node_connection(node)))
         else:
             nodes.append((_SINGLE_NODE, client.connection_pool.make_connection()))  # type: ignore[no-untyped-call]
+            self._fetch_conn = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            await self._fetch_conn.connect()
         for name, conn in nodes:
             self._listeners[name] = conn
         for conn in self._listeners.values():
@@ -699,6 +785,9 @@ class RedisBroker:
     async def _close_listeners(self) -> None:
         listeners = list(self._listeners.values())
         self._listeners.clear()
+        fetch_conn, self._fetch_conn = self._fetch_conn, None
+        if fetch_conn is not None:
+            listeners.append(fetch_conn)
         for conn in listeners:
             await conn.disconnect(nowait=True)
         for probe in self._probes.values():
@@ -873,10 +962,7 @@ class RedisBroker:
         if pending:
             await self._initialise_rooms(client, pending)
         rooms = [room for room in rooms if room.last_id is not None]
-        pipe = client.pipeline(transaction=False)
-        for room in rooms:
-            pipe.xrange(room.key, f"({room.last_id}", "+", count=self._fetch_count)
-        results = await pipe.execute(raise_on_error=False)
+        results = await self._read_rooms(client, rooms)
         fetched: list[_Fetched] = []
         for room, result in zip(rooms, results, strict=True):
             if isinstance(result, UNAVAILABLE_ERRORS):
@@ -915,6 +1001,36 @@ class RedisBroker:
             if publication is None or publication.offset in skip:
                 continue
             self._deliver(publication)
+
+    async def _read_rooms(self, client: _Client, rooms: list[_Room]) -> list[Any]:
+        """Each room's entries after its last id (or the error reading it), in ``rooms`` order.
+
+        On one Redis node this is a single non-blocking ``XREAD`` over every room: one command
+        and one reply instead of a pipelined ``XRANGE`` per room, which is most of the cost of
+        a wake-up when rooms are small. A cluster (keys on several nodes), or an ``XREAD`` that
+        one bad key fails as a whole, takes the per-room ``XRANGE`` pipeline, where a failure
+        stays with its room."""
+        conn = self._fetch_conn
+        if conn is not None and rooms:
+            command: list[str | int] = ["XREAD", "COUNT", self._fetch_count, "STREAMS"]
+            command += [room.key for room in rooms]
+            command += [room.last_id or "0-0" for room in rooms]  # initialised: never None here
+            await conn.send_packed_command(_pack(command), check_health=False)
+            try:
+                reply: Any = await conn.read_response()
+            except ResponseError as exc:  # the error reply was read whole: the stream is in step
+                logger.info("XREAD of %d rooms failed (%s); reading room by room", len(rooms), exc)
+            else:
+                by_key: dict[str, list[_Entry]] = {
+                    _text(key): [(entry_id, _field_map(fields)) for entry_id, fields in entries]
+                    for key, entries in reply or ()
+                }
+                return [by_key.get(room.key, []) for room in rooms]
+        pipe = client.pipeline(transaction=False)
+        for room in rooms:
+            pipe.xrange(room.key, f"({room.last_id}", "+", count=self._fetch_count)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
 
     def _deliver(self, publication: Publication) -> None:
         handler = self._handler
