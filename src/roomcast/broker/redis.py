@@ -911,13 +911,22 @@ class RedisBroker:
         """Turn notifications into dirty rooms; the watcher's pings keep data flowing.
 
         No timeout per read (one would cost a timer per notification): the watcher notices a
-        connection that stopped answering its pings and ends the epoch instead."""
+        connection that stopped answering its pings and ends the epoch instead.
+
+        The first notification of a burst wakes the processor and then the reader sleeps the
+        coalescing window too: the rest of the burst waits in the socket buffer and is parsed
+        in one go, instead of a task wake-up per notification (about half of what a second
+        instance on the same rooms costs)."""
         heard = self._last_heard
         heard[name] = time.monotonic()
+        wake = self._wake
         while True:
             response = await conn.read_response(timeout=None)
             heard[name] = time.monotonic()
+            burst_starts = not wake.is_set()
             self._on_pubsub(response)
+            if burst_starts and wake.is_set():
+                await asyncio.sleep(_COALESCE_SECONDS)
 
     def _on_pubsub(self, response: object) -> None:
         if not isinstance(response, list) or len(response) < 3:
