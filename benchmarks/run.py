@@ -47,7 +47,7 @@ RESULTS_DIR = BENCH_DIR / "results"
 HOST = "127.0.0.1"
 ROOM_PREFIX = "bench:room-"
 TOKEN_ROOMS = "bench:*"
-ALL_SERVERS = ("roomcast", "node", "roomcast-w2")
+ALL_SERVERS = ("roomcast", "node", "roomcast-redis", "roomcast-w2")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -879,7 +879,11 @@ def ratio(a: Any, b: Any) -> str:
 def render_table(scenario: Scenario, results: dict[str, dict[str, Any]]) -> str:
     servers = list(results)
     ratio_cols = [s for s in servers if s.startswith("roomcast")] if "node" in results else []
+    # The workers target compares two workers with one on the same (Redis) broker.
+    workers_ratio = "roomcast-w2" in results and "roomcast-redis" in results
     header = ["metric", *servers, *[f"{s}/node" for s in ratio_cols]]
+    if workers_ratio:
+        header.append("roomcast-w2/roomcast-redis")
     lines = [
         f"### {scenario.name}: {scenario.clients:,} clients, {scenario.rooms:,} room(s), "
         + (
@@ -901,6 +905,9 @@ def render_table(scenario: Scenario, results: dict[str, dict[str, Any]]) -> str:
         for s in ratio_cols:
             rs, rn = results[s], results["node"]
             cells.append("—" if "error" in rs or "error" in rn else ratio(rs.get(key), rn.get(key)))
+        if workers_ratio:
+            rw, r1 = results["roomcast-w2"], results["roomcast-redis"]
+            cells.append("—" if "error" in rw or "error" in r1 else ratio(rw.get(key), r1.get(key)))
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
 
