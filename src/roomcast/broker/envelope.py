@@ -149,12 +149,19 @@ def decode_envelope(
     )
 
 
+_NAMES: Final[dict[str | bytes, str]] = {
+    **{name: name for name in FIELDS},
+    **{name.encode(): name for name in FIELDS},
+}
+"""Known field names, as ``str`` or as the ``bytes`` a Redis reply holds."""
+
+
 def _as_text(fields: Mapping[str, str] | Mapping[bytes, bytes]) -> dict[str, str]:
     """Decode the known fields to ``str``; a field that is not UTF-8 is an error."""
     text: dict[str, str] = {}
     for raw_name, raw_value in fields.items():
-        name = raw_name.decode("utf-8", "replace") if isinstance(raw_name, bytes) else raw_name
-        if name not in FIELDS:
+        name = _NAMES.get(raw_name)
+        if name is None:
             continue
         if isinstance(raw_value, bytes):
             try:

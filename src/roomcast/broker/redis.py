@@ -3,14 +3,16 @@
 Publishing is a plain ``XADD`` of an envelope (see :mod:`roomcast.broker.envelope`) to the room's
 stream, so services in any language can publish.  An instance receives only the rooms it has
 local members for: it subscribes to the keyspace-notification channel of each such room's
-stream, and on ``xadd`` reads the new entries with ``XRANGE`` from the last entry it delivered.
+stream, and on ``xadd`` reads the new entries (``XREAD``) after the last entry it delivered.
 Because delivery always resumes from that id, an outage or a missed notification costs latency,
 never an entry, and nothing is delivered twice.  ``docs/redis.md`` explains the design.
 
 Tasks (one set per connection "epoch", restarted with capped exponential backoff):
 
 * one reader per pub/sub connection (one per cluster primary): notifications -> dirty rooms;
-* one processor: fetches every dirty room at most once per wake-up, pipelined, and delivers;
+* one processor: fetches every dirty room at most once per wake-up, and delivers;
+* one publishing lane (started by the first publish): batches publish scripts on its own
+  connection;
 * one watcher: pings the pub/sub connections and, on a cluster, notices slot moves;
 * when ``CONFIG`` is refused: a checker that verifies notifications arrive at all.
 """
@@ -366,7 +368,7 @@ class RedisBroker:
                 async with self._deadline():
                     client = await self._ensure_client()
                     appended, value = await self._script(keys=keys, args=args, client=client)
-            else:  # the batch carries the deadline: one timer per pipeline, not per publish
+            else:  # the batch carries the deadline: one timer per batch, not per publish
                 appended, value = await self._batched_publish(keys, args)
         except UNAVAILABLE_ERRORS as exc:
             # On a timeout the script may still have run: a retry needs the idempotency key.
@@ -954,7 +956,7 @@ class RedisBroker:
             self._wake.set()
 
     async def _process(self) -> None:
-        """Fetch every dirty room once per wake-up, pipelined, and deliver in stream order."""
+        """Fetch every dirty room once per wake-up and deliver in stream order."""
         client = await self._ensure_client()
         while True:
             await self._wake.wait()
@@ -1169,7 +1171,7 @@ class RedisBroker:
 
 
 _COALESCE_SECONDS: Final = 0.002
-"""How long a wake-up waits for more notifications, so one pipelined fetch serves many rooms."""
+"""How long a wake-up waits for more notifications, so one fetch serves many rooms."""
 
 CLOCK_MARGIN_MS: Final = 5_000
 """Allowed disagreement between the gateway's clock and Redis's (offsets carry Redis time)."""
