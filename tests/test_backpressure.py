@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import json
 import os
 import socket
 
 from conftest_helpers import token_for
+from roomcast.connection import Connection, Flusher
+from roomcast.metrics import Metrics
+from roomcast.transport.http import Request, WebSocketConnection
+from roomcast.types import SessionId
 from wire import connect_sio, publish, running
 
 
@@ -35,6 +40,15 @@ async def _stalled_client(port: int, token: str) -> socket.socket:
 
     sock.sendall(frame("40") + frame('421["join","doc:1"]'))
     return sock
+
+
+async def _was_reset(sock: socket.socket, seconds: float) -> bool:
+    """Whether the peer reset the connection, seen without reading (reading would un-stall it)."""
+    for _ in range(int(seconds / 0.05)):
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET:
+            return True
+        await asyncio.sleep(0.05)
+    return False
 
 
 async def test_slow_client_is_disconnected_and_others_get_everything() -> None:
@@ -76,4 +90,59 @@ async def test_slow_client_is_disconnected_and_others_get_everything() -> None:
         )
         assert lost is not None and lost >= 1, "the slow client's queued messages are counted"
         assert len(node.hub.rooms[("/", "doc:1")]) == 1
+        # The server aborted the stalled connection rather than waiting behind its buffer.
+        assert await _was_reset(stalled, 5.0), "the stalled connection was not aborted"
         stalled.close()
+
+
+class _RecordingTransport:
+    """Just enough of an asyncio transport to see which writes a connection makes."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str) -> object:
+        return None
+
+
+async def test_idle_connections_write_at_once_and_busy_ones_coalesce() -> None:
+    """A broadcast frame to a connection that sent nothing in this loop iteration or the one
+    before is written at once; frames to a busy connection become one write per iteration."""
+    flusher = Flusher()
+    transport = _RecordingTransport()
+    conn = Connection(
+        SessionId("s1"),
+        Request("GET", "/socket.io/", {}, {}),
+        ping_interval=25,
+        ping_timeout=20,
+        limit=1 << 20,
+        flusher=flusher,
+        metrics=Metrics(),
+        on_closed=lambda _conn, _reason: None,
+    )
+    conn.use_websocket(WebSocketConnection(transport, None, 1 << 20))  # type: ignore[arg-type]
+    for _ in range(3):  # let anything queued by the switch to WebSocket go out
+        await asyncio.sleep(0)
+    transport.writes.clear()
+
+    conn.send_encoded(b"a", "a")  # idle: written before the broadcast loop moves on
+    assert transport.writes == [b"a"]
+    conn.send_encoded(b"b", "b")  # same iteration: queued
+    conn.send_encoded(b"c", "c")
+    assert transport.writes == [b"a"]
+    await asyncio.sleep(0)  # next iteration: one write for both
+    assert transport.writes == [b"a", b"bc"]
+    conn.send_encoded(b"d", "d")  # sent just before: still busy, queued
+    assert transport.writes == [b"a", b"bc"]
+    await asyncio.sleep(0)
+    assert transport.writes == [b"a", b"bc", b"d"]
+    for _ in range(3):  # a few quiet iterations
+        await asyncio.sleep(0)
+    conn.send_encoded(b"e", "e")  # idle again: at once
+    assert transport.writes == [b"a", b"bc", b"d", b"e"]

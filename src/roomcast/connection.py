@@ -42,29 +42,46 @@ class Flusher:
     """Writes every connection's pending output once per event-loop iteration.
 
     Coalescing what a broadcast burst queued for one connection into one ``write()`` is what
-    keeps the system-call count below one per delivered message.
+    keeps the system-call count below one per delivered message. :attr:`epoch` counts loop
+    iterations while anything is being sent (it stops counting one iteration after the last
+    send), so a connection can tell whether it sent in this iteration or the one before; one
+    that did not writes its next broadcast frame at once (see :meth:`Connection.send_encoded`).
     """
 
-    __slots__ = ("_dirty", "_loop", "_scheduled")
+    __slots__ = ("_active", "_dirty", "_loop", "_scheduled", "epoch")
 
     def __init__(self) -> None:
         self._dirty: list[Connection] = []
         self._scheduled = False
+        self._active = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.epoch = 0
 
     def mark(self, conn: Connection) -> None:
         self._dirty.append(conn)
+        self.touch()
+
+    def touch(self) -> None:
+        """Something is being sent in this iteration."""
+        self._active = True
         if not self._scheduled:
-            self._scheduled = True
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-            self._loop.call_soon(self.flush)
+            self._schedule()
+
+    def _schedule(self) -> None:
+        self._scheduled = True
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self._scheduled = False
+        self.epoch += 1
+        active, self._active = self._active, False
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             conn.flush()
+        if active:  # count the next iteration too: it tells "sent just before" from "idle"
+            self._schedule()
 
 
 def _no_write(data: bytes) -> None:
@@ -89,6 +106,7 @@ class Connection:
         "_timer",
         "_waiting_pong",
         "_write",
+        "_written",
         "farewell",
         "handler",
         "limit",
@@ -136,6 +154,8 @@ class Connection:
         self._poll_headers: list[tuple[str, str]] = []
         """False once closed or overflowing: nothing more is queued or written."""
         self._write: Callable[[bytes], object] = _no_write
+        self._written = -2
+        """The :attr:`Flusher.epoch` in which this connection last sent a broadcast frame."""
         self._buffered: Callable[[], int] = _no_buffer
         self.farewell: str | None = None
         """Polling only: the last payload (ending in CLOSE) that no poll was there to take."""
@@ -168,19 +188,34 @@ class Connection:
     def send_encoded(self, frame: bytes, text: str) -> None:
         """The broadcast hot path: a pre-built WebSocket frame, or its polling text form.
 
-        ``_push`` inlined for WebSocket: this runs once per member of every broadcast."""
+        A connection that sent nothing in this loop iteration or the one before writes the
+        frame at once: in a big room the first members then receive while the loop still
+        walks the rest, and nothing is queued, marked and walked a second time. A busy
+        connection queues it, and the :class:`Flusher` coalesces everything it got in the
+        iteration into one ``write()``. This runs once per member of every broadcast."""
         if self.ws is None:
             self._enqueue(text)
             return
         out = self._out
         if out is not None:
             out.append(frame)
-        elif self._open:
-            self._out = [frame]
-            self._flusher.mark(self)
-        else:
+        elif not self._open:
             self._closed_drop()
             return
+        else:
+            flusher = self._flusher
+            epoch = flusher.epoch
+            idle = epoch - self._written > 1
+            self._written = epoch
+            if idle:
+                flusher.touch()
+                self._write(frame)
+                size = self._out_size = self._buffered()
+                if size > self.limit:
+                    self._overflow(written=1)
+                return
+            self._out = [frame]
+            flusher.mark(self)
         self._out_size += len(frame)
         if self._out_size > self.limit:
             self._overflow()
@@ -220,7 +255,7 @@ class Connection:
                 self._write(out[0] if len(out) == 1 else b"".join(out))
                 size = self._out_size = self._buffered()
                 if size > self.limit:
-                    self._overflow()
+                    self._overflow(written=len(out))
         elif self._poll is not None and self._queue and self._open:
             self._answer_poll()
 
@@ -241,13 +276,18 @@ class Connection:
         self._metrics.dropped.labels("connection_closed").inc()
         log.debug("dropped a message for closed connection %s", self.sid)
 
-    def _overflow(self) -> None:
+    def _overflow(self, written: int = 0) -> None:
         """Drop what is queued and close on the next loop iteration: this may run inside a
-        broadcast that is iterating over the room this connection is a member of."""
+        broadcast that is iterating over the room this connection is a member of.
+
+        ``written``: messages of the write that crossed the limit. They sit in the transport's
+        buffer, which the close discards (the connection is aborted), so they are lost too.
+        Earlier messages still in that buffer are not counted one by one (only their bytes are
+        known); a client that recovers its session gets all of them back."""
         if not self._open:
             return
         self._open = False  # nothing more is queued until the close runs
-        lost = len(self._out or ()) + len(self._queue)
+        lost = len(self._out or ()) + len(self._queue) + written
         self._out = None
         self._queue = []
         self._metrics.slow_client_disconnects.inc()
@@ -364,8 +404,12 @@ class Connection:
         self._queue = []
         self.release_poll(poll_answer)
         if self.ws is not None:
-            code = 1008 if reason.startswith("slow client") else 1000 if notify else 1001
-            self.ws.close(code, "")
+            if reason.startswith("slow client"):
+                # Abort: a close frame would wait behind the unread buffer, and a client that
+                # never reads would keep the socket and its buffer alive indefinitely.
+                self.ws.abort()
+            else:
+                self.ws.close(1000 if notify else 1001, "")
         handler, self.handler = self.handler, None
         if handler is not None:
             handler.on_close(reason)

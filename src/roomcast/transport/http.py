@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -102,6 +104,9 @@ class Exchange:
             callback()
 
 
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
 class WebSocketConnection:
     """What the engine layer holds for a WebSocket: raw writes and close."""
 
@@ -125,7 +130,13 @@ class WebSocketConnection:
         self.transport.close()
 
     def abort(self) -> None:
+        """Drop the connection and everything queued for it, now: with linger 0 the kernel
+        discards its send buffer too and the peer gets a reset, so a client that stopped
+        reading does not keep a socket and its buffer alive."""
         self._closed = True
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
         self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
