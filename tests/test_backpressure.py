@@ -146,3 +146,10 @@ async def test_idle_connections_write_at_once_and_busy_ones_coalesce() -> None:
         await asyncio.sleep(0)
     conn.send_encoded(b"e", "e")  # idle again: at once
     assert transport.writes == [b"a", b"bc", b"d", b"e"]
+    with flusher.batch():  # a broker delivering several publications: one write for all
+        for _ in range(3):
+            await asyncio.sleep(0)
+        conn.send_encoded(b"f", "f")
+        conn.send_encoded(b"g", "g")
+    await asyncio.sleep(0)
+    assert transport.writes == [b"a", b"bc", b"d", b"e", b"fg"]

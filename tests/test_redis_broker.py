@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, cast
 
 import orjson
@@ -179,6 +180,47 @@ async def test_a_room_whose_key_is_not_a_stream_fails_alone(
     await broker.publish(PublishRequest("fine", "e", "after"))
     await got.wait_for(2)
     assert got.publications[-1].data == "after"
+
+
+async def test_a_fetch_of_several_publications_is_delivered_in_one_batch(
+    redis_url: str, redis_prefix: str, raw: aioredis.Redis
+) -> None:
+    """Entries read by one fetch are delivered inside the node's batch scope, so each client
+    gets them in one write; a lone entry is delivered outside it."""
+    scopes: list[list[Any]] = []
+    inside: list[Any] | None = None
+
+    @contextlib.contextmanager
+    def batch() -> Iterator[None]:
+        nonlocal inside
+        inside = []
+        try:
+            yield
+        finally:
+            scopes.append(inside)
+            inside = None
+
+    outside: list[Any] = []
+
+    def handler(publication: Any) -> None:
+        (inside if inside is not None else outside).append(publication.data)
+
+    broker = RedisBroker(redis_url, prefix=redis_prefix)
+    await broker.start(handler, batch=batch)
+    try:
+        await broker.subscribe("burst")
+        key = Keys(redis_prefix).room("burst")
+        async with raw.pipeline(transaction=True) as tx:  # three entries, one wake-up
+            for n in range(3):
+                tx.xadd(key, envelope("burst", n))  # type: ignore[arg-type]
+            await tx.execute()
+        await eventually(lambda: sum(map(len, scopes)) == 3, what="three in a batch")
+        assert scopes == [[{"n": 0}, {"n": 1}, {"n": 2}]]
+        await broker.publish(PublishRequest("burst", "e", "alone"))
+        await eventually(lambda: outside == ["alone"], what="a lone delivery")
+        assert len(scopes) == 1
+    finally:
+        await broker.stop()
 
 
 async def test_concurrent_publishes_share_round_trips_and_keep_their_order(

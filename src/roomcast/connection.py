@@ -7,9 +7,10 @@ the heartbeat timers and ``close(reason)``.  It never creates a task: timers are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 from roomcast.protocol import engineio
@@ -48,7 +49,7 @@ class Flusher:
     that did not writes its next broadcast frame at once (see :meth:`Connection.send_encoded`).
     """
 
-    __slots__ = ("_active", "_dirty", "_loop", "_scheduled", "epoch")
+    __slots__ = ("_active", "_dirty", "_loop", "_scheduled", "epoch", "holding")
 
     def __init__(self) -> None:
         self._dirty: list[Connection] = []
@@ -56,6 +57,17 @@ class Flusher:
         self._active = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.epoch = 0
+        self.holding = 0
+        """Inside :meth:`batch`: every frame is queued and coalesced, none written at once."""
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Several publications delivered back to back: each connection gets one write."""
+        self.holding += 1
+        try:
+            yield
+        finally:
+            self.holding -= 1
 
     def mark(self, conn: Connection) -> None:
         self._dirty.append(conn)
@@ -192,7 +204,9 @@ class Connection:
         frame at once: in a big room the first members then receive while the loop still
         walks the rest, and nothing is queued, marked and walked a second time. A busy
         connection queues it, and the :class:`Flusher` coalesces everything it got in the
-        iteration into one ``write()``. This runs once per member of every broadcast."""
+        iteration into one ``write()``; so does every connection inside :meth:`Flusher.batch`
+        (a broker delivering a fetch's worth of publications). This runs once per member of
+        every broadcast."""
         if self.ws is None:
             self._enqueue(text)
             return
@@ -205,7 +219,7 @@ class Connection:
         else:
             flusher = self._flusher
             epoch = flusher.epoch
-            idle = epoch - self._written > 1
+            idle = epoch - self._written > 1 and not flusher.holding
             self._written = epoch
             if idle:
                 flusher.touch()

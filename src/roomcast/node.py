@@ -163,7 +163,7 @@ class Node:
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self, sock: socketlib.socket | None = None) -> None:
-        await self.broker.start(self.sockets.deliver)
+        await self.broker.start(self.sockets.deliver, batch=self.flusher.batch)
         loop = asyncio.get_running_loop()
         body_limit = self.settings.max_payload + 64 * 1024
 

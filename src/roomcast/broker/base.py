@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -92,6 +93,10 @@ class BrokerUnavailableError(BrokerError):
 DeliveryHandler = Callable[[Publication], None]
 """Called by the broker, in the event loop, for every publication of a subscribed room."""
 
+BatchScope = Callable[[], AbstractContextManager[None]]
+"""Entered by a broker around publications it delivers back to back (one fetch's worth), so the
+node can send what each client gets from them as one write."""
+
 
 class Broker(Protocol):
     """The narrow interface the node uses.  Implementations: ``memory.py``, ``redis.py``."""
@@ -103,8 +108,10 @@ class Broker(Protocol):
     def ready(self) -> bool:
         """Connected and able to deliver (for Redis: keyspace notifications reach us)."""
 
-    async def start(self, handler: DeliveryHandler) -> None:
-        """Connect and begin delivering publications of subscribed rooms to ``handler``."""
+    async def start(self, handler: DeliveryHandler, *, batch: BatchScope | None = None) -> None:
+        """Connect and begin delivering publications of subscribed rooms to ``handler``.
+
+        A broker that delivers several publications at once enters ``batch()`` around them."""
 
     async def stop(self) -> None:
         """Stop delivering and release every resource."""

@@ -8,6 +8,7 @@ import time
 from collections import OrderedDict, deque
 
 from roomcast.broker.base import (
+    BatchScope,
     BrokerState,
     DeliveryHandler,
     History,
@@ -60,7 +61,8 @@ class MemoryBroker:
     def ready(self) -> bool:
         return self._state is BrokerState.CONNECTED
 
-    async def start(self, handler: DeliveryHandler) -> None:
+    async def start(self, handler: DeliveryHandler, *, batch: BatchScope | None = None) -> None:
+        """``batch`` is not used: this broker delivers each publication as it is published."""
         self._handler = handler
         self._state = BrokerState.CONNECTED
 

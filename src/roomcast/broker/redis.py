@@ -25,6 +25,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
@@ -48,6 +49,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from roomcast.auth import validate_room
 from roomcast.broker.base import (
+    BatchScope,
     BrokerError,
     BrokerState,
     BrokerUnavailableError,
@@ -238,6 +240,7 @@ class RedisBroker:
 
         self._state = BrokerState.STOPPED
         self._handler: DeliveryHandler | None = None
+        self._batch: BatchScope | None = None
         self._client: _Client | None = None
         self._is_cluster = False
         self._publish_queue: list[tuple[list[str], list[str | int], asyncio.Future[Any]]] = []
@@ -293,7 +296,7 @@ class RedisBroker:
     def subscribed_rooms(self) -> frozenset[str]:
         return frozenset(self._rooms)
 
-    async def start(self, handler: DeliveryHandler) -> None:
+    async def start(self, handler: DeliveryHandler, *, batch: BatchScope | None = None) -> None:
         """Connect, enable notifications, subscribe, and deliver in a background task.
 
         Raise :class:`BrokerUnavailableError` if Redis cannot be reached at all; later outages
@@ -302,6 +305,7 @@ class RedisBroker:
         if self._supervisor is not None:
             raise BrokerError("redis broker already started")
         self._handler = handler
+        self._batch = batch
         self._state = BrokerState.STARTING
         try:
             async with self._deadline(epoch=True):
@@ -1005,13 +1009,15 @@ class RedisBroker:
             ),
             key=lambda item: item[0],
         )
-        for _, room, entry_id, publication in merged:
-            if self._rooms.get(room.name) is not room:
-                continue  # unsubscribed meanwhile
-            room.last_id = entry_id
-            if publication is None or publication.offset in skip:
-                continue
-            self._deliver(publication)
+        batch = self._batch if self._batch is not None and len(merged) > 1 else nullcontext
+        with batch():
+            for _, room, entry_id, publication in merged:
+                if self._rooms.get(room.name) is not room:
+                    continue  # unsubscribed meanwhile
+                room.last_id = entry_id
+                if publication is None or publication.offset in skip:
+                    continue
+                self._deliver(publication)
 
     async def _read_rooms(self, client: _Client, rooms: list[_Room]) -> list[Any]:
         """Each room's entries after its last id (or the error reading it), in ``rooms`` order.
