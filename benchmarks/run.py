@@ -29,6 +29,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -916,6 +917,13 @@ def scenario_notes(results: dict[str, dict[str, Any]], pinning: Pinning) -> list
     notes = [pinning.note + "."]
     for name, r in results.items():
         notes.append(f"{name}: {SERVER_SPECS[name].description}.")
+        if "rounds" in r and "error" not in r:
+            p95s = ", ".join(fmt(x.get("latency_p95_ms"), 1) for x in r["rounds"])
+            cpus = ", ".join(fmt(x.get("server_cpu_per_msg_s"), 1e6) for x in r["rounds"])
+            notes.append(
+                f"{name}: median of {len(r['rounds'])} rounds; per round, p95 (ms): {p95s}; "
+                f"server CPU per message (µs): {cpus}."
+            )
         if SERVER_SPECS[name].workers > 1 and pinning.enabled:
             notes.append(
                 f"{name}: all {SERVER_SPECS[name].workers} workers share the server CPU(s) "
@@ -998,6 +1006,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"CI size: {SMOKE_CLIENTS} connections, {SMOKE_ROOMS} rooms (collab), "
         f"{SMOKE_DURATION:g} s, every scenario unless --scenario is given",
     )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every scenario/server pair this many times (rounds interleave the servers) "
+        "and report the median of each figure; losses and errors are the worst round's",
+    )
     p.add_argument("--json-out", type=Path, help="also write the JSON results here")
     p.add_argument("--payload-bytes", type=int, default=200, help="JSON size of event data")
     p.add_argument(
@@ -1061,6 +1076,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+WORST_OF_ROUNDS = (
+    "lost",
+    "duplicates",
+    "misrouted",
+    "disconnects",
+    "connect_failed",
+    "join_failed",
+    "publish_errors",
+)
+"""Counts of things that went wrong: with --repeat, the worst round's, never a median."""
+
+
+def combine_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several rounds: the median of each number, the maximum of each count of
+    failures; any failed round fails the whole. The rounds stay in ``rounds``."""
+    if len(rounds) == 1:
+        return rounds[0]
+    failed = [r for r in rounds if "error" in r]
+    if failed:
+        return {
+            "error": f"{len(failed)} of {len(rounds)} rounds failed: {failed[0]['error']}",
+            "rounds": rounds,
+        }
+    merged: dict[str, Any] = {}
+    for key, first in rounds[0].items():
+        values = [r.get(key) for r in rounds]
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        if numeric and key in WORST_OF_ROUNDS:
+            merged[key] = max(values)
+        elif numeric:
+            merged[key] = statistics.median(values)
+        else:
+            merged[key] = first
+    merged["rounds"] = rounds
+    return merged
+
+
 def iter_runs(
     scenarios: list[Scenario], servers: list[str]
 ) -> Iterator[tuple[Scenario, ServerSpec]]:
@@ -1108,15 +1160,22 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         "scenarios": [],
     }
     failed = False
-    per_scenario: dict[str, dict[str, dict[str, Any]]] = {}
-    for sc, spec in iter_runs(scenarios, args.server_list):
-        try:
-            result = run_one(ctx, spec, sc)
-        except (BenchError, OSError, subprocess.SubprocessError, json.JSONDecodeError) as exc:
-            failed = True
-            log(f"{sc.name}: {spec.name} FAILED: {exc}")
-            result = {"error": str(exc)}
-        per_scenario.setdefault(sc.name, {})[spec.name] = result
+    rounds: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for round_no in range(max(1, args.repeat)):
+        if args.repeat > 1:
+            log(f"round {round_no + 1} of {args.repeat}")
+        for sc, spec in iter_runs(scenarios, args.server_list):
+            try:
+                result = run_one(ctx, spec, sc)
+            except (BenchError, OSError, subprocess.SubprocessError, json.JSONDecodeError) as exc:
+                failed = True
+                log(f"{sc.name}: {spec.name} FAILED: {exc}")
+                result = {"error": str(exc)}
+            rounds.setdefault(sc.name, {}).setdefault(spec.name, []).append(result)
+    per_scenario = {
+        name: {server: combine_rounds(runs) for server, runs in by_server.items()}
+        for name, by_server in rounds.items()
+    }
 
     tables: list[str] = []
     for sc in scenarios:
