@@ -492,6 +492,24 @@ async def test_publisher_publishes_without_a_started_broker(
     assert fields[b"data"] == b'{"a":1}' and fields[b"id"] == result.id.encode()
 
 
+async def test_cluster_publish_before_start(redis_cluster_url: str, redis_prefix: str) -> None:
+    """A publisher that never starts the broker learns it is on a cluster before publishing."""
+    publisher = RedisBroker(redis_cluster_url, prefix=redis_prefix)
+    try:
+        results = await asyncio.gather(
+            *(publisher.publish(PublishRequest(f"room-{n}", "e", n)) for n in range(5))
+        )
+    finally:
+        await publisher.stop()
+    assert all(r.offset and not r.duplicate for r in results)
+    raw = aioredis.RedisCluster.from_url(redis_cluster_url)
+    try:
+        lengths = [await raw.xlen(Keys(redis_prefix).room(f"room-{n}")) for n in range(5)]
+    finally:
+        await raw.aclose()
+    assert lengths == [1] * 5
+
+
 async def test_cluster_publish_deliver_history(redis_cluster_url: str, redis_prefix: str) -> None:
     """On a 3-node cluster, rooms on every node are delivered and their history is complete."""
     # A short ping interval runs the slot-map check many times during the test.

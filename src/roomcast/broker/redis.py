@@ -368,6 +368,9 @@ class RedisBroker:
         for name, value in fields.items():
             args += (name, value)
         try:
+            if self._client is None:  # connect first: only then is it known to be a cluster
+                async with self._deadline():
+                    await self._ensure_client()
             if self._is_cluster:
                 async with self._deadline():
                     client = await self._ensure_client()

@@ -136,7 +136,10 @@ class WebSocketConnection:
         self._closed = True
         sock = self.transport.get_extra_info("socket")
         if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+            except OSError as exc:  # already gone: the abort below is all that is left to do
+                log.debug("could not set linger 0 before an abort: %s", exc)
         self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
