@@ -52,7 +52,7 @@ async def measure(url: str, instances: int, rate: float, seconds: float) -> str:
         for room in rooms:
             await broker.subscribe(room)
     data: Any = {"ts": 0, "seq": 0, "room": "room-0", "pad": "x" * 120}
-    tasks: set[asyncio.Task[Any]] = set()
+    tasks: list[asyncio.Task[Any]] = []
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     sent = 0
@@ -60,9 +60,7 @@ async def measure(url: str, instances: int, rate: float, seconds: float) -> str:
         due = min(total, int((time.perf_counter() - start) * rate) + 1)
         while sent < due:
             request = PublishRequest(room=rooms[sent % ROOMS], event="e", data=data)
-            task = asyncio.create_task(brokers[sent % instances].publish(request))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            tasks.append(asyncio.create_task(brokers[sent % instances].publish(request)))
             sent += 1
         await asyncio.sleep(0.001)
     try:
@@ -70,6 +68,9 @@ async def measure(url: str, instances: int, rate: float, seconds: float) -> str:
     except TimeoutError:
         print(f"not everything was delivered within 30 s: {counts} of {total} each")
     after = resource.getrusage(resource.RUSAGE_SELF)
+    failed = [t.exception() for t in tasks if t.done() and t.exception() is not None]
+    if failed:
+        print(f"{len(failed)} publishes failed, the first with: {failed[0]!r}")
     for broker in brokers:
         await broker.stop()
     user = (after.ru_utime - before.ru_utime) / sent * 1e6
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2000.0, help="publications per second")
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
+    if args.url == "memory" and args.instances != 1:
+        parser.error("memory brokers do not share publications: use --instances 1")
     print(uvloop.run(measure(args.url, args.instances, args.rate, args.seconds)))
 
 

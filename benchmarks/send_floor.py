@@ -36,6 +36,8 @@ def reader(port: int, n: int, ready: int) -> None:
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
+    if not {0, 1} <= os.sched_getaffinity(0):
+        raise SystemExit("needs CPUs 0 and 1: the sender and the reader each get one")
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(4096)

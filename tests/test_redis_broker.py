@@ -224,35 +224,100 @@ async def test_a_fetch_of_several_publications_is_delivered_in_one_batch(
 
 
 async def test_concurrent_publishes_share_round_trips_and_keep_their_order(
-    brokers: Callable[..., Any],
+    brokers: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Publishes issued together go out in batches over one connection; each gets its own
     entry id, ids follow issue order, and every entry is delivered once."""
     broker, got = await brokers()
     await broker.subscribe("burst")
+    batches = 0
+    eval_batch = broker._eval_batch
+
+    async def counting(*args: Any, **kwargs: Any) -> None:
+        nonlocal batches
+        batches += 1
+        await eval_batch(*args, **kwargs)
+
+    monkeypatch.setattr(broker, "_eval_batch", counting)
     results = await asyncio.gather(
         *(broker.publish(PublishRequest("burst", "e", n)) for n in range(300))
     )
     offsets = [r.offset for r in results]
     assert len(set(offsets)) == 300
     assert offsets == sorted(offsets, key=lambda o: tuple(int(x) for x in o.split("-")))
+    assert 1 <= batches <= 10, f"{batches} round trips for 300 publishes issued together"
     await got.wait_for(300)
     assert [p.data for p in got.publications] == list(range(300))
 
 
-async def test_stop_with_publishes_queued_ends_them(
-    brokers: Callable[..., Any],
+async def test_publishes_survive_a_flushed_script_cache(
+    brokers: Callable[..., Any], raw: aioredis.Redis
 ) -> None:
-    """stop() never leaves a publisher waiting: queued publishes end (done or cancelled)."""
+    """After SCRIPT FLUSH (as after a Redis restart) the scripts that got NOSCRIPT are sent
+    again as EVAL, and every publisher gets its own entry."""
+    broker, got = await brokers()
+    await broker.subscribe("flushed")
+    await broker.publish(PublishRequest("flushed", "e", "before"))
+    await raw.script_flush()
+    results = await asyncio.gather(
+        *(broker.publish(PublishRequest("flushed", "e", n)) for n in range(20))
+    )
+    assert len({r.offset for r in results}) == 20
+    await got.wait_for(21)
+    assert [p.data for p in got.publications] == ["before", *range(20)]
+
+
+async def test_stop_ends_waiting_publishers_with_unavailable(
+    brokers: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop() never leaves a publisher waiting, nor cancels it: a publish in flight or queued
+    ends with BrokerUnavailableError, and later publishes are refused."""
     broker, _ = await brokers()
+    sent = asyncio.Event()
+
+    async def hung(*_args: Any, **_kwargs: Any) -> None:  # Redis that never answers
+        sent.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(broker, "_eval_batch", hung)
     tasks = [
         asyncio.ensure_future(broker.publish(PublishRequest("late", "e", n))) for n in range(50)
     ]
-    await asyncio.sleep(0)  # queued, maybe partly sent
+    await sent.wait()
+    tasks.append(asyncio.ensure_future(broker.publish(PublishRequest("late", "e", "queued"))))
+    await asyncio.sleep(0)
     await broker.stop()
     done, pending = await asyncio.wait(tasks, timeout=5)
     assert not pending
-    assert all(t.cancelled() or t.exception() is None for t in done)
+    for task in done:
+        assert not task.cancelled()
+        assert isinstance(task.exception(), BrokerUnavailableError), task.exception()
+    with pytest.raises(BrokerUnavailableError, match="stopped"):
+        await broker.publish(PublishRequest("late", "e", "after"))
+
+
+async def test_publish_after_a_quiet_restart_reconnects_its_connection(
+    redis_server_factory: ServerFactory, redis_prefix: str
+) -> None:
+    """Redis restarts while nothing is published: the next publish must not fail on the
+    publishing connection that Redis closed meanwhile."""
+    server = redis_server_factory()
+    broker = RedisBroker(server.url, prefix=redis_prefix, backoff_initial=0.05, backoff_max=0.2)
+    deliveries = Deliveries()
+    await broker.start(deliveries)
+    try:
+        await broker.subscribe("quiet")
+        await broker.publish(PublishRequest("quiet", "e", "before"))
+        await deliveries.wait_for(1)
+        server.kill()
+        await eventually(lambda: broker.state is BrokerState.DISCONNECTED, what="disconnect")
+        server.start()
+        await eventually(lambda: broker.state is BrokerState.CONNECTED, what="reconnect")
+        await broker.publish(PublishRequest("quiet", "e", "after"))
+        await deliveries.wait_for(2)
+    finally:
+        await broker.stop()
+    assert [p.data for p in deliveries.publications] == ["before", "after"]
 
 
 async def test_direct_duplicate_idempotency_keys_skipped_by_every_instance(

@@ -84,6 +84,7 @@ _MIN_REDIS_VERSION: Final = (7, 0)
 _SINGLE_NODE: Final = "redis"
 _SUBSCRIBE_CHUNK: Final = 500
 _FETCH_CHUNK: Final = 256
+_PUBLISH_BATCH: Final = 512
 
 # KEYS[1]: the room's stream; KEYS[2] (optional): the idempotency record.
 # ARGV: maxlen, stream ttl ms, idempotency window ms, publication id, field, value, ...
@@ -149,6 +150,36 @@ class _HiredisPacking:
 
 def _packing(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
     return type(f"Packed{connection_class.__name__}", (_HiredisPacking, connection_class), {})
+
+
+_Queued: TypeAlias = "tuple[list[str], list[str | int], asyncio.Future[Any]]"
+"""A queued publish: its script's keys and arguments, and its publisher's future."""
+
+_UNREAD: Final = object()
+"""The reply of a queued publish that was not read (not sent, or the batch failed first)."""
+
+
+def _settle(batch: list[_Queued], results: list[Any], failure: BaseException | None) -> None:
+    """Resolve each publisher: its reply, its error reply, or ``failure`` if unread."""
+    for (_, _, future), result in zip(batch, results, strict=True):
+        if future.done():
+            continue
+        if result is _UNREAD:
+            future.set_exception(failure or BrokerError("publish reply missing"))
+        elif isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+
+async def _is_stale(conn: AbstractConnection) -> bool:
+    """Whether a dedicated connection that sat idle was closed by Redis (a restart, its
+    ``timeout`` setting, a proxy) or holds bytes nobody asked for. No system call: the event
+    loop has already seen the end of the stream."""
+    try:
+        return bool(await conn.can_read())
+    except RedisConnectionError:
+        return True
 
 
 def _pack(args: Sequence[Any]) -> bytes:
@@ -241,9 +272,11 @@ class RedisBroker:
         self._state = BrokerState.STOPPED
         self._handler: DeliveryHandler | None = None
         self._batch: BatchScope | None = None
+        self._stopped = False
+        """After :meth:`stop`: publishing is refused, so nothing reopens a connection."""
         self._client: _Client | None = None
         self._is_cluster = False
-        self._publish_queue: list[tuple[list[str], list[str | int], asyncio.Future[Any]]] = []
+        self._publish_queue: list[_Queued] = []
         self._publish_waiting = asyncio.Event()
         self._publish_lane: asyncio.Task[None] | None = None
         self._publish_conn: AbstractConnection | None = None
@@ -306,6 +339,7 @@ class RedisBroker:
             raise BrokerError("redis broker already started")
         self._handler = handler
         self._batch = batch
+        self._stopped = False
         self._state = BrokerState.STARTING
         try:
             async with self._deadline(epoch=True):
@@ -322,6 +356,7 @@ class RedisBroker:
         self._supervisor = asyncio.create_task(self._supervise(), name="roomcast-redis-broker")
 
     async def stop(self) -> None:
+        self._stopped = True
         supervisor, self._supervisor = self._supervisor, None
         self._state = BrokerState.STOPPED
         if supervisor is not None:
@@ -343,6 +378,8 @@ class RedisBroker:
         self._handler = None
 
     async def publish(self, request: PublishRequest) -> PublishResult:
+        if self._stopped:
+            raise BrokerUnavailableError("redis broker stopped")
         validate_room(request.room)
         publication = Publication(
             room=request.room,
@@ -407,85 +444,75 @@ class RedisBroker:
     async def _run_publish_lane(self) -> None:
         """Send queued publish scripts over one dedicated connection, one batch at a time.
 
-        Whatever is queued while a batch is in flight goes out as the next batch, in one write,
-        so the number of round trips adapts to the load with no timer. No pool checkout, no
-        redis-py pipeline object and no task per batch: at thousands of publishes a second
-        those were most of a publish's cost."""
+        Whatever is queued while a batch is in flight goes out as the next batch (up to
+        ``_PUBLISH_BATCH`` scripts), in one write, so the number of round trips adapts to the
+        load with no timer. No pool checkout, no redis-py pipeline object and no task per
+        batch: at thousands of publishes a second those were most of a publish's cost."""
         try:
             while True:
                 if not self._publish_queue:
                     self._publish_waiting.clear()
                     await self._publish_waiting.wait()
-                batch, self._publish_queue = self._publish_queue, []
+                batch = self._publish_queue[:_PUBLISH_BATCH]
+                del self._publish_queue[:_PUBLISH_BATCH]
                 await self._send_publishes(batch)
         finally:
             self._publish_lane = None
-            for _, _, future in self._publish_queue:
-                future.cancel()
-            self._publish_queue = []
-            conn, self._publish_conn = self._publish_conn, None
-            if conn is not None:
-                await conn.disconnect(nowait=True)
+            queued, self._publish_queue = self._publish_queue, []
+            _settle(queued, [_UNREAD] * len(queued), BrokerUnavailableError("redis broker stopped"))
+            await self._drop_publish_conn()
 
-    async def _send_publishes(
-        self, batch: list[tuple[list[str], list[str | int], asyncio.Future[Any]]]
-    ) -> None:
-        """Run one batch; every publisher gets its own result or the batch's failure."""
+    async def _send_publishes(self, batch: list[_Queued]) -> None:
+        """Run one batch. Each publisher whose reply was read gets it (a result or its own
+        error); the others get the failure that stopped the batch."""
+        results: list[Any] = [_UNREAD] * len(batch)
         try:
             async with self._deadline():
-                results = await self._eval_batch(batch, by_sha=True)
+                await self._eval_batch(batch, range(len(batch)), results, by_sha=True)
                 retry = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
                 if retry:  # Redis restarted or flushed its script cache: send those bodies
-                    again = await self._eval_batch([batch[i] for i in retry], by_sha=False)
-                    for i, result in zip(retry, again, strict=True):
-                        results[i] = result
-        except Exception as exc:  # noqa: BLE001 - not swallowed: every publisher gets it
-            conn, self._publish_conn = self._publish_conn, None
-            if conn is not None:  # a reply may be half read: never reuse the connection
-                await conn.disconnect(nowait=True)
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+                    await self._eval_batch(batch, retry, results, by_sha=False)
+        except Exception as exc:  # noqa: BLE001 - not swallowed: each unanswered publisher gets it
+            _settle(batch, results, exc)
+            await self._drop_publish_conn()  # a reply may be half read: never reuse it
             return
-        except BaseException:
-            for _, _, future in batch:
-                future.cancel()
+        except BaseException:  # cancelled by stop()
+            _settle(batch, results, BrokerUnavailableError("redis broker stopped"))
             raise
-        for (_, _, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+        _settle(batch, results, None)
 
     async def _eval_batch(
-        self,
-        batch: list[tuple[list[str], list[str | int], asyncio.Future[Any]]],
-        *,
-        by_sha: bool,
-    ) -> list[Any]:
-        """The scripts of ``batch`` in one write; an error reply is returned in its place."""
+        self, batch: list[_Queued], indices: Sequence[int], results: list[Any], *, by_sha: bool
+    ) -> None:
+        """Send the scripts of ``batch`` at ``indices`` in one write and store each reply (or
+        error reply) in ``results`` as it is read."""
+        conn = await self._publish_connection()
+        commands = []
+        for i in indices:
+            keys, args, _ = batch[i]
+            head = ("EVALSHA", self._script.sha) if by_sha else ("EVAL", _PUBLISH_LUA)
+            commands.append(_pack((*head, len(keys), *keys, *args)))
+        await conn.send_packed_command(b"".join(commands), check_health=False)  # connects
+        for i in indices:
+            try:
+                results[i] = await conn.read_response()
+            except ResponseError as exc:  # the error reply was read whole: the stream is in step
+                results[i] = exc
+
+    async def _publish_connection(self) -> AbstractConnection:
         conn = self._publish_conn
         if conn is None:
             client = await self._ensure_client()
             conn = client.connection_pool.make_connection()  # type: ignore[union-attr]
             self._publish_conn = conn
-        if by_sha:
-            commands = [
-                ("EVALSHA", self._script.sha, len(keys), *keys, *args) for keys, args, _ in batch
-            ]
-        else:
-            commands = [("EVAL", _PUBLISH_LUA, len(keys), *keys, *args) for keys, args, _ in batch]
-        packed = b"".join(_pack(command) for command in commands)
-        await conn.send_packed_command(packed, check_health=False)  # connects if needed
-        results: list[Any] = []
-        for _ in batch:
-            try:
-                results.append(await conn.read_response())
-            except ResponseError as exc:  # the error reply was read whole: the stream is in step
-                results.append(exc)
-        return results
+        elif conn.is_connected and await _is_stale(conn):
+            await conn.disconnect(nowait=True)  # the next send reconnects
+        return conn
+
+    async def _drop_publish_conn(self) -> None:
+        conn, self._publish_conn = self._publish_conn, None
+        if conn is not None:
+            await conn.disconnect(nowait=True)
 
     async def subscribe(self, room: str) -> None:
         """Deliver ``room``'s entries newer than its stream's last entry right now.
@@ -1032,6 +1059,8 @@ class RedisBroker:
         stays with its room."""
         conn = self._fetch_conn
         if conn is not None and rooms:
+            if conn.is_connected and await _is_stale(conn):
+                await conn.disconnect(nowait=True)  # closed while idle: the send reconnects
             command: list[str | int] = ["XREAD", "COUNT", self._fetch_count, "STREAMS"]
             command += [room.key for room in rooms]
             command += [room.last_id or "0-0" for room in rooms]  # initialised: never None here
@@ -1039,7 +1068,7 @@ class RedisBroker:
             try:
                 reply: Any = await conn.read_response()
             except ResponseError as exc:  # the error reply was read whole: the stream is in step
-                logger.info("XREAD of %d rooms failed (%s); reading room by room", len(rooms), exc)
+                logger.debug("XREAD of %d rooms failed (%s); reading room by room", len(rooms), exc)
             else:
                 by_key: dict[str, list[_Entry]] = {
                     _text(key): [(entry_id, _field_map(fields)) for entry_id, fields in entries]
