@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 import redis_fixtures
 from conftest_helpers import token_for
 from redis_fixtures import free_port
+from roomcast.transport.http import Exchange, HttpConnection, Request
 from wire import API_KEY, SECRET
 
 redis_url = redis_fixtures.redis_url
@@ -109,3 +114,46 @@ def test_polling_sessions_work_across_workers(two_workers: int) -> None:
     for url in sessions:
         packet = _get(url)
         assert json.loads(packet[2:])[:2] == ["e", {"n": 1}]
+
+
+async def test_a_pipe_to_another_worker_passes_backpressure_on(tmp_path: Path) -> None:
+    """A client that stops reading, piped to the worker that owns its session, stops that
+    pipe reading from the worker: the worker's own buffer limit then sees the slow client,
+    and the forwarding process does not buffer the backlog."""
+    loop = asyncio.get_running_loop()
+    written = 0
+    flood = 32 << 20
+    head_seen = asyncio.Event()
+
+    async def owner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal written
+        await reader.readuntil(b"\r\n\r\n")
+        head_seen.set()
+        chunk = b"x" * 65536
+        with contextlib.suppress(ConnectionError):
+            while written < flood:
+                writer.write(chunk)
+                written += len(chunk)
+                await writer.drain()
+
+    unix_path = str(tmp_path / "owner.sock")
+    owner_server = await asyncio.start_unix_server(owner, unix_path)
+
+    class Forward:
+        def handle(self, request: Request, exchange: Exchange) -> None:
+            exchange.forward(request, unix_path)
+
+    front = await loop.create_server(lambda: HttpConnection(Forward(), 1 << 20), "127.0.0.1", 0)
+    port = front.sockets[0].getsockname()[1]
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    client.connect(("127.0.0.1", port))
+    client.sendall(b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\n\r\n")
+    try:
+        await asyncio.wait_for(head_seen.wait(), 5)
+        await asyncio.sleep(1.5)  # the client reads nothing
+        assert written < 8 << 20, f"the owner could write {written} bytes to a stalled client"
+    finally:
+        client.close()
+        front.close()
+        owner_server.close()

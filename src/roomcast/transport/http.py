@@ -210,6 +210,16 @@ class HttpConnection(asyncio.Protocol):
             log.info("malformed http request: %s %r", exc, data[:300])
             self._fail(400, "malformed request")
 
+    def pause_writing(self) -> None:
+        """The client reads slower than we write: stop reading from the worker piped to it, so
+        the owning worker's buffer limit, not this process's memory, takes the backlog."""
+        if self._pipe is not None:
+            self._pipe.pause_upstream()
+
+    def resume_writing(self) -> None:
+        if self._pipe is not None:
+            self._pipe.resume_upstream()
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self._pipe is not None:
             self._pipe.client_lost()
@@ -367,12 +377,17 @@ class HttpConnection(asyncio.Protocol):
         self._transport.close()
 
 
+_PIPE_CLOSE_GRACE = 10.0
+"""Seconds a piped client gets to take its last bytes after the worker closed."""
+
+
 class _Pipe(asyncio.Protocol):
     """Bytes between a client connection and another worker, both ways, until either closes."""
 
     def __init__(self, client: asyncio.Transport) -> None:
         self._client = client
         self._upstream: asyncio.Transport | None = None
+        self._upstream_paused = False
         self._early: list[bytes] = []
         self.task: asyncio.Task[None] | None = None
         """Held here: the pipe lives as long as the client connection references it."""
@@ -393,13 +408,40 @@ class _Pipe(asyncio.Protocol):
         self._early = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._upstream = transport  # type: ignore[assignment]
+        upstream: asyncio.Transport = transport  # type: ignore[assignment]
+        self._upstream = upstream
+        if self._upstream_paused:
+            upstream.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         self._client.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """The worker closed its side. The client gets what is still buffered for it, within
+        ``_PIPE_CLOSE_GRACE`` seconds: a client that stopped reading is aborted then."""
+        if exc is not None:
+            self._client.abort()
+            return
         self._client.close()
+        if self._client.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(_PIPE_CLOSE_GRACE, self._client.abort)
+
+    # Flow control, both ways: a slow reader on one side stops reading on the other.
+    def pause_writing(self) -> None:
+        self._client.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._client.resume_reading()
+
+    def pause_upstream(self) -> None:
+        self._upstream_paused = True
+        if self._upstream is not None:
+            self._upstream.pause_reading()
+
+    def resume_upstream(self) -> None:
+        self._upstream_paused = False
+        if self._upstream is not None:
+            self._upstream.resume_reading()
 
     def to_upstream(self, data: bytes) -> None:
         if self._upstream is None:
