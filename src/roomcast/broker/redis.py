@@ -471,6 +471,8 @@ class RedisBroker:
                 await self._eval_batch(batch, range(len(batch)), results, by_sha=True)
                 retry = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
                 if retry:  # Redis restarted or flushed its script cache: send those bodies
+                    for i in retry:
+                        results[i] = _UNREAD  # if the retry fails, these get its failure
                     await self._eval_batch(batch, retry, results, by_sha=False)
         except Exception as exc:  # noqa: BLE001 - not swallowed: each unanswered publisher gets it
             _settle(batch, results, exc)
