@@ -20,7 +20,9 @@ from roomcast.broker.envelope import (
     REQUIRED_FIELDS,
     EnvelopeError,
     decode_envelope,
+    decode_feed,
     encode_envelope,
+    encode_feed,
 )
 from roomcast.broker.keys import KeyNameError, Keys, keyspace_channel
 
@@ -205,3 +207,22 @@ def test_session_ids_with_braces_are_rejected() -> None:
     """A session id must not carry its own hash tag."""
     with pytest.raises(KeyNameError, match="invalid session id"):
         Keys().session("a}b")
+
+
+def test_feed_body_round_trips_and_rejects_what_is_not_an_object() -> None:
+    """A feed message body carries the same fields as the entry, and decodes the same way."""
+    publication = Publication(room="r", event="e", data={"a": [1, 2]}, id="p1", published_at_ms=5)
+    body = encode_feed(encode_envelope(publication))
+    decoded = decode_feed("7-1", body.encode(), room="r")
+    assert (decoded.offset, decoded.data, decoded.id, decoded.published_at_ms) == (
+        "7-1",
+        {"a": [1, 2]},
+        "p1",
+        5,
+    )
+    with pytest.raises(EnvelopeError, match="feed: invalid json"):
+        decode_feed("7-1", b"{nope", room="r")
+    with pytest.raises(EnvelopeError, match="feed: not a json object"):
+        decode_feed("7-1", b"[1]", room="r")
+    with pytest.raises(EnvelopeError, match="room: entry names"):
+        decode_feed("7-1", body, room="other")

@@ -320,6 +320,77 @@ async def test_publish_after_a_quiet_restart_reconnects_its_connection(
     assert [p.data for p in deliveries.publications] == ["before", "after"]
 
 
+async def test_published_entries_arrive_by_the_feed_without_reading_the_stream(
+    brokers: Callable[..., Any],
+) -> None:
+    """On one server, an entry published through Roomcast reaches every subscribed instance
+    with its notification: delivered in order, once, and without a stream read."""
+    first, first_got = await brokers()
+    second, second_got = await brokers()
+    for broker in (first, second):
+        await broker.subscribe("fed")
+    await asyncio.sleep(0.05)  # let the subscription catch-up run: it is a stream read
+    results = [await first.publish(PublishRequest("fed", "e", n)) for n in range(20)]
+    for broker, got in ((first, first_got), (second, second_got)):
+        await got.wait_for(20)
+        assert [p.offset for p in got.publications] == [r.offset for r in results]
+        assert [p.data for p in got.publications] == list(range(20))
+        assert broker.fed == 20
+
+
+async def test_feed_and_plain_xadds_interleaved_deliver_every_entry_once_in_order(
+    brokers: Callable[..., Any], raw: aioredis.Redis, redis_prefix: str
+) -> None:
+    """Plain XADDs (no feed message) between published entries: the feed is trusted only
+    for an entry that follows the last delivered one, the rest is read from the stream."""
+    broker, deliveries = await brokers()
+    publisher, _ = await brokers()
+    await broker.subscribe("mix")
+    key = Keys(redis_prefix).room("mix")
+
+    async def plain(n: int) -> str:
+        return await xadd(raw, key, envelope("mix", n))
+
+    async def published(n: int) -> str:
+        return (await publisher.publish(PublishRequest("mix", "update", {"n": n}))).offset
+
+    for n in range(0, 40, 4):  # sequentially, and then some concurrently
+        await plain(n)
+        await published(n + 1)
+        await published(n + 2)
+        await asyncio.gather(plain(n + 3), published(n + 4))
+    entries = await raw.xrange(key)
+    await deliveries.wait_for(len(entries))
+    await asyncio.sleep(0.05)  # nothing more may come
+    assert [p.offset for p in deliveries.publications] == [e[0].decode() for e in entries]
+    assert 0 < broker.fed < len(entries)
+
+
+async def test_a_feed_message_not_following_the_last_entry_is_not_trusted(
+    brokers: Callable[..., Any],
+    raw: aioredis.Redis,
+    redis_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A feed message naming another predecessor is not delivered (the stream is read
+    instead); a malformed one is counted and logged, and loses nothing."""
+    broker, deliveries = await brokers()
+    await broker.subscribe("forged")
+    first = await broker.publish(PublishRequest("forged", "e", "first"))
+    await deliveries.wait_for(1)
+    feed = Keys(redis_prefix).feed("forged")
+    body = orjson.dumps(envelope("forged", 99)).decode()
+    await raw.publish(feed, f"1-0 99999999999999-0 {body}")  # wrong predecessor
+    with caplog.at_level(logging.WARNING, logger="roomcast.broker"):
+        await raw.publish(feed, f"{first.offset} 99999999999999-0 {{not json")
+        await eventually(lambda: broker.errors["bad_feed_message"] == 1, what="bad message")
+    assert any("bad feed message" in r.getMessage() for r in caplog.records)
+    await broker.publish(PublishRequest("forged", "e", "second"))
+    await deliveries.wait_for(2)
+    await asyncio.sleep(0.05)
+    assert [p.data for p in deliveries.publications] == ["first", "second"]
+
+
 async def test_direct_duplicate_idempotency_keys_skipped_by_every_instance(
     brokers: Callable[..., Any], raw: aioredis.Redis, redis_prefix: str
 ) -> None:

@@ -29,8 +29,10 @@ __all__ = [
     "REQUIRED_FIELDS",
     "EnvelopeError",
     "decode_envelope",
+    "decode_feed",
     "encode_data",
     "encode_envelope",
+    "encode_feed",
 ]
 
 REQUIRED_FIELDS: Final = ("room", "event", "data", "id", "published_at")
@@ -147,6 +149,25 @@ def decode_envelope(
         exclude_sid=_optional(text, "exclude_sid", MAX_SID_LENGTH),
         origin=_optional(text, "origin", MAX_ID_LENGTH),
     )
+
+
+def encode_feed(fields: Mapping[str, str]) -> str:
+    """The fields of an entry as one JSON object: the body of a Redis feed message, which
+    hands the entry to subscribed instances with its notification (see ``docs/redis.md``)."""
+    return orjson.dumps(fields).decode()
+
+
+def decode_feed(entry_id: str, body: bytes | str, *, room: str) -> Publication:
+    """Return the publication a feed message carries for entry ``entry_id`` of ``room``.
+
+    Raise :class:`EnvelopeError` if the body is not a JSON object of envelope fields."""
+    try:
+        fields = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise EnvelopeError(f"feed: invalid json {_show(body)}") from None
+    if not isinstance(fields, dict):
+        raise EnvelopeError(f"feed: not a json object: {_show(fields)}")
+    return decode_envelope(entry_id, fields, room=room)
 
 
 _NAMES: Final[dict[str | bytes, str]] = {

@@ -52,6 +52,15 @@ class Keys:
         """
         return f"{self.prefix}:idem:{{{room}}}:{key}"
 
+    def feed(self, room: str) -> str:
+        """The room's feed channel: ``<prefix>:feed:{<room>}``.
+
+        On a single Redis server, every publish through Roomcast also publishes its entry here,
+        with the id of the entry before it, so a subscribed instance that delivered that entry
+        can deliver this one without reading the stream.
+        """
+        return f"{self.prefix}:feed:{{{room}}}"
+
     def session(self, pid: str) -> str:
         """A disconnected socket's recovery state: ``<prefix>:session:{<pid>}``."""
         if "{" in pid or "}" in pid:

@@ -59,9 +59,15 @@ from roomcast.broker.base import (
     PublishRequest,
     PublishResult,
 )
-from roomcast.broker.envelope import EnvelopeError, decode_envelope, encode_envelope
+from roomcast.broker.envelope import (
+    EnvelopeError,
+    decode_envelope,
+    decode_feed,
+    encode_envelope,
+    encode_feed,
+)
 from roomcast.broker.keys import Keys, keyspace_channel
-from roomcast.broker.offsets import parse_offset
+from roomcast.broker.offsets import OffsetError, parse_offset
 
 __all__ = ["RedisBroker"]
 
@@ -87,19 +93,30 @@ _FETCH_CHUNK: Final = 256
 _PUBLISH_BATCH: Final = 512
 
 # KEYS[1]: the room's stream; KEYS[2] (optional): the idempotency record.
-# ARGV: maxlen, stream ttl ms, idempotency window ms, publication id, field, value, ...
+# ARGV: maxlen, stream ttl ms, idempotency window ms, publication id, feed channel (or ""),
+# feed body, field, value, ...
 # Returns {1, entry id} after appending, or {0, "<id>|<entry id>"} of the original publication.
+# With a feed channel, the entry is also published there as "<previous entry id> <entry id>
+# <body>"; the previous id is "0-0" when the stream is empty or gone.
 _PUBLISH_LUA: Final = """
 if KEYS[2] then
   local seen = redis.call('GET', KEYS[2])
   if seen then return {0, seen} end
 end
+local previous = '0-0'
+if ARGV[5] ~= '' then
+  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  if last[1] then previous = last[1][1] end
+end
 local xadd = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*'}
-for i = 5, #ARGV do xadd[#xadd + 1] = ARGV[i] end
+for i = 7, #ARGV do xadd[#xadd + 1] = ARGV[i] end
 local offset = redis.call(unpack(xadd))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 if KEYS[2] then
   redis.call('SET', KEYS[2], ARGV[4] .. '|' .. offset, 'PX', ARGV[3])
+end
+if ARGV[5] ~= '' then
+  redis.call('PUBLISH', ARGV[5], previous .. ' ' .. offset .. ' ' .. ARGV[6])
 end
 return {1, offset}
 """
@@ -116,6 +133,9 @@ class _Room:
     name: str
     key: str
     channel: bytes
+    """The keyspace-notification channel of the room's stream."""
+    feed: bytes
+    """The room's feed channel (subscribed on a single server only)."""
     last_id: str | None = None
     """The last entry delivered (or skipped); ``None`` until initialised from Redis."""
 
@@ -267,6 +287,8 @@ class RedisBroker:
         self.dropped: collections.Counter[str] = collections.Counter()
         self.errors: collections.Counter[str] = collections.Counter()
         self.delivered = 0
+        self.fed = 0
+        """Entries delivered from feed messages, without reading the stream."""
         self.reconnects = 0
 
         self._state = BrokerState.STOPPED
@@ -295,6 +317,8 @@ class RedisBroker:
         self._rooms: dict[str, _Room] = {}
         self._channels: dict[bytes, _Room] = {}
         self._dirty: set[str] = set()
+        self._fetching = False
+        """The processor is reading rooms: feed messages wait for it (entry order)."""
         self._wake = asyncio.Event()
         self._listeners: dict[str, AbstractConnection] = {}
         self._probes: dict[bytes, _Probe] = {}
@@ -396,18 +420,24 @@ class RedisBroker:
         keys = [self._keys.room(request.room)]
         if request.idempotency_key is not None:
             keys.append(self._keys.idempotency(request.room, request.idempotency_key))
-        args: list[str | int] = [
-            self._history_size,
-            self._history_ttl_ms,
-            self._idempotency_window_ms,
-            publication.id,
-        ]
-        for name, value in fields.items():
-            args += (name, value)
         try:
             if self._client is None:  # connect first: only then is it known to be a cluster
                 async with self._deadline():
                     await self._ensure_client()
+            feed = (
+                ("", "")  # a cluster would broadcast the message to every node
+                if self._is_cluster
+                else (self._keys.feed(request.room), encode_feed(fields))
+            )
+            args: list[str | int] = [
+                self._history_size,
+                self._history_ttl_ms,
+                self._idempotency_window_ms,
+                publication.id,
+                *feed,
+            ]
+            for name, value in fields.items():
+                args += (name, value)
             if self._is_cluster:
                 async with self._deadline():
                     client = await self._ensure_client()
@@ -526,9 +556,11 @@ class RedisBroker:
         if room in self._rooms:
             return
         key = self._keys.room(room)
-        state = _Room(room, key, keyspace_channel(self._db, key).encode())
+        channel = keyspace_channel(self._db, key).encode()
+        state = _Room(room, key, channel, self._keys.feed(room).encode())
         self._rooms[room] = state
         self._channels[state.channel] = state
+        self._channels[state.feed] = state
         if self._state is BrokerState.STOPPED or self._client is None:
             return
         try:
@@ -537,7 +569,7 @@ class RedisBroker:
                 if state.last_id is None:
                     state.last_id = last_id
                 if self._rooms.get(room) is state:
-                    await self._send_to_listener(key, "SUBSCRIBE", state.channel)
+                    await self._send_to_listener(key, "SUBSCRIBE", *self._subscription(state))
         except UNAVAILABLE_ERRORS as exc:
             logger.warning(
                 "subscribe %r: redis unavailable (%s); it is subscribed on reconnect", room, exc
@@ -548,10 +580,11 @@ class RedisBroker:
         if state is None:
             return
         self._channels.pop(state.channel, None)
+        self._channels.pop(state.feed, None)
         self._dirty.discard(room)
         try:
             async with self._deadline():
-                await self._send_to_listener(state.key, "UNSUBSCRIBE", state.channel)
+                await self._send_to_listener(state.key, "UNSUBSCRIBE", *self._subscription(state))
         except UNAVAILABLE_ERRORS as exc:
             # The connection is gone, and with it the subscription; reconnecting skips the room.
             logger.debug("unsubscribe %r: redis unavailable (%s)", room, exc)
@@ -781,7 +814,7 @@ class RedisBroker:
             await self._initialise_rooms(client, pending)
         by_node: dict[str, list[bytes]] = collections.defaultdict(list)
         for room in list(self._rooms.values()):
-            by_node[self._node_name(room.key)].append(room.channel)
+            by_node[self._node_name(room.key)].extend(self._subscription(room))
         for name, channels in by_node.items():
             conn = self._listeners.get(name)
             if conn is None:
@@ -840,6 +873,11 @@ class RedisBroker:
                 raise SlotNotCoveredError(f"no node serves key {key!r}")
             return str(node.name)
         return _SINGLE_NODE
+
+    def _subscription(self, room: _Room) -> tuple[bytes, ...]:
+        """The channels to subscribe for ``room``: its keyspace channel, and on a single server
+        its feed (a cluster would broadcast every feed message to all its nodes)."""
+        return (room.channel,) if self._is_cluster else (room.channel, room.feed)
 
     async def _send_to_listener(self, key: str, *args: str | bytes) -> None:
         conn = self._listeners.get(self._node_name(key))
@@ -946,44 +984,84 @@ class RedisBroker:
     # ------------------------------------------------------------------ epoch tasks
 
     async def _read(self, name: str, conn: AbstractConnection) -> None:
-        """Turn notifications into dirty rooms; the watcher's pings keep data flowing.
+        """Turn notifications into dirty rooms, and feed messages into deliveries; the
+        watcher's pings keep data flowing.
 
         No timeout per read (one would cost a timer per notification): the watcher notices a
         connection that stopped answering its pings and ends the epoch instead.
 
-        The first notification of a burst wakes the processor and then the reader sleeps the
-        coalescing window too: the rest of the burst waits in the socket buffer and is parsed
-        in one go, instead of a task wake-up per notification (about half of what a second
-        instance on the same rooms costs)."""
+        A message that had to be waited for starts a burst: the reader sleeps the coalescing
+        window before handling it, so the rest of the burst waits in the socket buffer and is
+        handled in one go, instead of a task wake-up per message.  Messages already buffered
+        are handled at once, in order: a feed message then always follows its entry's
+        notification."""
         heard = self._last_heard
         heard[name] = time.monotonic()
-        wake = self._wake
+        clock = time.monotonic
         while True:
+            asked = clock()
             response = await conn.read_response(timeout=None)
-            heard[name] = time.monotonic()
-            burst_starts = not wake.is_set()
-            self._on_pubsub(response)
-            if burst_starts and wake.is_set():
+            now = heard[name] = clock()
+            if now - asked > _WAITED_SECONDS:
                 await asyncio.sleep(_COALESCE_SECONDS)
+            self._on_pubsub(response)
 
     def _on_pubsub(self, response: object) -> None:
         if not isinstance(response, list) or len(response) < 3:
             return  # a PONG outside subscribed mode
         kind, channel, payload = response[0], response[1], response[2]
-        probe = self._probes.get(channel)
-        if probe is not None:
-            if kind == b"subscribe" and not probe.subscribed.done():
-                probe.subscribed.set_result(None)
-            elif kind == b"message" and payload == b"xadd" and not probe.notified.done():
-                probe.notified.set_result(None)
-            return
         room = self._channels.get(channel)
         if room is None:
+            probe = self._probes.get(channel)
+            if probe is not None:
+                if kind == b"subscribe" and not probe.subscribed.done():
+                    probe.subscribed.set_result(None)
+                elif kind == b"message" and payload == b"xadd" and not probe.notified.done():
+                    probe.notified.set_result(None)
             return
-        # A confirmed subscription also marks the room: its catch-up then runs strictly after
-        # notifications flow, so an entry appended in between is never missed.
-        if (kind == b"message" and payload == b"xadd") or kind == b"subscribe":
+        if kind == b"message":
+            if channel == room.feed:
+                self._on_feed(room, payload)
+            elif payload == b"xadd":
+                self._mark_dirty((room,))
+        elif kind == b"subscribe" and channel == room.channel:
+            # A confirmed subscription marks the room: its catch-up then runs strictly after
+            # notifications flow, so an entry appended in between is never missed.
             self._mark_dirty((room,))
+
+    def _on_feed(self, room: _Room, payload: bytes) -> None:
+        """Deliver the entry a feed message carries, if it is the next one for ``room``.
+
+        Only when the message names the room's last delivered entry as its predecessor (so
+        nothing was appended in between, by anyone), no fetch is in flight, and no other room
+        waits for one (so deliveries stay in entry order across rooms).  Otherwise the entry's
+        notification, which came just before, has marked the room, and the fetch delivers it.
+        """
+        previous, _, rest = payload.partition(b" ")
+        if (
+            self._fetching
+            or room.last_id is None
+            or previous.decode("ascii", "replace") != room.last_id
+            or len(self._dirty) > 1
+            or (self._dirty and room.name not in self._dirty)
+        ):
+            self._mark_dirty((room,))
+            return
+        entry_id, _, body = rest.partition(b" ")
+        try:
+            publication = decode_feed(entry_id.decode("ascii"), body, room=room.name)
+            if parse_offset(publication.offset) <= parse_offset(room.last_id):
+                raise OffsetError(f"entry {publication.offset} is not after {room.last_id}")
+        except (EnvelopeError, OffsetError, UnicodeDecodeError) as exc:
+            # Not lost: the stream has the entry, and the fetch reads (or drops) it there.
+            self.errors["bad_feed_message"] += 1
+            logger.warning("bad feed message for room %r (%s); reading the stream", room.name, exc)
+            self._mark_dirty((room,))
+            return
+        room.last_id = publication.offset
+        self._dirty.discard(room.name)
+        self.fed += 1
+        self._deliver(publication)
 
     def _mark_dirty(self, rooms: Iterable[_Room]) -> None:
         for room in rooms:
@@ -996,13 +1074,20 @@ class RedisBroker:
         client = await self._ensure_client()
         while True:
             await self._wake.wait()
+            if not self._dirty:  # feed messages delivered what the notifications announced
+                self._wake.clear()
+                continue
             await asyncio.sleep(_COALESCE_SECONDS)  # let a burst of notifications gather
             self._wake.clear()
             names, self._dirty = self._dirty, set()
             rooms = [self._rooms[name] for name in names if name in self._rooms]
-            for chunk in _chunks(rooms, _FETCH_CHUNK):
-                async with self._deadline(epoch=True):
-                    await self._fetch_and_deliver(client, chunk)
+            self._fetching = True
+            try:
+                for chunk in _chunks(rooms, _FETCH_CHUNK):
+                    async with self._deadline(epoch=True):
+                        await self._fetch_and_deliver(client, chunk)
+            finally:
+                self._fetching = False
 
     async def _fetch_and_deliver(self, client: _Client, rooms: list[_Room]) -> None:
         pending = [room for room in rooms if room.last_id is None]
@@ -1212,6 +1297,9 @@ class RedisBroker:
 
 _COALESCE_SECONDS: Final = 0.002
 """How long a wake-up waits for more notifications, so one fetch serves many rooms."""
+
+_WAITED_SECONDS: Final = 0.0002
+"""A pub/sub read that took longer than this waited for data: the start of a burst."""
 
 CLOCK_MARGIN_MS: Final = 5_000
 """Allowed disagreement between the gateway's clock and Redis's (offsets carry Redis time)."""
