@@ -329,13 +329,19 @@ async def test_published_entries_arrive_by_the_feed_without_reading_the_stream(
     second, second_got = await brokers()
     for broker in (first, second):
         await broker.subscribe("fed")
-    await asyncio.sleep(0.05)  # let the subscription catch-up run: it is a stream read
+    await first.publish(PublishRequest("fed", "e", "warm-up"))  # after the catch-up read
+    for got in (first_got, second_got):
+        await got.wait_for(1)
+    fed_before = (first.fed, second.fed)
     results = [await first.publish(PublishRequest("fed", "e", n)) for n in range(20)]
-    for broker, got in ((first, first_got), (second, second_got)):
-        await got.wait_for(20)
-        assert [p.offset for p in got.publications] == [r.offset for r in results]
-        assert [p.data for p in got.publications] == list(range(20))
-        assert broker.fed == 20
+    for broker, got, before in (
+        (first, first_got, fed_before[0]),
+        (second, second_got, fed_before[1]),
+    ):
+        await got.wait_for(21)
+        assert [p.offset for p in got.publications[1:]] == [r.offset for r in results]
+        assert [p.data for p in got.publications[1:]] == list(range(20))
+        assert broker.fed - before == 20
 
 
 async def test_feed_and_plain_xadds_interleaved_deliver_every_entry_once_in_order(
@@ -354,16 +360,20 @@ async def test_feed_and_plain_xadds_interleaved_deliver_every_entry_once_in_orde
     async def published(n: int) -> str:
         return (await publisher.publish(PublishRequest("mix", "update", {"n": n}))).offset
 
-    for n in range(0, 40, 4):  # sequentially, and then some concurrently
+    for n in range(0, 30, 3):  # one at a time: each published entry follows a delivered one
         await plain(n)
-        await published(n + 1)
-        await published(n + 2)
-        await asyncio.gather(plain(n + 3), published(n + 4))
+        await deliveries.wait_for(n + 1)
+        for m in (n + 1, n + 2):
+            await published(m)
+            await deliveries.wait_for(m + 1)
+    assert broker.fed == 20
+    for n in range(30, 60, 2):  # concurrently: the feed is trusted or not, nothing is lost
+        await asyncio.gather(plain(n), published(n + 1))
     entries = await raw.xrange(key)
+    assert len(entries) == 60
     await deliveries.wait_for(len(entries))
     await asyncio.sleep(0.05)  # nothing more may come
     assert [p.offset for p in deliveries.publications] == [e[0].decode() for e in entries]
-    assert 0 < broker.fed < len(entries)
 
 
 async def test_a_feed_message_not_following_the_last_entry_is_not_trusted(
