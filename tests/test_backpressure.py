@@ -10,9 +10,11 @@ import os
 import socket
 
 from conftest_helpers import token_for
-from roomcast.connection import Connection, Flusher
+from redis_fixtures import eventually
+from roomcast.connection import TIMER_TICK, Connection, Flusher
 from roomcast.metrics import Metrics
 from roomcast.transport.http import Request, WebSocketConnection
+from roomcast.transport.websocket import text_frame
 from roomcast.types import SessionId
 from wire import connect_sio, publish, running
 
@@ -110,6 +112,9 @@ class _RecordingTransport:
     def get_extra_info(self, name: str) -> object:
         return None
 
+    def close(self) -> None:
+        self.writes.append(b"<closed>")
+
 
 async def test_idle_connections_write_at_once_and_busy_ones_coalesce() -> None:
     """A broadcast frame to a connection that sent nothing in this loop iteration or the one
@@ -153,3 +158,41 @@ async def test_idle_connections_write_at_once_and_busy_ones_coalesce() -> None:
         conn.send_encoded(b"g", "g")
     await asyncio.sleep(0)
     assert transport.writes == [b"a", b"bc", b"d", b"e", b"fg"]
+
+
+async def test_heartbeat_deadlines_fall_on_a_shared_tick() -> None:
+    """Heartbeat timers are rounded up to TIMER_TICK: connections whose pings are due within
+    one tick ping in the same loop iteration (one wake-up), and none pings early."""
+    flusher = Flusher()
+    loop = asyncio.get_running_loop()
+    conns: list[tuple[Connection, _RecordingTransport]] = []
+    for interval in (0.011, 0.017, 0.029):
+        transport = _RecordingTransport()
+        conn = Connection(
+            SessionId(f"s{interval}"),
+            Request("GET", "/socket.io/", {}, {}),
+            ping_interval=interval,
+            ping_timeout=20,
+            limit=1 << 20,
+            flusher=flusher,
+            metrics=Metrics(),
+            on_closed=lambda _conn, _reason: None,
+        )
+        conn.use_websocket(WebSocketConnection(transport, None, 1 << 20))  # type: ignore[arg-type]
+        conns.append((conn, transport))
+    started = loop.time()
+    for conn, _ in conns:
+        conn.start_heartbeat()
+    deadlines = [conn._timer.when() for conn, _ in conns if conn._timer is not None]
+    assert len(deadlines) == 3
+    for deadline, interval in zip(deadlines, (0.011, 0.017, 0.029), strict=True):
+        ticks = deadline / TIMER_TICK
+        assert abs(ticks - round(ticks)) < 1e-6, deadline
+        assert deadline >= started + interval
+    assert len(set(deadlines)) <= 2  # three deadlines within 18 ms share at most two ticks
+    ping = text_frame(b"2")
+    await eventually(
+        lambda: all(ping in transport.writes for _, transport in conns), what="three pings"
+    )
+    for conn, _ in conns:
+        conn.close("test over", notify=False)

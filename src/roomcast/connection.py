@@ -10,8 +10,9 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from roomcast.protocol import engineio
 from roomcast.protocol.engineio import PacketType
@@ -24,6 +25,10 @@ if TYPE_CHECKING:
     from roomcast.metrics import Metrics
 
 log = logging.getLogger("roomcast.connection")
+
+TIMER_TICK: Final = 0.05
+"""Heartbeat deadlines are rounded up to a multiple of this many seconds (see
+:meth:`Connection._schedule`)."""
 
 
 class State(enum.Enum):
@@ -79,11 +84,17 @@ class Flusher:
         if not self._scheduled:
             self._schedule()
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, looked up once (on Python 3.11 each lookup is a ``getpid()``)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     def _schedule(self) -> None:
         self._scheduled = True
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        self._loop.call_soon(self.flush)
+        self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self._scheduled = False
@@ -380,9 +391,16 @@ class Connection:
         self._schedule(self.ping_interval, self._ping)
 
     def _schedule(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` after ``delay``, rounded up to the next :data:`TIMER_TICK`.
+
+        Heartbeat timers of thousands of connections then fall on a few instants per second,
+        each one loop wake-up, instead of one wake-up per connection; the pongs they provoke
+        come back together as well."""
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(delay, callback)
+        loop = self._flusher.loop
+        when = math.ceil((loop.time() + delay) / TIMER_TICK) * TIMER_TICK
+        self._timer = loop.call_at(when, callback)
 
     def _ping(self) -> None:
         self._waiting_pong = True
