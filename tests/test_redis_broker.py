@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
@@ -18,6 +19,7 @@ from redis_fixtures import Deliveries, RedisServer, eventually
 from roomcast.auth import InvalidRoomError
 from roomcast.broker.base import BrokerState, BrokerUnavailableError, PublishRequest
 from roomcast.broker.keys import Keys, keyspace_channel
+from roomcast.broker.offsets import parse_offset
 from roomcast.broker.redis import RedisBroker
 from roomcast.publisher import Publisher
 
@@ -321,7 +323,7 @@ async def test_publish_after_a_quiet_restart_reconnects_its_connection(
 
 
 async def test_published_entries_arrive_by_the_feed_without_reading_the_stream(
-    brokers: Callable[..., Any],
+    brokers: Callable[..., Any], raw: aioredis.Redis
 ) -> None:
     """On one server, an entry published through Roomcast reaches every subscribed instance
     with its notification: delivered in order, once, and without a stream read."""
@@ -333,6 +335,7 @@ async def test_published_entries_arrive_by_the_feed_without_reading_the_stream(
     for got in (first_got, second_got):
         await got.wait_for(1)
     fed_before = (first.fed, second.fed)
+    reads_before = await stream_reads(raw)
     results = [await first.publish(PublishRequest("fed", "e", n)) for n in range(20)]
     for broker, got, before in (
         (first, first_got, fed_before[0]),
@@ -342,6 +345,59 @@ async def test_published_entries_arrive_by_the_feed_without_reading_the_stream(
         assert [p.offset for p in got.publications[1:]] == [r.offset for r in results]
         assert [p.data for p in got.publications[1:]] == list(range(20))
         assert broker.fed - before == 20
+    assert await stream_reads(raw) == reads_before
+
+
+async def stream_reads(raw: aioredis.Redis) -> int:
+    """How many XREAD and XRANGE commands the server has run."""
+    stats = await raw.info("commandstats")
+    return sum(
+        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("xread", "xrange")
+    )
+
+
+async def test_fed_entries_of_several_rooms_are_delivered_in_entry_order(
+    brokers: Callable[..., Any],
+) -> None:
+    """Entries of several rooms arriving in one burst are delivered sorted by entry id, as a
+    fetch delivers them: in one millisecond room a may get -0, -1, -2 before room b gets -0."""
+    broker, deliveries = await brokers()
+    publisher, _ = await brokers()
+    for room in ("ord-a", "ord-b"):
+        await broker.subscribe(room)
+    await publisher.publish(PublishRequest("ord-a", "e", "warm-up"))
+    await deliveries.wait_for(1)
+    for round_ in range(20):
+        await asyncio.gather(
+            *(
+                publisher.publish(PublishRequest(room, "e", round_))
+                for room in ["ord-a"] * 3 + ["ord-b"]
+            )
+        )
+        await deliveries.wait_for(2 + 4 * round_ + 3)
+        burst = [parse_offset(p.offset) for p in deliveries.publications[-4:]]
+        assert burst == sorted(burst), deliveries.publications[-4:]
+    assert broker.fed > 0
+
+
+async def test_feed_channels_are_per_database(
+    redis_url: str, redis_prefix: str, brokers: Callable[..., Any]
+) -> None:
+    """Pub/sub is shared by every database of a server: an instance on one database never
+    takes another database's feed messages."""
+    db = int(urlsplit(redis_url).path.strip("/") or 0)
+    other_url = urlsplit(redis_url)._replace(path=f"/{db + 1}").geturl()
+    broker, deliveries = await brokers()
+    other, other_got = await brokers(other_url)
+    for instance in (broker, other):
+        await instance.subscribe("shared")
+    await other.publish(PublishRequest("shared", "e", "other database"))
+    await other_got.wait_for(1)
+    await broker.publish(PublishRequest("shared", "e", "this database"))
+    await deliveries.wait_for(1)
+    await asyncio.sleep(0.05)
+    assert [p.data for p in deliveries.publications] == ["this database"]
+    assert [p.data for p in other_got.publications] == ["other database"]
 
 
 async def test_feed_and_plain_xadds_interleaved_deliver_every_entry_once_in_order(
@@ -378,23 +434,26 @@ async def test_feed_and_plain_xadds_interleaved_deliver_every_entry_once_in_orde
 
 async def test_a_feed_message_not_following_the_last_entry_is_not_trusted(
     brokers: Callable[..., Any],
+    redis_url: str,
     raw: aioredis.Redis,
     redis_prefix: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A feed message naming another predecessor is not delivered (the stream is read
-    instead); a malformed one is counted and logged, and loses nothing."""
+    instead); a malformed one, or one whose entry id is far in the future, is counted and
+    logged, and loses nothing."""
     broker, deliveries = await brokers()
     await broker.subscribe("forged")
     first = await broker.publish(PublishRequest("forged", "e", "first"))
     await deliveries.wait_for(1)
-    feed = Keys(redis_prefix).feed("forged")
+    feed = Keys(redis_prefix).feed("forged", int(urlsplit(redis_url).path.strip("/") or 0))
     body = orjson.dumps(envelope("forged", 99)).decode()
     await raw.publish(feed, f"1-0 99999999999999-0 {body}")  # wrong predecessor
     with caplog.at_level(logging.WARNING, logger="roomcast.broker"):
         await raw.publish(feed, f"{first.offset} 99999999999999-0 {{not json")
-        await eventually(lambda: broker.errors["bad_feed_message"] == 1, what="bad message")
-    assert any("bad feed message" in r.getMessage() for r in caplog.records)
+        await raw.publish(feed, f"{first.offset} 99999999999999-0 {body}")  # far in the future
+        await eventually(lambda: broker.errors["bad_feed_message"] == 2, what="bad messages")
+    assert any("is in the future" in r.getMessage() for r in caplog.records)
     await broker.publish(PublishRequest("forged", "e", "second"))
     await deliveries.wait_for(2)
     await asyncio.sleep(0.05)
@@ -689,5 +748,6 @@ async def test_cluster_publish_deliver_history(redis_cluster_url: str, redis_pre
         assert await broker.take_session("cluster-pid") == b"s"
         assert await broker.append_upstream({"event": "x"})
         assert broker.reconnects == 0 and broker.ready
+        assert broker.fed == 0  # no feed on a cluster: PUBLISH would reach every node
     finally:
         await broker.stop()

@@ -52,14 +52,15 @@ class Keys:
         """
         return f"{self.prefix}:idem:{{{room}}}:{key}"
 
-    def feed(self, room: str) -> str:
-        """The room's feed channel: ``<prefix>:feed:{<room>}``.
+    def feed(self, room: str, db: int) -> str:
+        """The room's feed channel in database ``db``: ``<prefix>:feed:<db>:{<room>}``.
 
         On a single Redis server, every publish through Roomcast also publishes its entry here,
         with the id of the entry before it, so a subscribed instance that delivered that entry
-        can deliver this one without reading the stream.
+        can deliver this one without reading the stream.  Pub/sub channels are shared by all
+        databases of a server, hence the database number (as in keyspace channels).
         """
-        return f"{self.prefix}:feed:{{{room}}}"
+        return f"{self.prefix}:feed:{db}:{{{room}}}"
 
     def session(self, pid: str) -> str:
         """A disconnected socket's recovery state: ``<prefix>:session:{<pid>}``."""

@@ -319,6 +319,8 @@ class RedisBroker:
         self._dirty: set[str] = set()
         self._fetching = False
         """The processor is reading rooms: feed messages wait for it (entry order)."""
+        self._fed: list[tuple[tuple[int, int], _Room, Publication]] = []
+        """Entries taken from feed messages in the current burst, delivered at its end."""
         self._wake = asyncio.Event()
         self._listeners: dict[str, AbstractConnection] = {}
         self._probes: dict[bytes, _Probe] = {}
@@ -427,7 +429,7 @@ class RedisBroker:
             feed = (
                 ("", "")  # a cluster would broadcast the message to every node
                 if self._is_cluster
-                else (self._keys.feed(request.room), encode_feed(fields))
+                else (self._keys.feed(request.room, self._db), encode_feed(fields))
             )
             args: list[str | int] = [
                 self._history_size,
@@ -557,7 +559,7 @@ class RedisBroker:
             return
         key = self._keys.room(room)
         channel = keyspace_channel(self._db, key).encode()
-        state = _Room(room, key, channel, self._keys.feed(room).encode())
+        state = _Room(room, key, channel, self._keys.feed(room, self._db).encode())
         self._rooms[room] = state
         self._channels[state.channel] = state
         self._channels[state.feed] = state
@@ -1030,12 +1032,14 @@ class RedisBroker:
             self._mark_dirty((room,))
 
     def _on_feed(self, room: _Room, payload: bytes) -> None:
-        """Deliver the entry a feed message carries, if it is the next one for ``room``.
+        """Take the entry a feed message carries, if it is the next one for ``room``.
 
         Only when the message names the room's last delivered entry as its predecessor (so
         nothing was appended in between, by anyone), no fetch is in flight, and no other room
-        waits for one (so deliveries stay in entry order across rooms).  Otherwise the entry's
-        notification, which came just before, has marked the room, and the fetch delivers it.
+        waits for one (an older entry of another room must not be overtaken).  Otherwise the
+        entry's notification, which came just before, has marked the room, and the fetch
+        reads it from the stream.  Taken entries are delivered when the reader has handled
+        the burst it woke for, sorted by entry id across rooms, as a fetch delivers.
         """
         previous, _, rest = payload.partition(b" ")
         if (
@@ -1050,8 +1054,11 @@ class RedisBroker:
         entry_id, _, body = rest.partition(b" ")
         try:
             publication = decode_feed(entry_id.decode("ascii"), body, room=room.name)
-            if parse_offset(publication.offset) <= parse_offset(room.last_id):
+            position = parse_offset(publication.offset)
+            if position <= parse_offset(room.last_id):
                 raise OffsetError(f"entry {publication.offset} is not after {room.last_id}")
+            if position[0] > time.time() * 1000 + CLOCK_MARGIN_MS:
+                raise OffsetError(f"entry {publication.offset} is in the future")
         except (EnvelopeError, OffsetError, UnicodeDecodeError) as exc:
             # Not lost: the stream has the entry, and the fetch reads (or drops) it there.
             self.errors["bad_feed_message"] += 1
@@ -1060,8 +1067,20 @@ class RedisBroker:
             return
         room.last_id = publication.offset
         self._dirty.discard(room.name)
-        self.fed += 1
-        self._deliver(publication)
+        if not self._fed:
+            self._running_loop().call_soon(self._deliver_fed)
+        self._fed.append((position, room, publication))
+
+    def _deliver_fed(self) -> None:
+        """Deliver the entries taken from feed messages, in entry-id order across rooms."""
+        fed, self._fed = self._fed, []
+        fed.sort(key=lambda item: item[0])
+        batch = self._batch if self._batch is not None and len(fed) > 1 else nullcontext
+        with batch():
+            for _, room, publication in fed:
+                if self._rooms.get(room.name) is room:  # else unsubscribed meanwhile
+                    self.fed += 1
+                    self._deliver(publication)
 
     def _mark_dirty(self, rooms: Iterable[_Room]) -> None:
         for room in rooms:
@@ -1074,11 +1093,11 @@ class RedisBroker:
         client = await self._ensure_client()
         while True:
             await self._wake.wait()
-            if not self._dirty:  # feed messages delivered what the notifications announced
-                self._wake.clear()
-                continue
-            await asyncio.sleep(_COALESCE_SECONDS)  # let a burst of notifications gather
+            # No wait here: the readers already slept the coalescing window before handling
+            # the burst that woke this task, and every notification of it is in.
             self._wake.clear()
+            if not self._dirty:  # feed messages took what the notifications announced
+                continue
             names, self._dirty = self._dirty, set()
             rooms = [self._rooms[name] for name in names if name in self._rooms]
             self._fetching = True
