@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import DataError
 
 import redis_fixtures
 from redis_fixtures import Deliveries, RedisServer, eventually
@@ -750,4 +751,20 @@ async def test_cluster_publish_deliver_history(redis_cluster_url: str, redis_pre
         assert broker.reconnects == 0 and broker.ready
         assert broker.fed == 0  # no feed on a cluster: PUBLISH would reach every node
     finally:
+        await broker.stop()
+
+
+async def test_commands_with_unencodable_arguments_raise_data_error(redis_url: str) -> None:
+    """Commands are packed by hiredis, but a bad argument fails as redis-py says it does
+    (``DataError``), and the connection stays usable."""
+    broker = RedisBroker(redis_url)
+    client = await broker._ensure_client()
+    try:
+        for bad in (None, True, object()):
+            with pytest.raises(DataError, match="Invalid input of type"):
+                await client.set("roomcast-test-pack", bad)  # type: ignore[arg-type]
+        assert await client.set("roomcast-test-pack", 1.5)
+        assert await client.get("roomcast-test-pack") == b"1.5"
+    finally:
+        await client.delete("roomcast-test-pack")
         await broker.stop()

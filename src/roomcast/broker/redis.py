@@ -37,6 +37,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     ClusterDownError,
+    DataError,
     NoScriptError,
     RedisClusterException,
     RedisError,
@@ -203,8 +204,20 @@ async def _is_stale(conn: AbstractConnection) -> bool:
 
 
 def _pack(args: Sequence[Any]) -> bytes:
-    """One command in RESP, packed by hiredis (C)."""
-    packed: bytes = hiredis.pack_command(tuple(args))
+    """One command in RESP, packed by hiredis (C).
+
+    Raise redis-py's :class:`~redis.exceptions.DataError` for an argument it would refuse too
+    (``None``, a bool, any other type), not hiredis's ``TypeError``."""
+    try:
+        packed: bytes = hiredis.pack_command(tuple(args))
+    except TypeError:
+        for arg in args:
+            if isinstance(arg, bool) or not isinstance(arg, str | bytes | int | float | memoryview):
+                raise DataError(
+                    f"Invalid input of type: {type(arg).__name__!r}. "
+                    "Convert to a bytes, string, int or float first."
+                ) from None
+        raise
     return packed
 
 
