@@ -116,15 +116,15 @@ class _RecordingTransport:
         self.writes.append(b"<closed>")
 
 
-async def test_idle_connections_write_at_once_and_busy_ones_coalesce() -> None:
-    """A broadcast frame to a connection that sent nothing in this loop iteration or the one
-    before is written at once; frames to a busy connection become one write per iteration."""
-    flusher = Flusher()
+def _websocket_connection(
+    flusher: Flusher, name: str, *, ping_interval: float = 25
+) -> tuple[Connection, _RecordingTransport]:
+    """A WebSocket connection whose transport records what is written to it."""
     transport = _RecordingTransport()
     conn = Connection(
-        SessionId("s1"),
+        SessionId(name),
         Request("GET", "/socket.io/", {}, {}),
-        ping_interval=25,
+        ping_interval=ping_interval,
         ping_timeout=20,
         limit=1 << 20,
         flusher=flusher,
@@ -132,6 +132,14 @@ async def test_idle_connections_write_at_once_and_busy_ones_coalesce() -> None:
         on_closed=lambda _conn, _reason: None,
     )
     conn.use_websocket(WebSocketConnection(transport, None, 1 << 20))  # type: ignore[arg-type]
+    return conn, transport
+
+
+async def test_idle_connections_write_at_once_and_busy_ones_coalesce() -> None:
+    """A broadcast frame to a connection that sent nothing in this loop iteration or the one
+    before is written at once; frames to a busy connection become one write per iteration."""
+    flusher = Flusher()
+    conn, transport = _websocket_connection(flusher, "s1")
     for _ in range(3):  # let anything queued by the switch to WebSocket go out
         await asyncio.sleep(0)
     transport.writes.clear()
@@ -165,21 +173,10 @@ async def test_heartbeat_deadlines_fall_on_a_shared_tick() -> None:
     one tick ping in the same loop iteration (one wake-up), and none pings early."""
     flusher = Flusher()
     loop = asyncio.get_running_loop()
-    conns: list[tuple[Connection, _RecordingTransport]] = []
-    for interval in (0.011, 0.017, 0.029):
-        transport = _RecordingTransport()
-        conn = Connection(
-            SessionId(f"s{interval}"),
-            Request("GET", "/socket.io/", {}, {}),
-            ping_interval=interval,
-            ping_timeout=20,
-            limit=1 << 20,
-            flusher=flusher,
-            metrics=Metrics(),
-            on_closed=lambda _conn, _reason: None,
-        )
-        conn.use_websocket(WebSocketConnection(transport, None, 1 << 20))  # type: ignore[arg-type]
-        conns.append((conn, transport))
+    conns = [
+        _websocket_connection(flusher, f"s{interval}", ping_interval=interval)
+        for interval in (0.011, 0.017, 0.029)
+    ]
     started = loop.time()
     for conn, _ in conns:
         conn.start_heartbeat()
