@@ -4,7 +4,9 @@ the official suites miss because their client never answers pings."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import time
 from typing import Any
 
@@ -27,6 +29,15 @@ def token(rooms: tuple[str, ...] = ("doc:*",), ttl: int | None = 600, **extra: A
 async def http(method: str, url: str, **kwargs: Any) -> tuple[int, str, Any]:
     async with aiohttp.ClientSession() as session, session.request(method, url, **kwargs) as r:
         return r.status, await r.text(), r.headers
+
+
+async def polling_session(port: int) -> tuple[str, str]:
+    """Open a polling session and connect the main namespace; return its base URL and sid."""
+    base = f"http://127.0.0.1:{port}/socket.io/?EIO=4&transport=polling"
+    _, body, _ = await http("GET", base)
+    sid = json.loads(body[1:])["sid"]
+    await http("POST", f"{base}&sid={sid}", data="40" + json.dumps({"token": token()}))
+    return base, sid
 
 
 def counter(node: Any, name: str, **labels: str) -> float:
@@ -115,10 +126,7 @@ async def test_non_utf8_polling_body() -> None:
 async def test_upgrade_from_polling() -> None:
     """The probe upgrade moves a polling session to WebSocket; queued packets follow it."""
     async with running() as node:
-        base = f"http://127.0.0.1:{node.port}/socket.io/?EIO=4&transport=polling"
-        _, body, _ = await http("GET", base)
-        sid = json.loads(body[1:])["sid"]
-        await http("POST", f"{base}&sid={sid}", data="40" + json.dumps({"token": token()}))
+        base, sid = await polling_session(node.port)
         ws = await websockets.connect(
             f"ws://127.0.0.1:{node.port}/socket.io/?EIO=4&transport=websocket&sid={sid}"
         )
@@ -461,10 +469,9 @@ def test_handler_signatures_are_checked_at_registration() -> None:
 
 
 def _masked(text: str) -> bytes:
-    import os as _os
 
     payload = text.encode()
-    mask = _os.urandom(4)
+    mask = os.urandom(4)
     return (
         bytes([0x81, 0x80 | len(payload)])
         + mask
@@ -474,16 +481,10 @@ def _masked(text: str) -> bytes:
 
 async def test_upgrade_packet_and_next_event_in_one_read() -> None:
     """An event sent in the same TCP segment as the upgrade packet is handled as an event."""
-    import base64
-    import os as _os
-
     async with running() as node:
-        base = f"http://127.0.0.1:{node.port}/socket.io/?EIO=4&transport=polling"
-        _, body, _ = await http("GET", base)
-        sid = json.loads(body[1:])["sid"]
-        await http("POST", f"{base}&sid={sid}", data="40" + json.dumps({"token": token()}))
+        _, sid = await polling_session(node.port)
         reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
-        key = base64.b64encode(_os.urandom(16)).decode()
+        key = base64.b64encode(os.urandom(16)).decode()
         writer.write(
             (
                 f"GET /socket.io/?EIO=4&transport=websocket&sid={sid} HTTP/1.1\r\nHost: x\r\n"

@@ -6,9 +6,22 @@ import ast
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 from conftest_helpers import token_for
 from wire import Raw, connect_sio, publish, running
+
+
+async def drop_and_save_session(node: Any, raw: Raw) -> None:
+    """Drop the client's connection as a network failure would, and wait until the server
+    noticed and wrote the socket's recovery state."""
+    raw.ws.transport.abort()
+    for _ in range(100):
+        if not node.sockets.sockets:
+            break
+        await asyncio.sleep(0.01)
+    await node.sockets.session_writer.flush()
+
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "roomcast"
 
@@ -62,12 +75,7 @@ async def test_recovery_refused_for_another_user() -> None:
     async with running() as node:
         raw = await connect_sio(node.port, {"token": token_for("doc:*", user="alice")})
         hello = json.loads(str(await raw.recv())[2:])
-        raw.ws.transport.abort()
-        for _ in range(100):
-            if not node.sockets.sockets:
-                break
-            await asyncio.sleep(0.01)
-        await node.sockets.session_writer.flush()
+        await drop_and_save_session(node, raw)
         back = await Raw.connect(node.port)
         await back.send(
             "40"
@@ -151,12 +159,7 @@ async def test_refused_recovery_releases_its_rooms() -> None:
         hello = json.loads(str(await raw.recv())[2:])
         await raw.send('421["join","doc:1"]')
         assert await raw.recv() == '431[{"ok":true}]'
-        raw.ws.transport.abort()
-        for _ in range(100):
-            if not node.sockets.sockets:
-                break
-            await asyncio.sleep(0.01)
-        await node.sockets.session_writer.flush()
+        await drop_and_save_session(node, raw)
         back = await Raw.connect(node.port)
         await back.send(
             "40" + json.dumps({"token": token_for("doc:*"), "pid": hello["pid"], "offset": "0"})
