@@ -12,7 +12,9 @@ import socket
 from conftest_helpers import token_for
 from redis_fixtures import eventually
 from roomcast.connection import TIMER_TICK, Connection, Flusher
+from roomcast.hub import Hub
 from roomcast.metrics import Metrics
+from roomcast.protocol.engineio import PacketType
 from roomcast.transport.http import Request, WebSocketConnection
 from roomcast.transport.websocket import text_frame
 from roomcast.types import SessionId
@@ -107,13 +109,19 @@ class _RecordingTransport:
         self.writes.append(data)
 
     def get_write_buffer_size(self) -> int:
-        return 0
+        return self.buffered
+
+    buffered = 0
+    """What the transport pretends is still waiting for the socket."""
 
     def get_extra_info(self, name: str) -> object:
         return None
 
     def close(self) -> None:
         self.writes.append(b"<closed>")
+
+    def abort(self) -> None:
+        self.writes.append(b"<aborted>")
 
 
 def _websocket_connection(
@@ -166,6 +174,55 @@ async def test_idle_connections_write_at_once_and_busy_ones_coalesce() -> None:
         conn.send_encoded(b"g", "g")
     await asyncio.sleep(0)
     assert transport.writes == [b"a", b"bc", b"d", b"e", b"fg"]
+
+
+class _Member:
+    """What the hub needs of a socket: its connection and its id."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.id = conn.sid
+
+
+async def test_broadcast_fans_out_to_idle_and_busy_members_and_drops_an_overflowing_one() -> None:
+    """One broadcast (the hub's unrolled fast path): idle members get the frame at once, a busy
+    one gets it coalesced with what it already had, the excluded socket gets nothing, and a
+    member whose transport buffer went over the limit is closed with its loss counted."""
+    flusher = Flusher()
+    hub = Hub(lambda key: None, lambda key: None, flusher)
+    room = ("/", "doc:1")
+    members = [_websocket_connection(flusher, f"s{i}") for i in range(5)]
+    for conn, _ in members:
+        hub.join(_Member(conn), room)  # type: ignore[arg-type]
+    for _ in range(3):  # let anything queued by the switch to WebSocket go out
+        await asyncio.sleep(0)
+    (_, idle_t), (busy, busy_t), (excluded, excluded_t), (full, full_t), pinged = members
+    for _, transport in members:
+        transport.writes.clear()
+    busy.send_encoded(b"before", "before")  # busy now: the broadcast frame is queued behind it
+    busy.send_encoded(b"queued", "queued")
+    full_t.buffered = full.limit + 1  # the socket stopped draining
+    pinged[0].send_packet(PacketType.PING)  # a control frame is queued: the broadcast follows it
+
+    sent = hub.broadcast(room, "ev", {"n": 1}, exclude=excluded.sid)
+
+    assert sent == 4
+    frame = text_frame(b'42["ev",{"n":1}]')
+    assert idle_t.writes == [frame], "an idle member is written at once"
+    assert busy_t.writes == [b"before"], "a busy member's frame waits for the flusher"
+    assert excluded_t.writes == []
+    assert full_t.writes == [frame]
+    await asyncio.sleep(0)
+    assert busy_t.writes == [b"before", b"queued" + frame], "one write for what was queued"
+    assert pinged[1].writes == [text_frame(b"2") + frame], "the broadcast did not overtake"
+    await asyncio.sleep(0)
+    assert full_t.writes[-1] == b"<aborted>", "the overflowing member is dropped at once"
+    assert full.closed
+    dropped = full._metrics.registry.get_sample_value(
+        "roomcast_dropped_messages_total", {"reason": "slow_client"}
+    )
+    assert dropped == 1
+    assert idle_t.writes == [frame] and excluded_t.writes == []
 
 
 async def test_heartbeat_deadlines_fall_on_a_shared_tick() -> None:

@@ -11,7 +11,7 @@ import contextlib
 import enum
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Final, Protocol
 
 from roomcast.protocol import engineio
@@ -96,6 +96,35 @@ class Flusher:
         self._scheduled = True
         self.loop.call_soon(self.flush)
 
+    def send_all(self, conns: Iterable[Connection], frame: bytes, text: str) -> None:
+        """:meth:`Connection.send_encoded` to every connection of a broadcast.
+
+        Its fast path (an idle WebSocket connection writes the frame at once) is unrolled here,
+        so a member costs no Python call of its own; everything else goes through
+        :meth:`Connection.send_encoded`.  This reads the connections' private state and must
+        stay in step with that method.  ``benchmarks/fanout.py`` measures the whole path."""
+        if self.holding:
+            for conn in conns:
+                conn.send_encoded(frame, text)
+            return
+        epoch = self.epoch
+        self.touch()
+        for conn in conns:
+            transport = conn._transport
+            if (
+                conn._out is None
+                and conn._open
+                and transport is not None
+                and epoch - conn._written > 1
+            ):
+                conn._written = epoch
+                transport.write(frame)
+                size = conn._out_size = transport.get_write_buffer_size()
+                if size > conn.limit:
+                    conn._overflow(written=1)
+            else:
+                conn.send_encoded(frame, text)
+
     def flush(self) -> None:
         self._scheduled = False
         self.epoch += 1
@@ -107,17 +136,8 @@ class Flusher:
             self._schedule()
 
 
-def _no_write(data: bytes) -> None:
-    raise RuntimeError("no websocket transport")
-
-
-def _no_buffer() -> int:
-    return 0
-
-
 class Connection:
     __slots__ = (
-        "_buffered",
         "_flusher",
         "_metrics",
         "_open",
@@ -127,8 +147,8 @@ class Connection:
         "_poll_headers",
         "_queue",
         "_timer",
+        "_transport",
         "_waiting_pong",
-        "_write",
         "_written",
         "farewell",
         "handler",
@@ -176,10 +196,10 @@ class Connection:
         self._open = True
         self._poll_headers: list[tuple[str, str]] = []
         """False once closed or overflowing: nothing more is queued or written."""
-        self._write: Callable[[bytes], object] = _no_write
+        self._transport: asyncio.Transport | None = None
+        """The WebSocket's transport, written directly on the broadcast path."""
         self._written = -2
         """The :attr:`Flusher.epoch` in which this connection last sent a broadcast frame."""
-        self._buffered: Callable[[], int] = _no_buffer
         self.farewell: str | None = None
         """Polling only: the last payload (ending in CLOSE) that no poll was there to take."""
 
@@ -218,7 +238,8 @@ class Connection:
         iteration into one ``write()``; so does every connection inside :meth:`Flusher.batch`
         (a broker delivering a fetch's worth of publications). This runs once per member of
         every broadcast."""
-        if self.ws is None:
+        transport = self._transport
+        if transport is None:
             self._enqueue(text)
             return
         out = self._out
@@ -234,8 +255,8 @@ class Connection:
             self._written = epoch
             if idle:
                 flusher.touch()
-                self._write(frame)
-                size = self._out_size = self._buffered()
+                transport.write(frame)
+                size = self._out_size = transport.get_write_buffer_size()
                 if size > self.limit:
                     self._overflow(written=1)
                 return
@@ -276,9 +297,12 @@ class Connection:
         out = self._out
         if out is not None:  # WebSocket: one write for everything queued this iteration
             self._out = None
+            transport = self._transport
+            if transport is None:
+                raise RuntimeError("frames queued without a websocket transport")
             if self._open:
-                self._write(out[0] if len(out) == 1 else b"".join(out))
-                size = self._out_size = self._buffered()
+                transport.write(out[0] if len(out) == 1 else b"".join(out))
+                size = self._out_size = transport.get_write_buffer_size()
                 if size > self.limit:
                     self._overflow(written=len(out))
         elif self._poll is not None and self._queue and self._open:
@@ -357,8 +381,7 @@ class Connection:
     def use_websocket(self, ws: WebSocketConnection) -> None:
         """Make ``ws`` the transport: on open, or when an upgrade completes."""
         self.ws = ws
-        self._write = ws.transport.write
-        self._buffered = ws.transport.get_write_buffer_size
+        self._transport = ws.transport
         self.upgrading = False
         self.release_poll("6")
         queue, self._queue = self._queue, []

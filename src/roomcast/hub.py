@@ -6,6 +6,7 @@ leaving through two callbacks, and the node turns those into broker subscription
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from roomcast.protocol.socketio import encode_event_prefix
 from roomcast.transport.websocket import text_frame
 
 if TYPE_CHECKING:
+    from roomcast.connection import Connection, Flusher
     from roomcast.sockets import Socket
 
 RoomKey = tuple[str, str]
@@ -24,6 +26,9 @@ RoomKey = tuple[str, str]
 Position = tuple[int, int]
 Held = tuple[str, Position, bytes, str]
 """A broadcast held for a recovering socket: (publication id, offset, frame, polling text)."""
+
+
+_conn: Callable[[Socket], Connection] = operator.attrgetter("conn")
 
 
 class _Holding:
@@ -39,11 +44,16 @@ class _Holding:
 
 
 class Hub:
-    __slots__ = ("_on_first", "_on_last", "_pending", "last_offset", "rooms")
+    __slots__ = ("_flusher", "_on_first", "_on_last", "_pending", "last_offset", "rooms")
 
     def __init__(
-        self, on_first_member: Callable[[RoomKey], None], on_last_member: Callable[[RoomKey], None]
+        self,
+        on_first_member: Callable[[RoomKey], None],
+        on_last_member: Callable[[RoomKey], None],
+        flusher: Flusher,
     ) -> None:
+        self._flusher = flusher
+        """Writes a broadcast to its members' connections (see :meth:`Flusher.send_all`)."""
         self.rooms: dict[RoomKey, set[Socket]] = {}
         self._pending: dict[RoomKey, dict[Socket, _Holding]] = {}
         """Sockets recovering missed events: live broadcasts are held for them."""
@@ -155,14 +165,12 @@ class Hub:
         sent = 0
         if members:
             if exclude is None:
-                for socket in members:
-                    socket.conn.send_encoded(frame, text)
+                self._flusher.send_all(map(_conn, members), frame, text)
                 sent = len(members)
             else:
-                for socket in members:
-                    if socket.id != exclude:
-                        socket.conn.send_encoded(frame, text)
-                        sent += 1
+                conns = [socket.conn for socket in members if socket.id != exclude]
+                self._flusher.send_all(conns, frame, text)
+                sent = len(conns)
         if held:
             sent += self._to_held(key, held, (publication_id, position, frame, text), exclude)
         return sent

@@ -80,8 +80,8 @@ class Node:
         self.auth = make_authenticator(settings)
         self.metrics.registry.register(BrokerCollector(self.broker))
         self.subscriptions = Subscriptions(self.broker, self.tasks)
-        self.hub = Hub(self._first_member, self._last_member)
         self.flusher = Flusher()
+        self.hub = Hub(self._first_member, self._last_member, self.flusher)
         self.sockets = SocketServer(
             self.app,
             self.hub,

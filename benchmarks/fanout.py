@@ -1,0 +1,125 @@
+"""One broadcast to a big room, through Roomcast's own Hub and Connection, over real sockets.
+
+Opens N loopback TCP connections, reads them in a child process pinned to CPU 1 (epoll, as
+``send_floor.py`` does), and in the parent, pinned to CPU 0, wraps each accepted socket in a
+uvloop transport and a WebSocket :class:`~roomcast.connection.Connection` joined to one room.
+Each round is one ``Hub.broadcast`` of a ~200-byte event: the parent's CPU time for it, per
+member, is the whole fan-out path (Python, uvloop and the kernel's ``send()``), without HTTP,
+brokers or a load generator. Compare it with ``send_floor.py`` on the same machine.
+
+    .venv/bin/python benchmarks/fanout.py 10000 --rounds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import select
+import socket
+import statistics
+import time
+
+import uvloop
+
+from roomcast.connection import Connection, Flusher
+from roomcast.hub import Hub
+from roomcast.metrics import Metrics
+from roomcast.transport.http import Request, WebSocketConnection
+from roomcast.types import SessionId
+
+ROOM = ("/", "bench:room-0")
+DATA = {"ts": 0.0, "seq": 0, "room": "bench:room-0", "pad": "x" * 130}
+
+
+class _Member:
+    """What the hub needs of a socket: its connection and its id."""
+
+    __slots__ = ("conn", "id")
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.id = conn.sid
+
+
+def _reader(port: int, n: int, ready: int) -> None:
+    os.sched_setaffinity(0, {1})
+    conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+    poller = select.epoll()
+    for conn in conns:
+        conn.setblocking(False)
+        poller.register(conn.fileno(), select.EPOLLIN)
+    os.write(ready, b"x")
+    while True:
+        for fd, _ in poller.poll(-1, 1024):
+            if not os.read(fd, 65536):
+                os._exit(0)
+
+
+async def _run(n: int, rounds: int) -> tuple[list[float], int]:
+    loop = asyncio.get_running_loop()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4096)
+    port = listener.getsockname()[1]
+    ready_r, ready_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        _reader(port, n, ready_w)
+    os.sched_setaffinity(0, {0})
+    flusher = Flusher()
+    hub = Hub(lambda key: None, lambda key: None, flusher)
+    members = []
+    for i in range(n):
+        sock, _ = listener.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, sock)
+        conn = Connection(
+            SessionId(f"s{i}"),
+            Request("GET", "/socket.io/", {}, {}),
+            ping_interval=25,
+            ping_timeout=20,
+            limit=1 << 20,
+            flusher=flusher,
+            metrics=Metrics(),
+            on_closed=lambda _conn, _reason: None,
+        )
+        conn.use_websocket(WebSocketConnection(transport, None, 1 << 20))  # type: ignore[arg-type]
+        member = _Member(conn)
+        members.append(member)
+        hub.join(member, ROOM)  # type: ignore[arg-type]
+    os.read(ready_r, 1)
+    await asyncio.sleep(0.5)
+    per_member = []
+    for round_no in range(rounds):
+        cpu = time.process_time()
+        sent = hub.broadcast(ROOM, "bench", {**DATA, "seq": round_no}, offset=f"{round_no + 1}-0")
+        await asyncio.sleep(0)  # the flusher's pass, if anything was queued
+        cpu = time.process_time() - cpu
+        assert sent == n, sent
+        per_member.append(1e6 * cpu / n)
+        await asyncio.sleep(0.3)
+    for member in members:
+        member.conn.close("bench over", notify=False)
+    await asyncio.sleep(0.2)
+    return per_member, child
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("members", type=int, nargs="?", default=10_000)
+    parser.add_argument("--rounds", type=int, default=20)
+    args = parser.parse_args()
+    if not {0, 1} <= os.sched_getaffinity(0):
+        raise SystemExit("needs CPUs 0 and 1: the server side and the reader each get one")
+    per_member, reader = uvloop.run(_run(args.members, args.rounds))
+    os.waitpid(reader, 0)  # it exits once every connection is closed
+    print(
+        f"{args.members} members, {args.rounds} broadcasts: CPU per member "
+        f"median {statistics.median(per_member):.2f} us, "
+        f"min {min(per_member):.2f}, max {max(per_member):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
