@@ -6,7 +6,6 @@ leaving through two callbacks, and the node turns those into broker subscription
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,9 +25,6 @@ RoomKey = tuple[str, str]
 Position = tuple[int, int]
 Held = tuple[str, Position, bytes, str]
 """A broadcast held for a recovering socket: (publication id, offset, frame, polling text)."""
-
-
-_conn: Callable[[Socket], Connection] = operator.attrgetter("conn")
 
 
 class _Holding:
@@ -54,7 +50,9 @@ class Hub:
     ) -> None:
         self._flusher = flusher
         """Writes a broadcast to its members' connections (see :meth:`Flusher.send_all`)."""
-        self.rooms: dict[RoomKey, set[Socket]] = {}
+        self.rooms: dict[RoomKey, dict[Socket, Connection]] = {}
+        """Each room's member sockets, with their connections (the broadcast loop walks the
+        connections straight from the dict, not through each socket object)."""
         self._pending: dict[RoomKey, dict[Socket, _Holding]] = {}
         """Sockets recovering missed events: live broadcasts are held for them."""
         self.last_offset: dict[RoomKey, Position] = {}
@@ -75,13 +73,13 @@ class Hub:
         members = self.rooms.get(key)
         if members is None:
             first = not self._interested(key)
-            self.rooms[key] = {socket}
+            self.rooms[key] = {socket: socket.conn}
             if first:
                 self._on_first(key)
             return True
         if socket in members:
             return False
-        members.add(socket)
+        members[socket] = socket.conn
         return True
 
     def leave(self, socket: Socket, key: RoomKey) -> bool:
@@ -92,7 +90,7 @@ class Hub:
         members = self.rooms.get(key)
         if members is None or socket not in members:
             return False
-        members.discard(socket)
+        del members[socket]
         if not members:
             del self.rooms[key]
             self._maybe_last(key)
@@ -165,10 +163,10 @@ class Hub:
         sent = 0
         if members:
             if exclude is None:
-                self._flusher.send_all(map(_conn, members), frame, text)
+                self._flusher.send_all(members.values(), frame, text)
                 sent = len(members)
             else:
-                conns = [socket.conn for socket in members if socket.id != exclude]
+                conns = [conn for socket, conn in members.items() if socket.id != exclude]
                 self._flusher.send_all(conns, frame, text)
                 sent = len(conns)
         if held:
