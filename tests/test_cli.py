@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jwt
 import pytest
+from process_output import ProcessOutput
 
 SECRET = "c" * 48
 ROOMCAST = [sys.executable, "-m", "roomcast"]
@@ -114,13 +115,9 @@ def test_dev_mode_prints_token_and_curl(dev_server: tuple[int, subprocess.Popen[
     """`roomcast serve` with no configuration prints a dev token and a curl line, then serves."""
     port, proc = dev_server
     assert proc.stdout is not None
-    lines = []
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if line.startswith("roomcast ready"):
-            break
+    lines = ProcessOutput(proc.stdout).wait_for(
+        "ready line", lambda lines: any(line.startswith("roomcast ready") for line in lines), 15
+    )
     text = "".join(lines)
     assert "DEVELOPMENT MODE" in text, text
     key = re.search(r"Authorization: Bearer ([^']+)'", text)

@@ -6,15 +6,16 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from process_output import ProcessOutput
 
 import redis_fixtures
 from conftest_helpers import token_for
@@ -56,17 +57,21 @@ def two_workers(redis_url: str, redis_prefix: str) -> Iterator[int]:
         text=True,
     )
     with proc:
-        pids = set()
-        deadline = time.monotonic() + 20
         assert proc.stdout is not None
-        while len(pids) < 2 and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if line.startswith("roomcast ready"):
-                pids.add(line.rsplit("pid ", 1)[1].rstrip(")\n"))
-        assert len(pids) == 2, "both workers should report ready"
+        output = ProcessOutput(proc.stdout)
+        output.wait_for("ready line from each worker", lambda lines: len(_ready(lines)) == 2, 20)
         yield port
         proc.terminate()
         proc.wait(20)
+
+
+def _ready(lines: list[str]) -> set[str]:
+    """The pids of the workers whose whole ``roomcast ready`` line is in ``lines``."""
+    return {
+        match.group(1)
+        for line in lines
+        if (match := re.fullmatch(r"roomcast ready on \S+ \(pid (\d+)\)\n", line))
+    }
 
 
 def _get(url: str) -> str:

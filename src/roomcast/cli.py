@@ -239,7 +239,10 @@ async def _run(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"roomcast ready on {settings.host}:{node.port} (pid {os.getpid()})", flush=True)
+    # One write() even with an unbuffered stdout (PYTHONUNBUFFERED), where print() writes the
+    # text and its newline separately: the workers share the pipe, and their lines interleaved.
+    sys.stdout.write(f"roomcast ready on {settings.host}:{node.port} (pid {os.getpid()})\n")
+    sys.stdout.flush()
     await stop.wait()
     log.info("draining")
     await node.drain()

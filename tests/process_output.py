@@ -1,0 +1,38 @@
+"""A server subprocess's output, read by a thread, so a test waits on it with a deadline.
+
+``proc.stdout.readline()`` in the test itself blocks past any deadline when the line it waits
+for never comes (the test run then hangs instead of failing); the thread also keeps the pipe
+drained for as long as the process writes to it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import IO
+
+
+class ProcessOutput:
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._ended = False
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in iter(stream.readline, ""):
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def wait_for(self, what: str, done: Callable[[list[str]], bool], timeout: float) -> list[str]:
+        """The lines so far, once ``done(lines)``; fail with the output if it is not within
+        ``timeout`` seconds or the process closed its output first."""
+        with self._changed:
+            self._changed.wait_for(lambda: done(self.lines) or self._ended, timeout)
+            lines = list(self.lines)
+        assert done(lines), f"no {what} within {timeout} s; output so far:\n{''.join(lines)}"
+        return lines
