@@ -1,7 +1,7 @@
 """One broadcast to a big room, through Roomcast's own Hub and Connection, over real sockets.
 
-Opens N loopback TCP connections, reads them in a child process pinned to CPU 1 (epoll, as
-``send_floor.py`` does), and in the parent, pinned to CPU 0, wraps each accepted socket in a
+Opens N loopback TCP connections read by a child process pinned to CPU 1 (``send_floor.py``'s
+``open_loopback``), and in the parent, pinned to CPU 0, wraps each accepted socket in a
 uvloop transport and a WebSocket :class:`~roomcast.connection.Connection` joined to one room.
 Each round is one ``Hub.broadcast`` of a ~200-byte event: the parent's CPU time for it, per
 member, is the whole fan-out path (Python, uvloop and the kernel's ``send()``), without HTTP,
@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import select
-import socket
 import statistics
 import time
 
 import uvloop
+from send_floor import open_loopback
 
 from roomcast.connection import Connection, Flusher
 from roomcast.hub import Hub
@@ -42,37 +41,13 @@ class _Member:
         self.id = conn.sid
 
 
-def _reader(port: int, n: int, ready: int) -> None:
-    os.sched_setaffinity(0, {1})
-    conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
-    poller = select.epoll()
-    for conn in conns:
-        conn.setblocking(False)
-        poller.register(conn.fileno(), select.EPOLLIN)
-    os.write(ready, b"x")
-    while True:
-        for fd, _ in poller.poll(-1, 1024):
-            if not os.read(fd, 65536):
-                os._exit(0)
-
-
 async def _run(n: int, rounds: int) -> tuple[list[float], int]:
     loop = asyncio.get_running_loop()
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4096)
-    port = listener.getsockname()[1]
-    ready_r, ready_w = os.pipe()
-    child = os.fork()
-    if child == 0:
-        _reader(port, n, ready_w)
-    os.sched_setaffinity(0, {0})
+    socks, reader = open_loopback(n)
     flusher = Flusher()
     hub = Hub(lambda key: None, lambda key: None, flusher)
     members = []
-    for i in range(n):
-        sock, _ = listener.accept()
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for i, sock in enumerate(socks):
         transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, sock)
         conn = Connection(
             SessionId(f"s{i}"),
@@ -88,7 +63,6 @@ async def _run(n: int, rounds: int) -> tuple[list[float], int]:
         member = _Member(conn)
         members.append(member)
         hub.join(member, ROOM)  # type: ignore[arg-type]
-    os.read(ready_r, 1)
     await asyncio.sleep(0.5)
     per_member = []
     for round_no in range(rounds):
@@ -102,7 +76,7 @@ async def _run(n: int, rounds: int) -> tuple[list[float], int]:
     for member in members:
         member.conn.close("bench over", notify=False)
     await asyncio.sleep(0.2)
-    return per_member, child
+    return per_member, reader
 
 
 def main() -> None:
@@ -110,8 +84,6 @@ def main() -> None:
     parser.add_argument("members", type=int, nargs="?", default=10_000)
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
-    if not {0, 1} <= os.sched_getaffinity(0):
-        raise SystemExit("needs CPUs 0 and 1: the server side and the reader each get one")
     per_member, reader = uvloop.run(_run(args.members, args.rounds))
     os.waitpid(reader, 0)  # it exits once every connection is closed
     print(

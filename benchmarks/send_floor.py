@@ -19,7 +19,7 @@ FRAME = b"x" * 230
 ROUNDS = 5
 
 
-def reader(port: int, n: int, ready: int) -> None:
+def _reader(port: int, n: int, ready: int) -> None:
     os.sched_setaffinity(0, {1})
     conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
     poller = select.epoll()
@@ -27,15 +27,17 @@ def reader(port: int, n: int, ready: int) -> None:
         conn.setblocking(False)
         poller.register(conn.fileno(), select.EPOLLIN)
     os.write(ready, b"x")
-    received = 0
-    while received < n * ROUNDS * len(FRAME):
+    while True:
         for fd, _ in poller.poll(-1, 1024):
-            received += len(os.read(fd, 65536))
-    os._exit(0)
+            if not os.read(fd, 65536):  # the sender closed its sockets: done
+                os._exit(0)
 
 
-def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
+def open_loopback(n: int) -> tuple[list[socket.socket], int]:
+    """``n`` accepted loopback TCP sockets (``TCP_NODELAY``, non-blocking) whose other ends a
+    child process pinned to CPU 1 reads; this process is pinned to CPU 0.
+
+    Returns the sockets and the reader's pid: it exits once the sockets are closed."""
     if not {0, 1} <= os.sched_getaffinity(0):
         raise SystemExit("needs CPUs 0 and 1: the sender and the reader each get one")
     listener = socket.socket()
@@ -45,13 +47,20 @@ def main() -> None:
     ready_r, ready_w = os.pipe()
     child = os.fork()
     if child == 0:
-        reader(port, n, ready_w)
+        _reader(port, n, ready_w)
     os.sched_setaffinity(0, {0})
     socks = [listener.accept()[0] for _ in range(n)]
+    listener.close()
     for sock in socks:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
     os.read(ready_r, 1)
+    return socks, child
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
+    socks, reader = open_loopback(n)
     for round_no in range(ROUNDS):
         cpu, wall = time.process_time(), time.perf_counter()
         for sock in socks:
@@ -59,7 +68,9 @@ def main() -> None:
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         print(f"round {round_no}: {1e6 * cpu / n:.2f} us of CPU per send, {1e3 * wall:.1f} ms")
         time.sleep(0.5)
-    os.waitpid(child, 0)
+    for sock in socks:
+        sock.close()
+    os.waitpid(reader, 0)
 
 
 if __name__ == "__main__":
