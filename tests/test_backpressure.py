@@ -225,6 +225,51 @@ async def test_broadcast_fans_out_to_idle_and_busy_members_and_drops_an_overflow
     assert idle_t.writes == [frame] and excluded_t.writes == []
 
 
+async def test_broadcasts_follow_each_members_last_send_through_the_hub() -> None:
+    """Through the hub's fast path: a member written at once is busy for the rest of the
+    iteration (a second broadcast is coalesced), idle again after quiet iterations (written at
+    once, twice in a row), held inside ``Flusher.batch()``; a closed member gets nothing and
+    each drop is counted."""
+    flusher = Flusher()
+    hub = Hub(lambda key: None, lambda key: None, flusher)
+    room = ("/", "doc:1")
+    (conn, transport), (gone, gone_t) = [_websocket_connection(flusher, f"s{i}") for i in (1, 2)]
+    for member in (conn, gone):
+        hub.join(_Member(member), room)  # type: ignore[arg-type]
+
+    async def quiet() -> None:
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    await quiet()
+    gone.close("gone", notify=False)  # still in the room: the node would remove it later
+    transport.writes.clear()
+    gone_t.writes.clear()
+    frames = [text_frame(b'42["ev",{"n":%d}]' % n) for n in range(6)]
+
+    hub.broadcast(room, "ev", {"n": 0})
+    hub.broadcast(room, "ev", {"n": 1})
+    assert transport.writes == frames[:1], "the second broadcast of the iteration is queued"
+    await asyncio.sleep(0)
+    assert transport.writes == frames[:2]
+    for n in (2, 3):
+        await quiet()
+        hub.broadcast(room, "ev", {"n": n})
+        assert transport.writes == frames[: n + 1], f"broadcast {n} is written at once"
+    await quiet()
+    with flusher.batch():
+        hub.broadcast(room, "ev", {"n": 4})
+        hub.broadcast(room, "ev", {"n": 5})
+        assert transport.writes == frames[:4], "nothing is written at once inside a batch"
+    await asyncio.sleep(0)
+    assert transport.writes == [*frames[:4], frames[4] + frames[5]]
+    assert gone_t.writes == []
+    dropped = gone._metrics.registry.get_sample_value(
+        "roomcast_dropped_messages_total", {"reason": "connection_closed"}
+    )
+    assert dropped == 6
+
+
 async def test_heartbeat_deadlines_fall_on_a_shared_tick() -> None:
     """Heartbeat timers are rounded up to TIMER_TICK: connections whose pings are due within
     one tick ping in the same loop iteration (one wake-up), and none pings early."""
