@@ -121,6 +121,46 @@ def test_polling_sessions_work_across_workers(two_workers: int) -> None:
         assert json.loads(packet[2:])[:2] == ["e", {"n": 1}]
 
 
+def _samples(exposition: str, name: str) -> dict[str, float]:
+    """``name``'s sample values in a Prometheus exposition, by their ``worker`` label."""
+    found: dict[str, float] = {}
+    for line in exposition.splitlines():
+        match = re.fullmatch(rf'{name}\{{(?:.*,)?worker="(\d+)"(?:,.*)?\}} (\S+)', line)
+        if match:
+            found[match.group(1)] = found.get(match.group(1), 0.0) + float(match.group(2))
+    return found
+
+
+def test_metrics_and_readiness_answer_for_every_worker(two_workers: int) -> None:
+    """Scrapes land on either worker; each one reports both workers, labelled, so counters
+    add up to what the whole instance did, whichever worker answered."""
+    base = f"http://127.0.0.1:{two_workers}"
+    published = 12
+    for n in range(published):  # a fresh connection each: the kernel spreads them
+        request = urllib.request.Request(
+            f"{base}/api/v1/publish",
+            data=json.dumps({"room": "doc:1", "event": "e", "data": {"n": n}}).encode(),
+            headers={"Authorization": f"Bearer {API_KEY}", "Connection": "close"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert r.status == 202
+    for _ in range(6):
+        exposition = _get(f"{base}/metrics")
+        assert _samples(exposition, "roomcast_worker_up") == {"00": 1.0, "01": 1.0}
+        by_worker = _samples(exposition, "roomcast_published_total")
+        assert sum(by_worker.values()) == published, exposition
+        ready = json.loads(_get(f"{base}/readyz"))
+        assert ready["ready"] is True
+        assert {w: d["broker"] for w, d in ready["workers"].items()} == {
+            "00": "connected",
+            "01": "connected",
+        }
+    own = _get(f"{base}/metrics?scope=worker")
+    assert "roomcast_worker_up" not in own and 'worker="' not in own
+    assert "roomcast_published_total" in own
+
+
 async def test_a_pipe_to_another_worker_passes_backpressure_on(tmp_path: Path) -> None:
     """A client that stops reading, piped to the worker that owns its session, stops that
     pipe reading from the worker: the worker's own buffer limit then sees the slow client,

@@ -119,6 +119,12 @@ class Node:
             api_key=settings.api_key,
             readiness=self.readiness,
             max_payload=settings.max_payload,
+            worker=f"{worker[0]:02d}" if worker else "",
+            peer_sockets={
+                f"{index:02d}": path for index, path in enumerate(worker[1]) if index != worker[0]
+            }
+            if worker
+            else None,
         )
         self.router.mount("/socket.io/", self.engine)
         self._server: asyncio.Server | None = None

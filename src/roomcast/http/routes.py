@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from roomcast.auth import InvalidRoomError, validate_room
 from roomcast.broker.base import BrokerUnavailableError, PublishRequest, PublishResult
+from roomcast.http import peers
 from roomcast.http.errors import ApiError, api_error_response, json_response
 from roomcast.protocol.socketio import RESERVED_EVENTS
 from roomcast.transport.http import Exchange, HttpHandler, Request
@@ -39,7 +40,11 @@ class Router:
         api_key: str,
         readiness: Callable[[], tuple[bool, dict[str, Any]]],
         max_payload: int,
+        worker: str = "",
+        peer_sockets: dict[str, str] | None = None,
     ) -> None:
+        """With ``--workers``: ``worker`` names this worker (``"00"``), ``peer_sockets`` maps the
+        others' names to their unix sockets, and ``/metrics`` and ``/readyz`` answer for all."""
         self.engines: dict[str, HttpHandler] = {}
         self._metrics = metrics
         self._tasks = tasks
@@ -47,6 +52,8 @@ class Router:
         self._api_key = api_key.encode()
         self._readiness = readiness
         self._max_payload = max_payload
+        self._worker = worker
+        self._peers = peer_sockets or {}
 
     def mount(self, path: str, handler: HttpHandler) -> None:
         self.engines[path.rstrip("/") + "/"] = handler
@@ -59,14 +66,44 @@ class Router:
         elif path == "/healthz":
             json_response(exchange, 200, {"status": "ok"})
         elif path == "/readyz":
-            ready, detail = self._readiness()
-            json_response(exchange, 200 if ready else 503, {"ready": ready, **detail})
+            if self._for_instance(request):
+                self._tasks.spawn(self._instance_readiness(exchange), name="readyz")
+            else:
+                ready, detail = self._readiness()
+                json_response(exchange, 200 if ready else 503, {"ready": ready, **detail})
         elif path == "/metrics":
-            exchange.respond(200, generate_latest(self._metrics.registry), [], CONTENT_TYPE_LATEST)
+            if self._for_instance(request):
+                self._tasks.spawn(self._instance_metrics(exchange), name="metrics")
+            else:
+                body = generate_latest(self._metrics.registry)
+                exchange.respond(200, body, [], CONTENT_TYPE_LATEST)
         elif path == "/api/v1/publish":
             self._publish_api(request, exchange)
         else:
             api_error_response(exchange, ApiError(404, "not_found", f"no route for {path[:80]}"))
+
+    # -- several workers: /metrics and /readyz for the whole instance ------------------------------
+    def _for_instance(self, request: Request) -> bool:
+        return bool(self._peers) and request.query.get("scope") != peers.WORKER_SCOPE
+
+    async def _instance_metrics(self, exchange: Exchange) -> None:
+        own = generate_latest(self._metrics.registry)
+        target = f"/metrics?scope={peers.WORKER_SCOPE}"
+        answers = await peers.gather((self._worker, 200, own), self._peers, target)
+        views = [(name, body if status == 200 else None) for name, status, body, _ in answers]
+        if not exchange.aborted:
+            exchange.respond(200, peers.merge_metrics(views), [], CONTENT_TYPE_LATEST)
+
+    async def _instance_readiness(self, exchange: Exchange) -> None:
+        ready, detail = self._readiness()
+        own = orjson.dumps({"ready": ready, **detail})
+        target = f"/readyz?scope={peers.WORKER_SCOPE}"
+        answers = await peers.gather(
+            (self._worker, 200 if ready else 503, own), self._peers, target
+        )
+        all_ready, merged = peers.merge_readiness(answers)
+        if not exchange.aborted:
+            json_response(exchange, 200 if all_ready else 503, {"ready": all_ready, **merged})
 
     # -- POST /api/v1/publish ---------------------------------------------------------------
     def _publish_api(self, request: Request, exchange: Exchange) -> None:

@@ -1,0 +1,131 @@
+"""Merging the workers' views for ``/metrics`` and ``/readyz`` (``roomcast.http.peers``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from roomcast.http import peers
+
+
+def _exposition(published: int) -> bytes:
+    registry = CollectorRegistry()
+    counter = Counter("roomcast_published", "Publications", ["source"], registry=registry)
+    counter.labels("http").inc(published)
+    Histogram("roomcast_lag_seconds", "Lag", registry=registry, buckets=(0.1,)).observe(0.05)
+    return generate_latest(registry)
+
+
+def _values(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text.decode())
+        for s in family.samples
+        if not s.name.endswith("_created")
+    }
+
+
+def test_every_sample_is_labelled_with_its_worker_and_missing_workers_are_down() -> None:
+    merged = _values(
+        peers.merge_metrics([("00", _exposition(3)), ("01", _exposition(4)), ("02", None)])
+    )
+    assert merged[("roomcast_published_total", (("source", "http"), ("worker", "00")))] == 3
+    assert merged[("roomcast_published_total", (("source", "http"), ("worker", "01")))] == 4
+    assert merged[("roomcast_lag_seconds_bucket", (("le", "0.1"), ("worker", "01")))] == 1
+    assert merged[("roomcast_lag_seconds_count", (("worker", "00"),))] == 1
+    up = {labels: value for (name, labels), value in merged.items() if name == "roomcast_worker_up"}
+    assert up == {(("worker", "00"),): 1, (("worker", "01"),): 1, (("worker", "02"),): 0}
+    assert not any(
+        dict(labels).get("worker") == "02" for (name, labels) in merged if "published" in name
+    )
+
+
+def test_a_worker_whose_metrics_do_not_parse_counts_as_down(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, "roomcast.workers"):
+        merged = _values(
+            peers.merge_metrics([("00", _exposition(1)), ("01", b"roomcast_x{ 1 2 3\n")])
+        )
+    assert merged[("roomcast_worker_up", (("worker", "01"),))] == 0
+    assert merged[("roomcast_worker_up", (("worker", "00"),))] == 1
+    assert "worker 01 sent metrics that do not parse" in caplog.text
+
+
+def test_the_instance_is_ready_only_when_every_worker_is() -> None:
+    up = orjson.dumps({"ready": True, "broker": "connected"})
+    down = orjson.dumps({"ready": False, "broker": "disconnected"})
+    assert peers.merge_readiness([("00", 200, up, ""), ("01", 200, up, "")])[0] is True
+    ready, detail = peers.merge_readiness([("00", 200, up, ""), ("01", 503, down, "")])
+    assert ready is False
+    assert detail["workers"] == {
+        "00": {"ready": True, "broker": "connected"},
+        "01": {"ready": False, "broker": "disconnected"},
+    }
+    ready, detail = peers.merge_readiness([("00", 200, up, ""), ("01", 0, None, "no answer")])
+    assert ready is False
+    assert detail["workers"]["01"] == {"ready": False, "error": "no answer"}  # type: ignore[index]
+
+
+async def _serving(path: Path, reply: bytes | None) -> asyncio.Server:
+    """A unix server that reads one request and sends ``reply`` (``None``: never answers)."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        if reply is None:
+            await reader.read()  # until the asker gives up and closes
+        else:
+            writer.write(reply)
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_unix_server(answer, str(path))
+
+
+async def test_a_peer_is_asked_over_its_unix_socket(tmp_path: Path) -> None:
+    body = b"roomcast_x 1.0\n"
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+    server = await _serving(tmp_path / "w1.sock", reply)
+    async with server:
+        answers = await peers.gather(
+            ("00", 503, b"own"), {"01": str(tmp_path / "w1.sock")}, "/metrics?scope=worker"
+        )
+    assert answers == [("00", 503, b"own", ""), ("01", 200, body, "")]
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        (None, "no answer within 0.5 s"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", "body of 5 bytes, announced"),
+        (b"garbage", "not an http response"),
+    ],
+)
+async def test_a_peer_that_does_not_answer_properly_is_reported_with_why(
+    tmp_path: Path, reply: bytes | None, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await _serving(tmp_path / "w1.sock", reply)
+    async with server:
+        with caplog.at_level(logging.WARNING, "roomcast.workers"):
+            answers = await peers.gather(
+                ("00", 200, b"own"), {"01": str(tmp_path / "w1.sock")}, "/readyz?scope=worker"
+            )
+    name, status, body, why = answers[1]
+    assert (name, status, body) == ("01", 0, None)
+    assert reason in why
+    assert f"worker 01 did not answer /readyz?scope=worker: {why}" in caplog.text
+
+
+async def test_a_worker_that_is_not_listening_is_down(tmp_path: Path) -> None:
+    answers = await peers.gather(("00", 200, b"own"), {"01": str(tmp_path / "gone.sock")}, "/x")
+    assert answers[1][:3] == ("01", 0, None)
+    assert answers[1][3].startswith("cannot connect")
