@@ -11,7 +11,12 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from roomcast.broker.base import PublishRequest, PublishResult
 from roomcast.http import peers
+from roomcast.http.routes import Router
+from roomcast.metrics import Metrics
+from roomcast.tasks import TaskSet
+from roomcast.transport.http import HttpConnection
 
 
 def _exposition(published: int) -> bytes:
@@ -129,3 +134,74 @@ async def test_a_worker_that_is_not_listening_is_down(tmp_path: Path) -> None:
     answers = await peers.gather(("00", 200, b"own"), {"01": str(tmp_path / "gone.sock")}, "/x")
     assert answers[1][:3] == ("01", 0, None)
     assert answers[1][3].startswith("cannot connect")
+
+
+async def _router_get(router: Router, target: str) -> tuple[int, bytes]:
+    """``GET target`` from ``router`` served by Roomcast's own HTTP server on loopback."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: HttpConnection(router, 1 << 20), "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        raw = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def _router(tmp_path: Path, ready: bool = True) -> Router:
+    async def publish(request: PublishRequest) -> PublishResult:
+        raise AssertionError("not used")
+
+    metrics = Metrics()
+    metrics.published.labels("http").inc(2)
+    return Router(
+        metrics=metrics,
+        tasks=TaskSet(),
+        publish=publish,
+        api_key="k",
+        readiness=lambda: (ready, {"broker": "connected" if ready else "disconnected"}),
+        max_payload=1024,
+        worker="00",
+        peer_sockets={"01": str(tmp_path / "gone.sock")},
+    )
+
+
+async def test_a_scrape_with_a_worker_down_reports_the_rest_and_who_is_down(
+    tmp_path: Path,
+) -> None:
+    status, body = await _router_get(_router(tmp_path), "/metrics")
+    assert status == 200
+    merged = _values(body)
+    assert merged[("roomcast_published_total", (("source", "http"), ("worker", "00")))] == 2
+    assert merged[("roomcast_worker_up", (("worker", "00"),))] == 1
+    assert merged[("roomcast_worker_up", (("worker", "01"),))] == 0
+    status, body = await _router_get(_router(tmp_path), "/metrics?scope=worker")
+    assert status == 200
+    assert ("roomcast_published_total", (("source", "http"),)) in _values(body)
+
+
+async def test_the_probe_fails_while_any_worker_is_not_ready(tmp_path: Path) -> None:
+    status, body = await _router_get(_router(tmp_path), "/readyz")
+    assert status == 503
+    detail = orjson.loads(body)
+    assert detail["ready"] is False
+    assert detail["workers"]["00"] == {"ready": True, "broker": "connected"}
+    assert detail["workers"]["01"]["error"].startswith("cannot connect")
+    status, body = await _router_get(_router(tmp_path, ready=False), "/readyz?scope=worker")
+    assert (status, orjson.loads(body)["broker"]) == (503, "disconnected")
+
+
+async def test_a_merge_that_fails_still_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(views: object) -> bytes:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(peers, "merge_metrics", broken)
+    with caplog.at_level(logging.ERROR, "roomcast.api"):
+        status, body = await _router_get(_router(tmp_path), "/metrics")
+    assert status == 500
+    assert orjson.loads(body)["error"]["code"] == "internal_error"
+    assert "merging the workers' metrics failed" in caplog.text

@@ -87,21 +87,32 @@ class Router:
         return bool(self._peers) and request.query.get("scope") != peers.WORKER_SCOPE
 
     async def _instance_metrics(self, exchange: Exchange) -> None:
-        own = generate_latest(self._metrics.registry)
-        target = f"/metrics?scope={peers.WORKER_SCOPE}"
-        answers = await peers.gather((self._worker, 200, own), self._peers, target)
-        views = [(name, body if status == 200 else None) for name, status, body, _ in answers]
+        try:
+            own = generate_latest(self._metrics.registry)
+            target = f"/metrics?scope={peers.WORKER_SCOPE}"
+            answers = await peers.gather((self._worker, 200, own), self._peers, target)
+            views = [(name, body if status == 200 else None) for name, status, body, _ in answers]
+            merged = peers.merge_metrics(views)
+        except Exception:  # task boundary: the scraper must get an answer, never a hang
+            log.exception("merging the workers' metrics failed")
+            api_error_response(exchange, ApiError(500, "internal_error", "metrics failed"))
+            return
         if not exchange.aborted:
-            exchange.respond(200, peers.merge_metrics(views), [], CONTENT_TYPE_LATEST)
+            exchange.respond(200, merged, [], CONTENT_TYPE_LATEST)
 
     async def _instance_readiness(self, exchange: Exchange) -> None:
-        ready, detail = self._readiness()
-        own = orjson.dumps({"ready": ready, **detail})
-        target = f"/readyz?scope={peers.WORKER_SCOPE}"
-        answers = await peers.gather(
-            (self._worker, 200 if ready else 503, own), self._peers, target
-        )
-        all_ready, merged = peers.merge_readiness(answers)
+        try:
+            ready, detail = self._readiness()
+            own = orjson.dumps({"ready": ready, **detail})
+            target = f"/readyz?scope={peers.WORKER_SCOPE}"
+            answers = await peers.gather(
+                (self._worker, 200 if ready else 503, own), self._peers, target
+            )
+            all_ready, merged = peers.merge_readiness(answers)
+        except Exception:  # task boundary: the probe must get an answer, never a hang
+            log.exception("merging the workers' readiness failed")
+            api_error_response(exchange, ApiError(500, "internal_error", "readiness failed"))
+            return
         if not exchange.aborted:
             json_response(exchange, 200 if all_ready else 503, {"ready": all_ready, **merged})
 
