@@ -73,21 +73,27 @@ def test_the_instance_is_ready_only_when_every_worker_is() -> None:
         "00": {"ready": True, "broker": "connected"},
         "01": {"ready": False, "broker": "disconnected"},
     }
+    said_not_ready = orjson.dumps({"ready": False})  # whatever the status says
+    assert peers.merge_readiness([("00", 200, up, ""), ("01", 200, said_not_ready, "")])[0] is False
+    assert peers.merge_readiness([("00", 200, up, ""), ("01", 200, b"<html>", "")])[0] is False
     ready, detail = peers.merge_readiness([("00", 200, up, ""), ("01", 0, None, "no answer")])
     assert ready is False
     assert detail["workers"]["01"] == {"ready": False, "error": "no answer"}  # type: ignore[index]
 
 
-async def _serving(path: Path, reply: bytes | None) -> asyncio.Server:
-    """A unix server that reads one request and sends ``reply`` (``None``: never answers)."""
+async def _serving(path: Path, reply: bytes | None, *, split: int = 0) -> asyncio.Server:
+    """A unix server that reads one request and sends ``reply`` (``None``: never answers),
+    with ``split``: its first ``split`` bytes, a pause, then the rest."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         if reply is None:
             await reader.read()  # until the asker gives up and closes
         else:
-            writer.write(reply)
-            await writer.drain()
+            for part in (reply[:split], reply[split:]) if split else (reply,):
+                writer.write(part)
+                await writer.drain()
+                await asyncio.sleep(0.02)
         writer.close()
 
     return await asyncio.start_unix_server(answer, str(path))
@@ -105,6 +111,21 @@ async def test_a_peer_is_asked_over_its_unix_socket(tmp_path: Path) -> None:
             ("00", 503, b"own"), {"01": str(tmp_path / "w1.sock")}, "/metrics?scope=worker"
         )
     assert answers == [("00", 503, b"own", ""), ("01", 200, body, "")]
+
+
+def _http(status: int, body: bytes) -> bytes:
+    head = f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    return head.encode() + body
+
+
+@pytest.mark.parametrize("size", [15, 300_000])
+async def test_an_answer_that_arrives_in_pieces_is_read_whole(tmp_path: Path, size: int) -> None:
+    body = b"x" * size
+    reply = _http(200, body)
+    server = await _serving(tmp_path / "w1.sock", reply, split=len(reply) - size // 2 - 1)
+    async with server:
+        status, got = await peers.ask_worker(str(tmp_path / "w1.sock"), "/metrics")
+    assert (status, got) == (200, body)
 
 
 @pytest.mark.parametrize(
@@ -150,7 +171,7 @@ async def _router_get(router: Router, target: str) -> tuple[int, bytes]:
     return int(head.split()[1]), body
 
 
-def _router(tmp_path: Path, ready: bool = True) -> Router:
+def _router(tmp_path: Path, ready: bool = True, peer: str = "gone.sock") -> Router:
     async def publish(request: PublishRequest) -> PublishResult:
         raise AssertionError("not used")
 
@@ -164,7 +185,7 @@ def _router(tmp_path: Path, ready: bool = True) -> Router:
         readiness=lambda: (ready, {"broker": "connected" if ready else "disconnected"}),
         max_payload=1024,
         worker="00",
-        peer_sockets={"01": str(tmp_path / "gone.sock")},
+        peer_sockets={"01": str(tmp_path / peer)},
     )
 
 
@@ -205,3 +226,29 @@ async def test_a_merge_that_fails_still_answers(
     assert status == 500
     assert orjson.loads(body)["error"]["code"] == "internal_error"
     assert "merging the workers' metrics failed" in caplog.text
+
+
+async def test_a_worker_that_answers_metrics_with_an_error_is_down_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await _serving(tmp_path / "w1.sock", _http(500, b"broken"))
+    async with server:
+        with caplog.at_level(logging.WARNING, "roomcast.api"):
+            status, body = await _router_get(_router(tmp_path, peer="w1.sock"), "/metrics")
+    assert status == 200
+    assert _values(body)[("roomcast_worker_up", (("worker", "01"),))] == 0
+    assert "worker 01 answered /metrics?scope=worker with 500; counted as down" in caplog.text
+
+
+async def test_a_readiness_merge_that_fails_still_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(answers: object) -> tuple[bool, dict[str, object]]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(peers, "merge_readiness", broken)
+    with caplog.at_level(logging.ERROR, "roomcast.api"):
+        status, body = await _router_get(_router(tmp_path), "/readyz")
+    assert status == 500
+    assert orjson.loads(body)["error"]["code"] == "internal_error"
+    assert "merging the workers' readiness failed" in caplog.text

@@ -55,7 +55,11 @@ async def ask_worker(unix_path: str, target: str) -> tuple[int, bytes]:
                 writer.write(
                     f"GET {target} HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n".encode()
                 )
-                raw = await reader.read(_MAX_RESPONSE)
+                raw = bytearray()
+                while chunk := await reader.read(65536):  # the worker closes after answering
+                    raw += chunk
+                    if len(raw) > _MAX_RESPONSE:
+                        raise PeerError(f"answer longer than {_MAX_RESPONSE} bytes")
             finally:
                 writer.close()
     except TimeoutError:
@@ -71,7 +75,7 @@ async def ask_worker(unix_path: str, target: str) -> tuple[int, bytes]:
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length" and value.strip() != str(len(body)).encode():
             raise PeerError(f"body of {len(body)} bytes, announced {value.strip()!r}")
-    return int(parts[1]), body
+    return int(parts[1]), bytes(body)
 
 
 Answer = tuple[str, int, bytes | None, str]
@@ -114,8 +118,9 @@ def merge_metrics(views: Iterable[tuple[str, bytes | None]]) -> bytes:
                     for sample in family.samples:
                         labelled = sample._replace(labels={**sample.labels, "worker": worker})
                         samples.append((merged, labelled))
-            except (ValueError, UnicodeDecodeError) as exc:
-                log.warning("worker %s sent metrics that do not parse: %s", worker, exc)
+            except Exception as exc:  # noqa: BLE001 - logged; the worker counts as down
+                # (the parser raises ValueError, or IndexError in older prometheus-client)
+                log.warning("worker %s sent metrics that do not parse: %r", worker, exc)
                 text, samples = None, []
         for merged, sample in samples:
             merged.samples.append(sample)
@@ -126,7 +131,8 @@ def merge_metrics(views: Iterable[tuple[str, bytes | None]]) -> bytes:
 
 
 def merge_readiness(answers: Iterable[Answer]) -> tuple[bool, dict[str, object]]:
-    """Ready when every worker answered 200; each worker's own answer (or why it has none)."""
+    """Ready when every worker answered 200 with ``"ready": true``; each worker's own answer
+    (or why it has none)."""
     ready = True
     workers: dict[str, object] = {}
     for worker, status, body, reason in answers:
@@ -136,7 +142,8 @@ def merge_readiness(answers: Iterable[Answer]) -> tuple[bool, dict[str, object]]
                 detail = orjson.loads(body)
             except orjson.JSONDecodeError:
                 detail = {"ready": False, "error": f"not json: {body[:80]!r}"}
-        ready = ready and status == 200
+        said_ready = isinstance(detail, dict) and detail.get("ready") is True
+        ready = ready and status == 200 and said_ready
         workers[worker] = detail
     return ready, {"workers": workers}
 

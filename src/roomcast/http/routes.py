@@ -91,6 +91,11 @@ class Router:
             own = generate_latest(self._metrics.registry)
             target = f"/metrics?scope={peers.WORKER_SCOPE}"
             answers = await peers.gather((self._worker, 200, own), self._peers, target)
+            for name, status, body, _ in answers:
+                if body is not None and status != 200:
+                    log.warning(
+                        "worker %s answered %s with %d; counted as down", name, target, status
+                    )
             views = [(name, body if status == 200 else None) for name, status, body, _ in answers]
             merged = peers.merge_metrics(views)
         except Exception:  # task boundary: the scraper must get an answer, never a hang
