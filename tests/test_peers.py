@@ -214,18 +214,27 @@ async def test_the_probe_fails_while_any_worker_is_not_ready(tmp_path: Path) -> 
     assert (status, orjson.loads(body)["broker"]) == (503, "disconnected")
 
 
+@pytest.mark.parametrize(
+    ("path", "merge", "what"),
+    [("/metrics", "merge_metrics", "metrics"), ("/readyz", "merge_readiness", "readiness")],
+)
 async def test_a_merge_that_fails_still_answers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    merge: str,
+    what: str,
 ) -> None:
     def broken(views: object) -> bytes:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(peers, "merge_metrics", broken)
+    monkeypatch.setattr(peers, merge, broken)
     with caplog.at_level(logging.ERROR, "roomcast.api"):
-        status, body = await _router_get(_router(tmp_path), "/metrics")
+        status, body = await _router_get(_router(tmp_path), path)
     assert status == 500
     assert orjson.loads(body)["error"]["code"] == "internal_error"
-    assert "merging the workers' metrics failed" in caplog.text
+    assert f"merging the workers' {what} failed" in caplog.text
 
 
 async def test_a_worker_that_answers_metrics_with_an_error_is_down_and_logged(
@@ -238,17 +247,3 @@ async def test_a_worker_that_answers_metrics_with_an_error_is_down_and_logged(
     assert status == 200
     assert _values(body)[("roomcast_worker_up", (("worker", "01"),))] == 0
     assert "worker 01 answered /metrics?scope=worker with 500; counted as down" in caplog.text
-
-
-async def test_a_readiness_merge_that_fails_still_answers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    def broken(answers: object) -> tuple[bool, dict[str, object]]:
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(peers, "merge_readiness", broken)
-    with caplog.at_level(logging.ERROR, "roomcast.api"):
-        status, body = await _router_get(_router(tmp_path), "/readyz")
-    assert status == 500
-    assert orjson.loads(body)["error"]["code"] == "internal_error"
-    assert "merging the workers' readiness failed" in caplog.text
