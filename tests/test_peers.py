@@ -28,12 +28,21 @@ def _exposition(published: int) -> bytes:
 
 
 def _values(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
+    """Each series' value (``_created`` left out); a series given twice, or a family whose
+    HELP or TYPE line repeats, fails the test."""
+    lines = text.decode().splitlines()
+    for kind in ("# HELP ", "# TYPE "):
+        names = [line.split()[2] for line in lines if line.startswith(kind)]
+        assert len(names) == len(set(names)), f"repeated {kind.strip()} line: {names}"
+    series = [
+        ((s.name, tuple(sorted(s.labels.items()))), s.value)
         for family in text_string_to_metric_families(text.decode())
         for s in family.samples
         if not s.name.endswith("_created")
-    }
+    ]
+    values = dict(series)
+    assert len(values) == len(series), "a series appears twice"
+    return values
 
 
 def test_every_sample_is_labelled_with_its_worker_and_missing_workers_are_down() -> None:
