@@ -35,6 +35,9 @@ class Settings:
         False, "refuse to start without a JWT key, an API key and an origin list"
     )
     workers: int = _setting(1, "worker processes sharing the port (SO_REUSEPORT)")
+    room_affinity: bool = _setting(
+        True, "with workers: move a websocket session to the worker that owns its first room"
+    )
     app: str = _setting("", "load server-side handlers from module:attribute")
     log_level: str = _setting("info", "debug, info, warning or error")
 

@@ -153,6 +153,7 @@ class Connection:
         "farewell",
         "handler",
         "limit",
+        "moving",
         "on_closed",
         "ping_interval",
         "ping_timeout",
@@ -202,12 +203,19 @@ class Connection:
         """The :attr:`Flusher.epoch` in which this connection last sent a broadcast frame."""
         self.farewell: str | None = None
         """Polling only: the last payload (ending in CLOSE) that no poll was there to take."""
+        self.moving: list[str | bytes] | None = None
+        """While the session may move to another worker: messages read meanwhile, kept for
+        whichever worker handles them (``handoff``)."""
 
     @property
     def closed(self) -> bool:
         return self.state is State.CLOSED
 
     # -- sending ----------------------------------------------------------------------------
+    def has_output(self) -> bool:
+        """Something is queued that has not been handed to the transport yet."""
+        return self._out is not None or bool(self._queue)
+
     def send_packet(self, kind: PacketType, data: str = "") -> None:
         text = f"{kind.value}{data}"
         if self.ws is not None:
@@ -425,6 +433,17 @@ class Connection:
         when = math.ceil((loop.time() + delay) / TIMER_TICK) * TIMER_TICK
         self._timer = loop.call_at(when, callback)
 
+    def heartbeat_state(self) -> tuple[float, bool]:
+        """Seconds until the heartbeat timer fires, and whether it waits for a pong."""
+        timer = self._timer
+        remaining = timer.when() - self._flusher.loop.time() if timer is not None else 0.0
+        return max(remaining, 0.0), self._waiting_pong
+
+    def resume_heartbeat(self, delay: float, waiting_pong: bool) -> None:
+        """Go on with a heartbeat that another worker ran (see :meth:`heartbeat_state`)."""
+        self._waiting_pong = waiting_pong
+        self._schedule(delay, self._ping_timed_out if waiting_pong else self._ping)
+
     def _ping(self) -> None:
         self._waiting_pong = True
         self.send_packet(PacketType.PING)
@@ -435,6 +454,21 @@ class Connection:
         self.close("ping timeout", notify=False)
 
     # -- closing ------------------------------------------------------------------------------
+    def detach(self) -> None:
+        """The session moved to another worker: stop it here without closing the connection
+        (no CLOSE packet, no close frame, no disconnect counted)."""
+        self.state = State.CLOSED
+        self._open = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._out = None
+        self._queue = []
+        self.moving = None
+        self.handler = None
+        if self.ws is not None:
+            self.ws.detach()
+
     def close(self, reason: str, *, notify: bool = True, poll_answer: str = "1") -> None:
         """Close the session once.  ``notify`` sends a CLOSE packet to the client first."""
         if self.state is State.CLOSED:

@@ -207,6 +207,11 @@ class EngineServer:
         sid = SessionId(
             f"{self.options.worker_index:02d}{token}" if self.options.worker_sockets else token
         )
+        conn = self._new(sid, request)
+        conn.start_heartbeat()
+        return conn
+
+    def _new(self, sid: SessionId, request: Request) -> Connection:
         conn = Connection(
             sid,
             request,
@@ -220,8 +225,22 @@ class EngineServer:
         self.sessions[sid] = conn
         self._metrics.connections.inc()
         conn.handler = self._factory(conn)
-        conn.start_heartbeat()
         return conn
+
+    def resume(self, sid: SessionId, request: Request) -> Connection:
+        """Take over a session that another worker opened (``handoff``): registered, with its
+        handler, but no transport and no heartbeat yet."""
+        return self._new(sid, request)
+
+    def forget(self, conn: Connection) -> None:
+        """A session that moved to another worker: no longer served here."""
+        conn.detach()
+        if self.sessions.pop(conn.sid, None) is not None:
+            self._metrics.connections.dec()
+
+    def peer(self, conn: Connection) -> _Peer:
+        """What receives the WebSocket messages of ``conn``."""
+        return _Peer(self, conn)
 
     def _open_payload(self, conn: Connection, upgrades: list[str]) -> str:
         return orjson.dumps(
@@ -287,6 +306,10 @@ class _Peer:
 
     def on_ws_message(self, message: str | bytes) -> None:
         conn = self._conn
+        moving = conn.moving
+        if moving is not None:
+            moving.append(message)
+            return
         try:
             conn.receive(engineio.Packet.parse(message))
         except ProtocolError as error:

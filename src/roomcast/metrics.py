@@ -59,6 +59,13 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.handoffs = Counter(
+            "roomcast_handoffs",
+            "WebSocket sessions moved to the worker that owns their first room, by result "
+            "(sent, received, kept: could not move and joined here, failed: lost in the move)",
+            ["result"],
+            registry=r,
+        )
         self.publish_latency = Histogram(
             "roomcast_publish_to_fanout_seconds",
             "Time from publish to local fan-out",

@@ -14,6 +14,7 @@ from roomcast.broker.memory import MemoryBroker
 from roomcast.config import Settings
 from roomcast.connection import Flusher
 from roomcast.engine import EngineOptions, EngineServer
+from roomcast.handoff import Handoff
 from roomcast.http.routes import Router
 from roomcast.hub import Hub, RoomKey
 from roomcast.metrics import BrokerCollector, Metrics
@@ -127,6 +128,10 @@ class Node:
             else None,
         )
         self.router.mount("/socket.io/", self.engine)
+        self.handoff: Handoff | None = None
+        if worker is not None and len(worker[1]) > 1 and settings.room_affinity:
+            self.handoff = Handoff(worker[0], worker[1], self.engine, self.sockets, self.metrics)
+            self.sockets.handoff = self.handoff
         self._server: asyncio.Server | None = None
         self._unix: asyncio.Server | None = None
         self.started = False
@@ -188,6 +193,8 @@ class Node:
             )
         if self.worker is not None:
             self._unix = await loop.create_unix_server(factory, self.worker[1][self.worker[0]])
+        if self.handoff is not None:
+            self.handoff.listen()
         if self.settings.recovery_max_disconnection_ms:
             self.tasks.spawn(self._touch_sessions(), name="touch-sessions")
         self.started = True
@@ -241,6 +248,8 @@ class Node:
             self._server.close()
         if self._unix is not None:
             self._unix.close()
+        if self.handoff is not None:
+            self.handoff.close()
         await self.tasks.close()
         await self.broker.stop()
         if self._server is not None:

@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -43,6 +43,9 @@ from roomcast.protocol.socketio import RESERVED_EVENTS, Decoder, Limits, Packet,
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
 from roomcast.types import SocketId
+
+if TYPE_CHECKING:
+    from roomcast.handoff import Handoff
 
 log = logging.getLogger("roomcast.sockets")
 
@@ -84,6 +87,8 @@ class SocketServer:
         self.options = options
         self.sockets: dict[SocketId, Socket] = {}
         self.session_writer = SessionWriter(broker, metrics, tasks)
+        self.handoff: Handoff | None = None
+        """With several workers: moves a socket to the worker that owns its first room."""
 
     def client(self, conn: Connection) -> Client:
         return Client(self, conn)
@@ -200,6 +205,33 @@ class Client:
 
     def send(self, packet: Packet) -> None:
         self.conn.send_messages(packet.serialize())
+
+    # -- moving between workers (``handoff``) -----------------------------------------------------
+    @property
+    def settled(self) -> bool:
+        """Nothing in flight that only this process could finish: one connected namespace, no
+        namespace connecting, no binary packet half received."""
+        return len(self.sockets) == 1 and not self._pending and self._decoder.idle
+
+    def resume(self, sid: SocketId, pid: str, auth: dict[str, Any], principal: Principal) -> Socket:
+        """Restore the main-namespace socket of a session that moved here from another worker."""
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
+        namespace = self.server.app.namespaces["/"]
+        socket = Socket(self, namespace, principal, auth, sid=sid, pid=pid)
+        socket.connected_at(save=False)
+        return socket
+
+    def detach(self) -> None:
+        """The session moved to another worker: forget its sockets here, saving and announcing
+        nothing (they live on over there)."""
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
+        for socket in self.sockets.values():
+            socket.detach()
+        self.sockets.clear()
 
     # -- EngineHandler ----------------------------------------------------------------------------
     def on_message(self, message: str | bytes) -> None:
@@ -419,7 +451,7 @@ class Socket:
         return {"headers": req.headers, "query": req.query, "address": req.client}
 
     # -- lifecycle --------------------------------------------------------------------------------
-    def connected_at(self) -> None:
+    def connected_at(self, *, save: bool = True) -> None:
         server = self.client.server
         self.connected = True
         self.client.sockets[self.namespace.name] = self
@@ -429,8 +461,30 @@ class Socket:
         if expires is not None:
             delay = max(expires - time.time(), 0.0)
             self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
-        if self.recovering is None:
+        if self.recovering is None and save:
             server.save_session(self, server.options.recovery_ms)
+
+    def detach(self) -> None:
+        """See :meth:`Client.detach`."""
+        server = self.client.server
+        self.connected = False
+        server.sockets.pop(self.id, None)
+        server.metrics.sockets.dec()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    @property
+    def movable(self) -> bool:
+        """In no room, waiting for no ack, and nothing else in flight: the socket can move to
+        another worker with its session."""
+        return (
+            self.connected
+            and not self.rooms
+            and self.recovering is None
+            and not self._acks
+            and self.client.settled
+        )
 
     def abandon_recovery(self) -> None:
         """The recovered socket will not connect after all: stop holding its rooms."""
@@ -637,6 +691,14 @@ def _join(socket: Socket, args: list[Any], ack_id: int | None) -> None:
         if ack_id is not None:
             socket.ack(ack_id, ack_error("forbidden", f"not allowed to join {room!r}"))
         return
+    handoff = socket.client.server.handoff
+    if handoff is not None and handoff.offer(socket, room, ack_id):
+        return  # the worker that owns the room (or, failing that, this one) answers later
+    join_here(socket, room, ack_id)
+
+
+def join_here(socket: Socket, room: str, ack_id: int | None) -> None:
+    """Join an authorized room on this worker; ack once the broker delivers the room."""
     socket.join(room)
     if ack_id is None:
         return

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from roomcast.app import Application
 from roomcast.config import ConfigError, Settings
+from roomcast.handoff import datagram_path
 
 log = logging.getLogger("roomcast.workers")
 
@@ -59,6 +60,7 @@ def run_workers(settings: Settings, app: Application | None) -> int:
         time.sleep(0.2)
     for path in sockets:
         Path(path).unlink(missing_ok=True)
+        Path(datagram_path(path)).unlink(missing_ok=True)
     runtime.rmdir()
     return 0
 

@@ -204,6 +204,11 @@ class Decoder:
         self._pending: Packet | None = None
         self._expected = 0
 
+    @property
+    def idle(self) -> bool:
+        """No binary packet is waiting for attachments."""
+        return self._pending is None
+
     def feed(self, message: str | bytes) -> Packet | None:
         if isinstance(message, bytes):
             pending = self._pending

@@ -110,13 +110,51 @@ _LINGER_ZERO = struct.pack("ii", 1, 0)
 class WebSocketConnection:
     """What the engine layer holds for a WebSocket: raw writes and close."""
 
-    __slots__ = ("_closed", "peer", "reader", "transport")
+    __slots__ = ("_closed", "_last", "held", "peer", "reader", "transport")
 
     def __init__(self, transport: asyncio.Transport, peer: WebSocketPeer, max_size: int) -> None:
         self.transport = transport
         self.peer = peer
         self.reader = WebSocketReader(max_size)
         self._closed = False
+        self.held = False
+        """Reading is paused while the session may move to another worker (``handoff``)."""
+        self._last: bytes | None = None
+        """While held: the read in which reading stopped."""
+
+    @property
+    def direct(self) -> bool:
+        """The client's own TCP connection, not one piped from another worker."""
+        return isinstance(self.transport.get_extra_info("peername"), tuple)
+
+    def hold(self) -> None:
+        """Stop reading; messages already read are still delivered to the peer."""
+        self.held = True
+        self.transport.pause_reading()
+
+    def release(self) -> None:
+        """Read again (the session stays here)."""
+        self.held = False
+        self._last = None
+        self.transport.resume_reading()
+
+    def unread(self) -> bytes | None:
+        """While held: the bytes read that are not part of a message yet (the start of the
+        next frame), or ``None`` if they are not all known (they began in an earlier read, or
+        a fragmented message is half received)."""
+        reader = self.reader
+        if reader.at_message_boundary:
+            return b""
+        last, partial = self._last, reader.partial
+        if last is None or reader.fragmented or partial > len(last):
+            return None
+        return last[len(last) - partial :]
+
+    def detach(self) -> None:
+        """Let go of the connection without ending it: another process holds it now.  Only
+        this process's descriptor is closed; no close frame, no FIN (nothing was shut down)."""
+        self._closed = True
+        self.transport.abort()
 
     def write(self, data: bytes) -> None:
         if not self._closed:
@@ -153,6 +191,8 @@ class WebSocketConnection:
             self.transport.close()
             self.peer.on_ws_closed(closed.reason)
             return
+        if self.held:
+            self._last = data
         if reply:
             self.transport.write(reply)
 
@@ -164,6 +204,7 @@ class WebSocketConnection:
 
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
+        "_adopt",
         "_body",
         "_body_limit",
         "_current",
@@ -189,10 +230,26 @@ class HttpConnection(asyncio.Protocol):
         self._current: Exchange | None = None
         self._ws: WebSocketConnection | None = None
         self._pipe: _Pipe | None = None
+        self._adopt: tuple[WebSocketPeer, int, Callable[[WebSocketConnection], None]] | None = None
+
+    @classmethod
+    def adopted(
+        cls, peer: WebSocketPeer, max_size: int, ready: Callable[[WebSocketConnection], None]
+    ) -> HttpConnection:
+        """A WebSocket that another worker accepted and handed over: no HTTP is read on it.
+        ``ready`` gets the WebSocket before the first byte is read."""
+        conn = cls(_NoHttp(), 0)
+        conn._adopt = (peer, max_size, ready)
+        return conn
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        if self._adopt is not None:
+            peer, max_size, ready = self._adopt
+            self._adopt = None
+            self._ws = WebSocketConnection(self._transport, peer, max_size)  # type: ignore[arg-type]
+            ready(self._ws)
 
     def data_received(self, data: bytes) -> None:
         if self._pipe is not None:
@@ -375,6 +432,13 @@ class HttpConnection(asyncio.Protocol):
             + body
         )
         self._transport.close()
+
+
+class _NoHttp:
+    """The handler of an adopted WebSocket, which never reads HTTP."""
+
+    def handle(self, request: Request, exchange: Exchange) -> None:
+        raise RuntimeError("an adopted websocket does not read http requests")
 
 
 _PIPE_CLOSE_GRACE = 10.0

@@ -41,13 +41,28 @@ def binary_frame(payload: bytes) -> bytes:
     return _header(0x2, len(payload)) + payload
 
 
+def _wire_size(length: int) -> int:
+    """Bytes of a client frame carrying ``length`` payload bytes: a client always masks (four
+    bytes of key), and no extension is negotiated, so the payload is sent as is."""
+    if length < 126:
+        return 6 + length
+    return (8 if length < 65536 else 14) + length
+
+
 MessageHandler = Callable[[str | bytes], None]
 
 
 class WebSocketReader:
     """Turns received bytes into whole messages and tells what control bytes must be sent."""
 
-    __slots__ = ("_fragment_size", "_fragments", "_max_size", "_opcode", "_protocol")
+    __slots__ = (
+        "_fragment_size",
+        "_fragments",
+        "_max_size",
+        "_opcode",
+        "_protocol",
+        "partial",
+    )
 
     def __init__(self, max_size: int) -> None:
         self._protocol = Protocol(Side.SERVER, state=State.OPEN, max_size=max_size)
@@ -55,6 +70,19 @@ class WebSocketReader:
         self._fragments: list[bytes] = []
         self._fragment_size = 0
         self._opcode: Opcode | None = None
+        self.partial = 0
+        """Bytes received that belong to a frame not yet complete (the last ones received)."""
+
+    @property
+    def at_message_boundary(self) -> bool:
+        """Nothing received is still waiting to become a message: no frame and no fragmented
+        message is half received."""
+        return self.partial == 0 and self._opcode is None
+
+    @property
+    def fragmented(self) -> bool:
+        """A fragmented message is half received."""
+        return self._opcode is not None
 
     def receive(self, data: bytes, on_message: MessageHandler) -> bytes:
         """Feed bytes; call ``on_message`` per complete message; return bytes to write back.
@@ -63,9 +91,11 @@ class WebSocketReader:
         """
         proto = self._protocol
         proto.receive_data(data)
+        partial = self.partial + len(data)
         for frame in proto.events_received():
             if not isinstance(frame, Frame):
                 continue
+            partial -= _wire_size(len(frame.data))
             opcode = frame.opcode
             if opcode in (Opcode.TEXT, Opcode.BINARY):
                 if frame.fin:
@@ -84,6 +114,7 @@ class WebSocketReader:
                     kind, self._opcode = self._opcode, None
                     self._deliver(kind, b"".join(self._fragments), on_message)
                     self._fragments = []
+        self.partial = partial
         out = b"".join(proto.data_to_send())
         if proto.state is State.CLOSING or proto.state is State.CLOSED:
             raise WebSocketClosedError(out, self.close_reason())
