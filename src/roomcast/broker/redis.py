@@ -335,6 +335,8 @@ class RedisBroker:
         self._fed: list[tuple[tuple[int, int], _Room, Publication]] = []
         """Entries taken from feed messages in the current burst, delivered at its end."""
         self._wake = asyncio.Event()
+        self._wake_due = False
+        """A wake-up of the processor is scheduled for the end of the current callback."""
         self._listeners: dict[str, AbstractConnection] = {}
         self._probes: dict[bytes, _Probe] = {}
         self._topology: frozenset[tuple[int, int, str]] = frozenset()
@@ -1096,8 +1098,18 @@ class RedisBroker:
                     self._deliver(publication)
 
     def _mark_dirty(self, rooms: Iterable[_Room]) -> None:
+        """Mark rooms for the processor, which wakes once the current callback is done: a
+        reader handles a whole burst in one callback, and the feed messages of the burst
+        usually take back what its notifications marked, so the processor is not woken for
+        nothing once per burst."""
         for room in rooms:
             self._dirty.add(room.name)
+        if self._dirty and not self._wake_due:
+            self._wake_due = True
+            self._running_loop().call_soon(self._wake_processor)
+
+    def _wake_processor(self) -> None:
+        self._wake_due = False
         if self._dirty:
             self._wake.set()
 
