@@ -143,6 +143,33 @@ async def test_unreadable_recovery_state_gives_a_fresh_session() -> None:
         assert value == 1
 
 
+async def test_a_recovered_socket_that_leaves_before_a_broadcast_frees_its_rooms() -> None:
+    """Recovered past every broadcast this node made, a socket waits in the hub for the next
+    one; if it goes first, the room is released (no subscription is kept for no one)."""
+    async with running() as node:
+        raw = await connect_sio(node.port, {"token": token_for("doc:*")})
+        hello = json.loads(str(await raw.recv())[2:])
+        await raw.send('421["join","doc:1"]')
+        assert await raw.recv() == '431[{"ok":true}]'
+        await drop_and_save_session(node, raw)
+        _, body = await publish(node.port, {"room": "doc:1", "event": "e", "data": 1})
+        back = await Raw.connect(node.port)
+        await back.send(
+            "40" + json.dumps({"token": token_for("doc:*"), "pid": hello["pid"], "offset": "0"})
+        )
+        assert json.loads(str(await back.recv())[2:])["pid"] == hello["pid"]
+        assert json.loads(str(await back.recv())[2:]) == ["e", 1, body["offset"]]
+        assert ("/", "doc:1") in node.hub._pending  # held until a live broadcast passes it
+        await back.close()
+        for _ in range(100):
+            if not node.sockets.sockets:
+                break
+            await asyncio.sleep(0.01)
+        assert node.hub._pending == {} and ("/", "doc:1") not in node.hub.rooms
+        assert not node.subscriptions.is_active("doc:1")
+        assert node.metrics.rooms._value.get() == 0
+
+
 async def test_refused_recovery_releases_its_rooms() -> None:
     """A recovering socket refused by a before_connect handler leaves nothing held in the hub."""
     from roomcast import Application, ConnectRefusedError, Socket

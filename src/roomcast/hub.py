@@ -86,6 +86,7 @@ class Hub:
         held = self._pending.get(key)
         if held is not None and socket in held:
             self._unhold(socket, key)
+            self._maybe_last(key)
             return True
         members = self.rooms.get(key)
         if members is None or socket not in members:
