@@ -29,8 +29,9 @@ redis_prefix = redis_fixtures.redis_prefix
 pytestmark = pytest.mark.redis
 
 
-@pytest.fixture
-def two_workers(redis_url: str, redis_prefix: str) -> Iterator[int]:
+@contextlib.contextmanager
+def _serve(redis_url: str, redis_prefix: str, *extra: str) -> Iterator[int]:
+    """``roomcast serve --workers 2`` on a free port; yields the port."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROOMCAST_")}
     env.update(ROOMCAST_JWT_SECRET=SECRET, ROOMCAST_API_KEY=API_KEY)
@@ -50,6 +51,7 @@ def two_workers(redis_url: str, redis_prefix: str) -> Iterator[int]:
             redis_url,
             "--redis-prefix",
             redis_prefix,
+            *extra,
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -63,6 +65,12 @@ def two_workers(redis_url: str, redis_prefix: str) -> Iterator[int]:
         yield port
         proc.terminate()
         proc.wait(20)
+
+
+@pytest.fixture
+def two_workers(redis_url: str, redis_prefix: str) -> Iterator[int]:
+    with _serve(redis_url, redis_prefix) as port:
+        yield port
 
 
 def _ready(lines: list[str]) -> set[str]:
@@ -202,3 +210,147 @@ async def test_a_pipe_to_another_worker_passes_backpressure_on(tmp_path: Path) -
         client.close()
         front.close()
         owner_server.close()
+
+
+@pytest.fixture
+def two_quick_workers(redis_url: str, redis_prefix: str) -> Iterator[int]:
+    """Two workers pinging every 300 ms, so a test sees heartbeats cross a handoff."""
+    with _serve(
+        redis_url, redis_prefix, "--ping-interval-ms", "300", "--ping-timeout-ms", "400"
+    ) as port:
+        yield port
+
+
+def _frame(text: str) -> bytes:
+    """A masked client text frame (mask key 0, so the payload goes as is), under 126 bytes."""
+    payload = text.encode()
+    assert len(payload) < 126
+    return bytes((0x81, 0x80 | len(payload))) + b"\0\0\0\0" + payload
+
+
+def _room_of(worker: int, taken: set[str]) -> str:
+    """A room that ``worker`` owns, not one of ``taken``."""
+    from roomcast.handoff import owner
+
+    for n in range(1000):
+        room = f"doc:{n}"
+        if owner(room, 2) == worker and room not in taken:
+            return room
+    raise AssertionError("no room found")
+
+
+async def test_a_websocket_session_moves_to_the_worker_that_owns_its_room(
+    two_quick_workers: int,
+) -> None:
+    """A socket joining a room that the other worker owns moves there on the same TCP
+    connection: what it sent with the join (even half a frame) is handled in order, the
+    heartbeat goes on, it receives the room's publications, and it recovers after a drop."""
+    from wire import Raw
+
+    port = two_quick_workers
+    moved = 0
+    while moved < 2:  # until two sessions started on the worker that does not own their room
+        raw = await Raw.connect(port)
+        start = int(raw.handshake["sid"][:2])
+        await raw.send("40" + json.dumps({"token": token_for("doc:*")}))
+        connected = await raw.recv()
+        assert isinstance(connected, str) and connected.startswith("40"), connected
+        pid = json.loads(connected[2:])["pid"]
+        first = _room_of(1 - start, set())
+        second = _room_of(1 - start, {first})
+        # The join, a second join and the first bytes of a leave, in one write: the worker reads
+        # them together and must hand over all of it; the leave's rest comes later.
+        leave = _frame(f'423["leave","{second}"]')
+        raw.ws.transport.write(
+            _frame(f'421["join","{first}"]') + _frame(f'422["join","{second}"]') + leave[:5]
+        )
+        await asyncio.sleep(0.2)
+        raw.ws.transport.write(leave[5:])
+        assert [await raw.recv() for _ in range(3)] == [
+            '431[{"ok":true}]',
+            '432[{"ok":true}]',
+            '433[{"ok":true}]',
+        ]
+        with pytest.raises(TimeoutError):  # three heartbeats, answered; nothing else comes
+            async with asyncio.timeout(1.0):
+                await raw.recv()
+        status, body = await asyncio.to_thread(
+            _publish, port, {"room": first, "event": "e", "data": {"n": 1}}
+        )
+        assert status == 202, body
+        message = await raw.recv()
+        assert isinstance(message, str)
+        assert json.loads(message[2:]) == ["e", {"n": 1}, body["offset"]]
+        moved += 1
+        # Dropped, then back: the recovery state written by the new worker names the room.
+        await raw.ws.close()
+        status, missed = await asyncio.to_thread(
+            _publish, port, {"room": first, "event": "e", "data": {"n": 2}}
+        )
+        assert status == 202, missed
+        back = await Raw.connect(port)
+        await back.send(
+            "40" + json.dumps({"token": token_for("doc:*"), "pid": pid, "offset": body["offset"]})
+        )
+        answer = await back.recv()
+        assert isinstance(answer, str) and json.loads(answer[2:])["pid"] == pid, answer
+        replayed = await back.recv()
+        assert isinstance(replayed, str)
+        assert json.loads(replayed[2:]) == ["e", {"n": 2}, missed["offset"]]
+        await back.close()
+    exposition = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
+    handoffs = _handoffs(exposition)
+    assert handoffs["sent"] >= 2 and handoffs["received"] == handoffs["sent"], exposition
+    assert handoffs["kept"] == handoffs["failed"] == 0, exposition
+
+
+def _handoffs(exposition: str) -> dict[str, float]:
+    """``roomcast_handoffs_total`` by result, summed over the workers (if labelled)."""
+    found = dict.fromkeys(("sent", "received", "kept", "failed"), 0.0)
+    for line in exposition.splitlines():
+        match = re.fullmatch(
+            r'roomcast_handoffs_total\{result="(\w+)"(?:,worker="\d+")?\} (\S+)', line
+        )
+        if match:
+            found[match.group(1)] += float(match.group(2))
+    return found
+
+
+def _publish(port: int, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/v1/publish",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {API_KEY}", "Connection": "close"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return r.status, json.loads(r.read())
+
+
+async def test_a_session_that_cannot_move_joins_where_it_is(tmp_path: Path) -> None:
+    """The worker that owns the room is not there: the session stays, the join is answered
+    here, what was read with it is handled in order, and the stay is counted."""
+    from prometheus_client import generate_latest
+
+    from roomcast.node import Node
+    from wire import connect_sio, publish, settings
+
+    sockets = (str(tmp_path / "worker-0.sock"), str(tmp_path / "worker-1.sock"))
+    node = Node(settings(), worker=(0, sockets))  # worker 1 never starts
+    await node.start()
+    try:
+        raw = await connect_sio(node.port, {"token": token_for("doc:*")})
+        assert str(await raw.recv()).startswith("40")
+        room = _room_of(1, set())
+        raw.ws.transport.write(_frame(f'421["join","{room}"]') + _frame('422["nope"]'))
+        answers = sorted([str(await raw.recv()), str(await raw.recv())])
+        assert answers[0] == '431[{"ok":true}]', answers
+        assert json.loads(answers[1][3:])[0]["error"]["code"] == "unknown_event", answers
+        status, body = await publish(node.port, {"room": room, "event": "e", "data": 1})
+        assert status == 202, body
+        assert json.loads(str(await raw.recv())[2:]) == ["e", 1, body["offset"]]
+        handoffs = _handoffs(generate_latest(node.metrics.registry).decode())
+        assert handoffs == {"sent": 0.0, "received": 0.0, "kept": 1.0, "failed": 0.0}
+        await raw.close()
+    finally:
+        await node.stop()

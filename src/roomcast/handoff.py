@@ -36,7 +36,7 @@ import orjson
 from roomcast.auth import Principal
 from roomcast.engine import EngineServer
 from roomcast.metrics import Metrics
-from roomcast.sockets import Client, Socket, SocketServer, join_here
+from roomcast.sockets import Client, Socket, join_here
 from roomcast.transport.http import HttpConnection, Request, WebSocketConnection
 from roomcast.types import SessionId, SocketId
 
@@ -85,14 +85,12 @@ class Handoff:
         index: int,
         worker_sockets: tuple[str, ...],
         engine: EngineServer,
-        sockets: SocketServer,
         metrics: Metrics,
     ) -> None:
         self.index = index
         self.workers = len(worker_sockets)
         self._paths = tuple(datagram_path(p) for p in worker_sockets)
         self._engine = engine
-        self._sockets = sockets
         self._metrics = metrics
         self._listener: socketlib.socket | None = None
         self._sender: socketlib.socket | None = None
@@ -192,8 +190,9 @@ class Handoff:
                     self._later(move, f"worker {target} took no more sessions")
                 return
             except OSError as exc:
+                log.warning("cannot hand %d sessions to worker %d: %s", len(batch), target, exc)
                 for move in batch:
-                    self._keep(move, f"worker {target} could not be reached: {exc}")
+                    self._keep(move, f"worker {target} could not be reached")
                 continue
             for move in batch:
                 conn = move.socket.conn
@@ -224,8 +223,10 @@ class Handoff:
         """The session stays: join here, then handle what was read meanwhile, then read on."""
         socket, ws = move.socket, move.ws
         conn = socket.conn
+        if conn.closed or not socket.connected:
+            return
         self._metrics.handoffs.labels("kept").inc()
-        log.info("session %s stays on worker %d: %s", conn.sid, self.index, reason)
+        log.debug("session %s stays on worker %d: %s", conn.sid, self.index, reason)
         kept, conn.moving = conn.moving or [], None
         join_here(socket, move.room, move.ack_id)
         for message in kept:
