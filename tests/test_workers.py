@@ -10,10 +10,12 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import multi_fixtures
 import pytest
 from process_output import ProcessOutput
 
@@ -25,6 +27,7 @@ from wire import API_KEY, SECRET
 
 redis_url = redis_fixtures.redis_url
 redis_prefix = redis_fixtures.redis_prefix
+node_clients = multi_fixtures.node_clients
 
 pytestmark = pytest.mark.redis
 
@@ -354,3 +357,27 @@ async def test_a_session_that_cannot_move_joins_where_it_is(tmp_path: Path) -> N
         await raw.close()
     finally:
         await node.stop()
+
+
+@pytest.mark.interop
+def test_official_clients_upgrade_join_and_receive_across_workers(
+    two_workers: int, node_clients: multi_fixtures.NodeClients
+) -> None:
+    """socket.io-client with its default transports (polling, then an upgrade that may land on
+    either worker): every socket joins, moves or not, and receives its room's events."""
+    url = f"http://127.0.0.1:{two_workers}"
+    names = [f"c{i}" for i in range(10)]
+    for name in names:
+        node_clients.connect(name, url, token_for("doc:*"))
+    time.sleep(0.3)  # the upgrades, in the background
+    for i, name in enumerate(names):
+        node_clients.join(name, f"doc:{i % 4}")
+    for room in range(4):
+        status, body = _publish(two_workers, {"room": f"doc:{room}", "event": "e", "data": room})
+        assert status == 202, body
+    for i, name in enumerate(names):
+        events = node_clients.wait_events(name, 1)
+        assert [(e["event"], e["data"]) for e in events] == [("e", i % 4)], events
+        assert node_clients.state(name)["connected"] is True
+    handoffs = _handoffs(_get(f"{url}/metrics"))
+    assert handoffs["received"] == handoffs["sent"] and handoffs["failed"] == 0, handoffs
