@@ -4,7 +4,9 @@ Every worker runs a whole node against the shared Redis broker, so a publication
 on every worker.  A polling client sends each request on a new or pooled TCP connection, which
 the kernel may give to any worker: session ids therefore start with the owning worker's number,
 and a worker that receives a request for another worker's session pipes that connection to the
-owner over a unix socket.  WebSocket clients never need this (one connection for the session).
+owner over a unix socket.  WebSocket clients never need this (one connection for the session);
+a WebSocket session may instead move, connection and all, to the worker that owns its first room
+(``handoff.py``), so that a room's members gather on one worker.
 """
 
 from __future__ import annotations
