@@ -225,10 +225,13 @@ def two_quick_workers(redis_url: str, redis_prefix: str) -> Iterator[int]:
 
 
 def _frame(text: str) -> bytes:
-    """A masked client text frame (mask key 0, so the payload goes as is), under 126 bytes."""
+    """A masked client text frame (mask key 0, so the payload goes as is)."""
     payload = text.encode()
-    assert len(payload) < 126
-    return bytes((0x81, 0x80 | len(payload))) + b"\0\0\0\0" + payload
+    if len(payload) < 126:
+        head = bytes((0x81, 0x80 | len(payload)))
+    else:
+        head = bytes((0x81, 0x80 | 126)) + len(payload).to_bytes(2, "big")
+    return head + b"\0\0\0\0" + payload
 
 
 def _room_of(worker: int, taken: set[str]) -> str:
@@ -381,3 +384,65 @@ def test_official_clients_upgrade_join_and_receive_across_workers(
         assert node_clients.state(name)["connected"] is True
     handoffs = _handoffs(_get(f"{url}/metrics"))
     assert handoffs["received"] == handoffs["sent"] and handoffs["failed"] == 0, handoffs
+
+
+async def test_a_session_that_closes_while_moving_keeps_its_join(tmp_path: Path) -> None:
+    """The client closes in the same read as its join: the session stays, the join counts (its
+    recovery state names the room), and a recovering client gets what it missed there."""
+    from prometheus_client import generate_latest
+
+    from roomcast.node import Node
+    from wire import Raw, connect_sio, publish, settings
+
+    sockets = (str(tmp_path / "worker-0.sock"), str(tmp_path / "worker-1.sock"))
+    node = Node(settings(), worker=(0, sockets))
+    await node.start()
+    try:
+        raw = await connect_sio(node.port, {"token": token_for("doc:*")})
+        hello = json.loads(str(await raw.recv())[2:])
+        room = _room_of(1, set())
+        close = bytes((0x88, 0x82)) + b"\0\0\0\0" + (1000).to_bytes(2, "big")
+        raw.ws.transport.write(_frame(f'421["join","{room}"]') + close)
+        for _ in range(100):
+            if not node.sockets.sockets:
+                break
+            await asyncio.sleep(0.01)
+        await node.sockets.session_writer.flush()
+        status, body = await publish(node.port, {"room": room, "event": "e", "data": 1})
+        assert status == 202, body
+        back = await Raw.connect(node.port)
+        await back.send(
+            "40" + json.dumps({"token": token_for("doc:*"), "pid": hello["pid"], "offset": "0"})
+        )
+        assert json.loads(str(await back.recv())[2:])["pid"] == hello["pid"]
+        assert json.loads(str(await back.recv())[2:]) == ["e", 1, body["offset"]]
+        handoffs = _handoffs(generate_latest(node.metrics.registry).decode())
+        assert handoffs == {"sent": 0.0, "received": 0.0, "kept": 1.0, "failed": 0.0}
+        await back.close()
+    finally:
+        await node.stop()
+
+
+async def test_a_join_sent_with_the_connect_does_not_move(tmp_path: Path) -> None:
+    """Packets that wait for their namespace's CONNECT are handled in order, here: a join
+    among them is not offered to another worker."""
+    from prometheus_client import generate_latest
+
+    from roomcast.node import Node
+    from wire import Raw, settings
+
+    sockets = (str(tmp_path / "worker-0.sock"), str(tmp_path / "worker-1.sock"))
+    node = Node(settings(), worker=(0, sockets))
+    await node.start()
+    try:
+        raw = await Raw.connect(node.port)
+        room = _room_of(1, set())
+        connect = "40" + json.dumps({"token": token_for("doc:*")})
+        raw.ws.transport.write(_frame(connect) + _frame(f'421["join","{room}"]'))
+        assert str(await raw.recv()).startswith("40")
+        assert await raw.recv() == '431[{"ok":true}]'
+        handoffs = _handoffs(generate_latest(node.metrics.registry).decode())
+        assert handoffs == {"sent": 0.0, "received": 0.0, "kept": 0.0, "failed": 0.0}
+        await raw.close()
+    finally:
+        await node.stop()

@@ -44,6 +44,18 @@ class EngineHandler(Protocol):
     def on_close(self, reason: str) -> None: ...
 
 
+class Held(list[str | bytes]):
+    """Messages read while the session may move to another worker (``handoff``), kept for
+    whichever worker handles them.  ``on_close`` runs if the connection closes meanwhile: the
+    session stays, and what was kept is handled before it closes."""
+
+    __slots__ = ("on_close",)
+
+    def __init__(self, on_close: Callable[[], None]) -> None:
+        super().__init__()
+        self.on_close = on_close
+
+
 class Flusher:
     """Writes every connection's pending output once per event-loop iteration.
 
@@ -203,9 +215,8 @@ class Connection:
         """The :attr:`Flusher.epoch` in which this connection last sent a broadcast frame."""
         self.farewell: str | None = None
         """Polling only: the last payload (ending in CLOSE) that no poll was there to take."""
-        self.moving: list[str | bytes] | None = None
-        """While the session may move to another worker: messages read meanwhile, kept for
-        whichever worker handles them (``handoff``)."""
+        self.moving: Held | None = None
+        """While the session may move to another worker: what was read meanwhile."""
 
     @property
     def closed(self) -> bool:
@@ -473,6 +484,11 @@ class Connection:
         """Close the session once.  ``notify`` sends a CLOSE packet to the client first."""
         if self.state is State.CLOSED:
             return
+        held = self.moving
+        if held is not None:
+            held.on_close()
+            if self.closed:  # a kept message closed it
+                return
         if notify and self.ws is not None:
             self.flush()
             self.ws.write(text_frame(b"1"))

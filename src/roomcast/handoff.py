@@ -34,9 +34,10 @@ from typing import Any
 import orjson
 
 from roomcast.auth import Principal
+from roomcast.connection import Connection, Held
 from roomcast.engine import EngineServer
 from roomcast.metrics import Metrics
-from roomcast.sockets import Client, Socket, join_here
+from roomcast.sockets import Client, SessionWriter, Socket, join_event, join_here
 from roomcast.transport.http import HttpConnection, Request, WebSocketConnection
 from roomcast.types import SessionId, SocketId
 
@@ -85,12 +86,14 @@ class Handoff:
         index: int,
         worker_sockets: tuple[str, ...],
         engine: EngineServer,
+        writer: SessionWriter,
         metrics: Metrics,
     ) -> None:
         self.index = index
         self.workers = len(worker_sockets)
         self._paths = tuple(datagram_path(p) for p in worker_sockets)
         self._engine = engine
+        self._writer = writer
         self._metrics = metrics
         self._listener: socketlib.socket | None = None
         self._sender: socketlib.socket | None = None
@@ -117,27 +120,40 @@ class Handoff:
             or namespace.disconnect
         ):
             return False
-        conn.moving = []
-        ws.hold()
         move = _Move(socket, ws, room, ack_id, target)
+        conn.moving = Held(lambda: self._keep(move, "the connection closed"))
+        ws.hold()
         loop = asyncio.get_running_loop()
         move.deadline = loop.time() + MOVE_WAIT
         # After the current read: the rest of what it holds is kept in ``conn.moving``.
         loop.call_soon(self._try, move)
         return True
 
-    def _try(self, move: _Move) -> None:
-        """Queue ``move`` for its worker once nothing is left to write to its client."""
-        conn = move.socket.conn
-        if conn.closed or not move.socket.connected:
-            return  # closed meanwhile; nothing to move and no one to answer
+    def _ready(self, move: _Move) -> bool:
+        """Whether ``move`` can go now; if not, it is tried again later, or it stays."""
+        socket = move.socket
+        conn = socket.conn
+        if conn.closed or conn.moving is None:
+            return False  # it closed (and stayed: see ``Held``), or it already stayed
+        if not socket.movable:
+            self._keep(move, "the socket changed meanwhile")
+            return False
         if conn.has_output() or move.ws.transport.get_write_buffer_size():
             self._later(move, "its client did not read what was queued for it")
-            return
-        outbox = self._outbox.setdefault(move.target, [])
-        outbox.append(move)
-        if len(outbox) == 1:
-            asyncio.get_running_loop().call_soon(self._flush, move.target)
+            return False
+        if self._writer.busy(socket.pid):
+            # Its recovery state must be written before the other worker writes a newer one.
+            self._later(move, "its recovery state was not written")
+            return False
+        return True
+
+    def _try(self, move: _Move) -> None:
+        """Queue ``move`` for its worker when it is ready."""
+        if self._ready(move):
+            outbox = self._outbox.setdefault(move.target, [])
+            outbox.append(move)
+            if len(outbox) == 1:
+                asyncio.get_running_loop().call_soon(self._flush, move.target)
 
     def _later(self, move: _Move, reason: str) -> None:
         loop = asyncio.get_running_loop()
@@ -150,31 +166,33 @@ class Handoff:
         """Send the sessions queued for ``target``, many per datagram (one system call and one
         wake-up of the receiver for a burst of joins)."""
         moves = self._outbox.pop(target, [])
+        moves.reverse()  # taken from the end
         while moves:
             batch: list[_Move] = []
             states: list[bytes] = []
             size = 2
             while moves and len(batch) < MAX_BATCH:
-                move = moves[0]
-                if move.socket.conn.closed or not move.socket.connected:
-                    moves.pop(0)
+                move = moves[-1]
+                if not self._ready(move):
+                    moves.pop()
                     continue
-                if move.socket.conn.has_output() or move.ws.transport.get_write_buffer_size():
-                    moves.pop(0)
-                    self._later(move, "its client did not read what was queued for it")
+                try:
+                    state = self._state(move)
+                except (TypeError, orjson.JSONEncodeError) as exc:
+                    moves.pop()
+                    self._keep(move, f"its state cannot be encoded: {exc}")
                     continue
-                state = self._state(move)
                 if state is None:
-                    moves.pop(0)
+                    moves.pop()
                     self._keep(move, "a message was half received")
                     continue
                 if size + len(state) + 1 > MAX_STATE:
                     if not batch:
-                        moves.pop(0)
+                        moves.pop()
                         self._keep(move, f"its state is {len(state)} bytes")
                         continue
                     break
-                moves.pop(0)
+                moves.pop()
                 batch.append(move)
                 states.append(state)
                 size += len(state) + 1
@@ -184,9 +202,7 @@ class Handoff:
                 self._send(target, b"[" + b",".join(states) + b"]", batch)
             except BlockingIOError:
                 # The receiver's queue is full (``net.unix.max_dgram_qlen``): try again soon.
-                for move in batch:
-                    self._later(move, f"worker {target} took no more sessions")
-                for move in moves:
+                for move in batch + moves:
                     self._later(move, f"worker {target} took no more sessions")
                 return
             except OSError as exc:
@@ -220,15 +236,18 @@ class Handoff:
         )
 
     def _keep(self, move: _Move, reason: str) -> None:
-        """The session stays: join here, then handle what was read meanwhile, then read on."""
+        """The session stays: the join is handled here (if the socket is still connected),
+        then what was read meanwhile, in order; then reading goes on."""
         socket, ws = move.socket, move.ws
         conn = socket.conn
-        if conn.closed or not socket.connected:
+        kept = conn.moving
+        if conn.closed or kept is None:
             return
+        conn.moving = None
         self._metrics.handoffs.labels("kept").inc()
         log.debug("session %s stays on worker %d: %s", conn.sid, self.index, reason)
-        kept, conn.moving = conn.moving or [], None
-        join_here(socket, move.room, move.ack_id)
+        if socket.connected:
+            join_here(socket, move.room, move.ack_id)
         for message in kept:
             if conn.closed:
                 return
@@ -319,32 +338,31 @@ class Handoff:
                 self._failed(f"a handoff could not be read: {exc!r}", len(fds) or 1)
                 continue
             for one, fd in zip(restored, fds, strict=True):
-                self._adopt(one, fd)
+                try:
+                    sock = socketlib.socket(fileno=fd)
+                except OSError as exc:
+                    os.close(fd)
+                    self._failed(f"session {one.sid} came with an unusable descriptor: {exc}")
+                    continue
+                self._adopt(one, sock)
 
-    def _adopt(self, restored: _Restored, fd: int) -> None:
-        sock = socketlib.socket(fileno=fd)
+    def _adopt(self, restored: _Restored, sock: socketlib.socket) -> None:
         sock.setblocking(False)
         engine = self._engine
         conn = engine.resume(restored.sid, restored.request)
         peer = engine.peer(conn)
 
         def ready(ws: WebSocketConnection) -> None:
-            conn.use_websocket(ws)
-            conn.resume_heartbeat(*restored.heartbeat)
-            client = conn.handler
-            assert isinstance(client, Client)
-            socket = client.resume(
-                restored.socket_id, restored.pid, restored.auth, restored.principal
-            )
-            self._metrics.handoffs.labels("received").inc()
-            room, ack_id = restored.join
-            socket.on_event(["join", room], ack_id)
-            for message in restored.messages:
-                if conn.closed:
-                    return
-                peer.on_ws_message(message)
-            if restored.unread and not conn.closed:
-                ws.data_received(restored.unread)
+            if conn.closed:  # closed (a drain) before the connection was adopted
+                ws.transport.abort()
+                return
+            try:
+                self._restore(conn, ws, restored)
+            except Exception:
+                log.exception("cannot restore session %s", conn.sid)
+                self._metrics.handoffs.labels("failed").inc()
+                conn.close("handoff failed", notify=False)
+                ws.transport.abort()
 
         async def attach() -> None:
             loop = asyncio.get_running_loop()
@@ -360,6 +378,27 @@ class Handoff:
         task = asyncio.get_running_loop().create_task(attach(), name="handoff-adopt")
         self._adopting.add(task)
         task.add_done_callback(self._adopting.discard)
+
+    def _restore(self, conn: Connection, ws: WebSocketConnection, restored: _Restored) -> None:
+        conn.use_websocket(ws)
+        conn.resume_heartbeat(*restored.heartbeat)
+        client = conn.handler
+        if not isinstance(client, Client):
+            raise TypeError(f"the session's handler is {type(client).__name__}, not a Client")
+        socket = client.resume(restored.socket_id, restored.pid, restored.auth, restored.principal)
+        self._metrics.handoffs.labels("received").inc()
+        if not self._engine.accepting:  # draining: the client goes on elsewhere, and recovers
+            conn.close("server shutting down")
+            return
+        room, ack_id = restored.join
+        join_event(socket, room, ack_id)
+        peer = ws.peer
+        for message in restored.messages:
+            if conn.closed:
+                return
+            peer.on_ws_message(message)
+        if restored.unread and not conn.closed:
+            ws.data_received(restored.unread)
 
     def _failed(self, reason: str, sessions: int = 1) -> None:
         self._metrics.handoffs.labels("failed").inc(sessions)

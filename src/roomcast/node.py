@@ -130,7 +130,9 @@ class Node:
         self.router.mount("/socket.io/", self.engine)
         self.handoff: Handoff | None = None
         if worker is not None and len(worker[1]) > 1 and settings.room_affinity:
-            self.handoff = Handoff(worker[0], worker[1], self.engine, self.metrics)
+            self.handoff = Handoff(
+                worker[0], worker[1], self.engine, self.sockets.session_writer, self.metrics
+            )
             self.sockets.handoff = self.handoff
         self._server: asyncio.Server | None = None
         self._unix: asyncio.Server | None = None

@@ -143,6 +143,7 @@ class SessionWriter:
         self._metrics = metrics
         self._tasks = tasks
         self._pending: dict[str, tuple[bytes | None, int]] = {}
+        self._writing: set[str] = set()
         self._wake: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
 
@@ -155,6 +156,10 @@ class SessionWriter:
         assert self._idle is not None
         self._idle.clear()
         self._wake.set()
+
+    def busy(self, pid: str) -> bool:
+        """A state of ``pid`` is queued or being written."""
+        return pid in self._pending or pid in self._writing
 
     async def flush(self) -> None:
         """Return once everything queued so far was written (or failed and was counted)."""
@@ -169,8 +174,12 @@ class SessionWriter:
             while self._pending:
                 batch = [(pid, state, ttl) for pid, (state, ttl) in self._pending.items()]
                 self._pending = {}
-                for start in range(0, len(batch), self.BATCH):
-                    await self._write(batch[start : start + self.BATCH])
+                self._writing = {pid for pid, _, _ in batch}
+                try:
+                    for start in range(0, len(batch), self.BATCH):
+                        await self._write(batch[start : start + self.BATCH])
+                finally:
+                    self._writing = set()
             self._idle.set()
 
     async def _write(self, items: list[tuple[str, bytes | None, int]]) -> None:
@@ -184,7 +193,15 @@ class SessionWriter:
 class Client:
     """The Socket.IO side of one connection."""
 
-    __slots__ = ("_connect_timer", "_decoder", "_pending", "conn", "server", "sockets")
+    __slots__ = (
+        "_connect_timer",
+        "_decoder",
+        "_pending",
+        "_replaying",
+        "conn",
+        "server",
+        "sockets",
+    )
 
     def __init__(self, server: SocketServer, conn: Connection) -> None:
         self.server = server
@@ -192,6 +209,7 @@ class Client:
         self.sockets: dict[str, Socket] = {}
         self._pending: dict[str, list[Packet]] = {}
         """Packets that arrived while their namespace's CONNECT was being processed."""
+        self._replaying = False
         self._decoder = Decoder(server.options.limits)
         self._connect_timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
             server.options.connect_timeout_ms / 1000, self._connect_timed_out
@@ -211,7 +229,12 @@ class Client:
     def settled(self) -> bool:
         """Nothing in flight that only this process could finish: one connected namespace, no
         namespace connecting, no binary packet half received."""
-        return len(self.sockets) == 1 and not self._pending and self._decoder.idle
+        return (
+            len(self.sockets) == 1
+            and not self._pending
+            and not self._replaying
+            and self._decoder.idle
+        )
 
     def resume(self, sid: SocketId, pid: str, auth: dict[str, Any], principal: Principal) -> Socket:
         """Restore the main-namespace socket of a session that moved here from another worker."""
@@ -288,8 +311,12 @@ class Client:
             queued = self._pending.pop(nsp, [])
         if socket is None or self.conn.closed:
             return
-        for packet in queued:
-            self._dispatch(packet)
+        self._replaying = True  # in order with each other: none of them moves the session
+        try:
+            for packet in queued:
+                self._dispatch(packet)
+        finally:
+            self._replaying = False
         for reg in socket.namespace.connect:
             await reg.handler(socket)
 
@@ -410,6 +437,7 @@ class Socket:
         "connected",
         "id",
         "namespace",
+        "owed",
         "pid",
         "principal",
         "recovering",
@@ -440,6 +468,8 @@ class Socket:
         self._acks: dict[int, asyncio.Future[list[Any]]] = {}
         self._ack_seq = 0
         self._expiry: asyncio.TimerHandle | None = None
+        self.owed = 0
+        """Tasks running that will answer the client (an ack): the socket must not move."""
 
     @property
     def user_id(self) -> str:
@@ -483,6 +513,7 @@ class Socket:
             and not self.rooms
             and self.recovering is None
             and not self._acks
+            and not self.owed
             and self.client.settled
         )
 
@@ -605,7 +636,7 @@ class Socket:
             builtin(self, args, ack_id)
             return
         if isinstance(name, str) and name in server.options.upstream_events:
-            server.tasks.spawn(self._upstream(name, args, ack_id), name=f"upstream-{self.id}")
+            self.answer_later(self._upstream(name, args, ack_id), f"upstream-{self.id}")
             return
         server.drop("no_handler", f"event {str(name)[:40]!r} from {self.id}")
         if ack_id is not None:
@@ -619,8 +650,8 @@ class Socket:
                     ack_id, ack_error("bad_arguments", f"wrong number of arguments for {name!r}")
                 )
             return
-        self.client.server.tasks.spawn(
-            self._call_handler(registered.handler(self, *args), ack_id), name=f"event-{name}"
+        self.answer_later(
+            self._call_handler(registered.handler(self, *args), ack_id), f"event-{name}"
         )
 
     async def _call_handler(self, call: Coroutine[Any, Any, Any], ack_id: int | None) -> None:
@@ -639,6 +670,14 @@ class Socket:
                 self.ack(ack_id, *result)
             else:
                 self.ack(ack_id, result)
+
+    def answer_later(self, call: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``call``, which may answer the client, in a task; the socket owes it meanwhile."""
+        self.owed += 1
+        self.client.server.tasks.spawn(call, name=name).add_done_callback(self._paid)
+
+    def _paid(self, task: asyncio.Task[Any]) -> None:
+        self.owed -= 1
 
     def ack(self, ack_id: int, *args: Any) -> None:
         if self.connected:
@@ -697,6 +736,11 @@ def _join(socket: Socket, args: list[Any], ack_id: int | None) -> None:
     join_here(socket, room, ack_id)
 
 
+def join_event(socket: Socket, room: str, ack_id: int | None) -> None:
+    """The client's ``join`` event, as if just received (a session that moved here with it)."""
+    _join(socket, [room], ack_id)
+
+
 def join_here(socket: Socket, room: str, ack_id: int | None) -> None:
     """Join an authorized room on this worker; ack once the broker delivers the room."""
     socket.join(room)
@@ -706,7 +750,7 @@ def join_here(socket: Socket, room: str, ack_id: int | None) -> None:
     if subscriptions.is_active(room):
         socket.ack(ack_id, ACK_OK)
     else:
-        socket.client.server.tasks.spawn(_ack_when_subscribed(socket, room, ack_id), name="join")
+        socket.answer_later(_ack_when_subscribed(socket, room, ack_id), "join")
 
 
 async def _ack_when_subscribed(socket: Socket, room: str, ack_id: int) -> None:
@@ -748,7 +792,7 @@ def _publish(socket: Socket, args: list[Any], ack_id: int | None) -> None:
     request = PublishRequest(
         room=room, event=body["event"], data=body["data"], exclude_sid=socket.id
     )
-    socket.client.server.tasks.spawn(_do_publish(socket, request, ack_id), name="client-publish")
+    socket.answer_later(_do_publish(socket, request, ack_id), "client-publish")
 
 
 async def _do_publish(socket: Socket, request: PublishRequest, ack_id: int | None) -> None:

@@ -1105,8 +1105,8 @@ class RedisBroker:
         for room in rooms:
             self._dirty.add(room.name)
         if self._dirty and not self._wake_due:
-            self._wake_due = True
             self._running_loop().call_soon(self._wake_processor)
+            self._wake_due = True
 
     def _wake_processor(self) -> None:
         self._wake_due = False

@@ -136,7 +136,8 @@ class WebSocketConnection:
         """Read again (the session stays here)."""
         self.held = False
         self._last = None
-        self.transport.resume_reading()
+        if not self._closed and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def unread(self) -> bytes | None:
         """While held: the bytes read that are not part of a message yet (the start of the
