@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import multi_fixtures
@@ -22,6 +22,7 @@ from process_output import ProcessOutput
 import redis_fixtures
 from conftest_helpers import token_for
 from redis_fixtures import free_port
+from roomcast.node import Node
 from roomcast.transport.http import Exchange, HttpConnection, Request
 from wire import API_KEY, SECRET
 
@@ -333,18 +334,28 @@ def _publish(port: int, body: dict[str, object]) -> tuple[int, dict[str, object]
         return r.status, json.loads(r.read())
 
 
+@contextlib.asynccontextmanager
+async def _worker_zero(tmp_path: Path) -> AsyncIterator[Node]:
+    """Worker 0 of two, in this process; worker 1 is never started."""
+    from wire import settings
+
+    sockets = (str(tmp_path / "worker-0.sock"), str(tmp_path / "worker-1.sock"))
+    node = Node(settings(), worker=(0, sockets))
+    await node.start()
+    try:
+        yield node
+    finally:
+        await node.stop()
+
+
 async def test_a_session_that_cannot_move_joins_where_it_is(tmp_path: Path) -> None:
     """The worker that owns the room is not there: the session stays, the join is answered
     here, what was read with it is handled in order, and the stay is counted."""
     from prometheus_client import generate_latest
 
-    from roomcast.node import Node
-    from wire import connect_sio, publish, settings
+    from wire import connect_sio, publish
 
-    sockets = (str(tmp_path / "worker-0.sock"), str(tmp_path / "worker-1.sock"))
-    node = Node(settings(), worker=(0, sockets))  # worker 1 never starts
-    await node.start()
-    try:
+    async with _worker_zero(tmp_path) as node:
         raw = await connect_sio(node.port, {"token": token_for("doc:*")})
         assert str(await raw.recv()).startswith("40")
         room = _room_of(1, set())
@@ -358,8 +369,6 @@ async def test_a_session_that_cannot_move_joins_where_it_is(tmp_path: Path) -> N
         handoffs = _handoffs(generate_latest(node.metrics.registry).decode())
         assert handoffs == {"sent": 0.0, "received": 0.0, "kept": 1.0, "failed": 0.0}
         await raw.close()
-    finally:
-        await node.stop()
 
 
 @pytest.mark.interop
@@ -391,13 +400,9 @@ async def test_a_session_that_closes_while_moving_keeps_its_join(tmp_path: Path)
     recovery state names the room), and a recovering client gets what it missed there."""
     from prometheus_client import generate_latest
 
-    from roomcast.node import Node
-    from wire import Raw, connect_sio, publish, settings
+    from wire import Raw, connect_sio, publish
 
-    sockets = (str(tmp_path / "worker-0.sock"), str(tmp_path / "worker-1.sock"))
-    node = Node(settings(), worker=(0, sockets))
-    await node.start()
-    try:
+    async with _worker_zero(tmp_path) as node:
         raw = await connect_sio(node.port, {"token": token_for("doc:*")})
         hello = json.loads(str(await raw.recv())[2:])
         room = _room_of(1, set())
@@ -419,8 +424,6 @@ async def test_a_session_that_closes_while_moving_keeps_its_join(tmp_path: Path)
         handoffs = _handoffs(generate_latest(node.metrics.registry).decode())
         assert handoffs == {"sent": 0.0, "received": 0.0, "kept": 1.0, "failed": 0.0}
         await back.close()
-    finally:
-        await node.stop()
 
 
 async def test_a_join_sent_with_the_connect_does_not_move(tmp_path: Path) -> None:
@@ -428,13 +431,9 @@ async def test_a_join_sent_with_the_connect_does_not_move(tmp_path: Path) -> Non
     among them is not offered to another worker."""
     from prometheus_client import generate_latest
 
-    from roomcast.node import Node
-    from wire import Raw, settings
+    from wire import Raw
 
-    sockets = (str(tmp_path / "worker-0.sock"), str(tmp_path / "worker-1.sock"))
-    node = Node(settings(), worker=(0, sockets))
-    await node.start()
-    try:
+    async with _worker_zero(tmp_path) as node:
         raw = await Raw.connect(node.port)
         room = _room_of(1, set())
         connect = "40" + json.dumps({"token": token_for("doc:*")})
@@ -444,5 +443,3 @@ async def test_a_join_sent_with_the_connect_does_not_move(tmp_path: Path) -> Non
         handoffs = _handoffs(generate_latest(node.metrics.registry).decode())
         assert handoffs == {"sent": 0.0, "received": 0.0, "kept": 0.0, "failed": 0.0}
         await raw.close()
-    finally:
-        await node.stop()

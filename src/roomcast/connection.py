@@ -468,6 +468,14 @@ class Connection:
     def detach(self) -> None:
         """The session moved to another worker: stop it here without closing the connection
         (no CLOSE packet, no close frame, no disconnect counted)."""
+        self._stop()
+        self.moving = None
+        self.handler = None
+        if self.ws is not None:
+            self.ws.detach()
+
+    def _stop(self) -> None:
+        """Nothing more is sent, queued or timed here."""
         self.state = State.CLOSED
         self._open = False
         if self._timer is not None:
@@ -475,10 +483,6 @@ class Connection:
             self._timer = None
         self._out = None
         self._queue = []
-        self.moving = None
-        self.handler = None
-        if self.ws is not None:
-            self.ws.detach()
 
     def close(self, reason: str, *, notify: bool = True, poll_answer: str = "1") -> None:
         """Close the session once.  ``notify`` sends a CLOSE packet to the client first."""
@@ -500,13 +504,7 @@ class Connection:
                 self._answer_poll()
             else:
                 self.farewell = engineio.encode_payload(self._queue)
-        self.state = State.CLOSED
-        self._open = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._out = None
-        self._queue = []
+        self._stop()
         self.release_poll(poll_answer)
         if self.ws is not None:
             if reason.startswith("slow client"):
