@@ -685,6 +685,25 @@ class PhaseSamples:
     pre_connect: dict[str, ProcSample] | None = None
     connected: dict[str, ProcSample] | None = None
     drained: dict[str, ProcSample] | None = None
+    handoffs: dict[str, float] | None = None
+    """With workers: ``roomcast_handoffs_total`` by result once everyone joined."""
+
+
+HANDOFF_RESULTS = ("sent", "kept", "failed")
+
+
+def read_handoffs(url: str) -> dict[str, float]:
+    """``roomcast_handoffs_total`` by result, summed over the workers, from ``/metrics``."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = dict.fromkeys(HANDOFF_RESULTS, 0.0)
+    for line in text.splitlines():
+        if line.startswith("roomcast_handoffs_total{"):
+            labels, _, value = line.rpartition(" ")
+            for result in HANDOFF_RESULTS:
+                if f'result="{result}"' in labels:
+                    found[result] += float(value)
+    return found
 
 
 def run_loadgen(
@@ -728,6 +747,8 @@ def run_loadgen(
                         samples.pre_connect = sample
                     elif name == "connected":
                         samples.connected = sample
+                        if spec.kind == "roomcast" and spec.workers > 1:
+                            samples.handoffs = read_handoffs(server.url)
                     elif name == "drained":
                         samples.drained = sample
                     proc.stdin.write(b"go\n")
@@ -820,6 +841,7 @@ def compute_metrics(
         "server_processes": len(mid.pids),
         "server_breakdown": breakdown,
         "server_workers_flag": workers,
+        **{f"handoffs_{k}": int(v) for k, v in (samples.handoffs or {}).items()},
         "loadgen_cpu_utilization": raw["loadgen"]["cpuUtilization"],
         "loadgen_loop_delay_p99_ms": raw["loadgen"]["eventLoopDelayMs"]["p99"],
         "loadgen_loop_delay_max_ms": raw["loadgen"]["eventLoopDelayMs"]["max"],
@@ -923,6 +945,12 @@ def scenario_notes(results: dict[str, dict[str, Any]], pinning: Pinning) -> list
             notes.append(
                 f"{name}: median of {len(r['rounds'])} rounds; per round, p95 (ms): {p95s}; "
                 f"server CPU per message (µs): {cpus}."
+            )
+        if "handoffs_sent" in r:
+            notes.append(
+                f"{name}: sessions that moved to the worker owning their room, once all joined: "
+                f"{fmt(r['handoffs_sent'])} moved, "
+                f"{fmt(r['handoffs_kept'])} stayed, {fmt(r['handoffs_failed'])} failed."
             )
         if SERVER_SPECS[name].workers > 1 and pinning.enabled:
             notes.append(
@@ -1078,6 +1106,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 WORST_OF_ROUNDS = (
     "lost",
+    "handoffs_failed",
     "duplicates",
     "misrouted",
     "disconnects",
