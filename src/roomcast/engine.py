@@ -207,11 +207,13 @@ class EngineServer:
         sid = SessionId(
             f"{self.options.worker_index:02d}{token}" if self.options.worker_sockets else token
         )
-        conn = self._new(sid, request)
+        conn = self.add_session(sid, request)
         conn.start_heartbeat()
         return conn
 
-    def _new(self, sid: SessionId, request: Request) -> Connection:
+    def add_session(self, sid: SessionId, request: Request) -> Connection:
+        """Register a session with its handler; no transport and no heartbeat yet (a new
+        session, or one another worker opened and handed over: ``handoff``)."""
         conn = Connection(
             sid,
             request,
@@ -226,11 +228,6 @@ class EngineServer:
         self._metrics.connections.inc()
         conn.handler = self._factory(conn)
         return conn
-
-    def resume(self, sid: SessionId, request: Request) -> Connection:
-        """Take over a session that another worker opened (``handoff``): registered, with its
-        handler, but no transport and no heartbeat yet."""
-        return self._new(sid, request)
 
     def forget(self, conn: Connection) -> None:
         """A session that moved to another worker: no longer served here."""

@@ -349,7 +349,7 @@ class Handoff:
     def _adopt(self, restored: _Restored, sock: socketlib.socket) -> None:
         sock.setblocking(False)
         engine = self._engine
-        conn = engine.resume(restored.sid, restored.request)
+        conn = engine.add_session(restored.sid, restored.request)
         peer = engine.peer(conn)
 
         def ready(ws: WebSocketConnection) -> None:

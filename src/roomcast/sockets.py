@@ -496,6 +496,10 @@ class Socket:
 
     def detach(self) -> None:
         """See :meth:`Client.detach`."""
+        self._unregister()
+
+    def _unregister(self) -> None:
+        """No longer connected on this worker: out of the server's sockets, no expiry timer."""
         server = self.client.server
         self.connected = False
         server.sockets.pop(self.id, None)
@@ -560,15 +564,10 @@ class Socket:
     def closed(self, reason: str, *, client_initiated: bool) -> None:
         if not self.connected:
             return
-        self.connected = False
+        self._unregister()
         client = self.client
         server = client.server
         client.sockets.pop(self.namespace.name, None)
-        server.sockets.pop(self.id, None)
-        server.metrics.sockets.dec()
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
         for room in self.rooms:
             server.hub.leave(self, (self.namespace.name, room))
         if client_initiated or reason.startswith("protocol error"):

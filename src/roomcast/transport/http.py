@@ -110,14 +110,14 @@ _LINGER_ZERO = struct.pack("ii", 1, 0)
 class WebSocketConnection:
     """What the engine layer holds for a WebSocket: raw writes and close."""
 
-    __slots__ = ("_closed", "_last", "held", "peer", "reader", "transport")
+    __slots__ = ("_closed", "_held", "_last", "peer", "reader", "transport")
 
     def __init__(self, transport: asyncio.Transport, peer: WebSocketPeer, max_size: int) -> None:
         self.transport = transport
         self.peer = peer
         self.reader = WebSocketReader(max_size)
         self._closed = False
-        self.held = False
+        self._held = False
         """Reading is paused while the session may move to another worker (``handoff``)."""
         self._last: bytes | None = None
         """While held: the read in which reading stopped."""
@@ -129,12 +129,12 @@ class WebSocketConnection:
 
     def hold(self) -> None:
         """Stop reading; messages already read are still delivered to the peer."""
-        self.held = True
+        self._held = True
         self.transport.pause_reading()
 
     def release(self) -> None:
         """Read again (the session stays here)."""
-        self.held = False
+        self._held = False
         self._last = None
         if not self._closed and not self.transport.is_closing():
             self.transport.resume_reading()
@@ -144,10 +144,12 @@ class WebSocketConnection:
         next frame), or ``None`` if they are not all known (they began in an earlier read, or
         a fragmented message is half received)."""
         reader = self.reader
-        if reader.at_message_boundary:
-            return b""
+        if reader.fragmented:
+            return None
         last, partial = self._last, reader.partial
-        if last is None or reader.fragmented or partial > len(last):
+        if partial == 0:
+            return b""
+        if last is None or partial > len(last):
             return None
         return last[len(last) - partial :]
 
@@ -192,7 +194,7 @@ class WebSocketConnection:
             self.transport.close()
             self.peer.on_ws_closed(closed.reason)
             return
-        if self.held:
+        if self._held:
             self._last = data
         if reply:
             self.transport.write(reply)

@@ -74,12 +74,6 @@ class WebSocketReader:
         """Bytes received that belong to a frame not yet complete (the last ones received)."""
 
     @property
-    def at_message_boundary(self) -> bool:
-        """Nothing received is still waiting to become a message: no frame and no fragmented
-        message is half received."""
-        return self.partial == 0 and self._opcode is None
-
-    @property
     def fragmented(self) -> bool:
         """A fragmented message is half received."""
         return self._opcode is not None
