@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest_helpers import token_for
+from roomcast.sockets import session_key
 from wire import Raw, connect_sio, publish, running
 
 
@@ -36,7 +37,7 @@ async def test_drain_closes_clients_and_keeps_their_recovery_state() -> None:
         await node.drain()
         assert node.readiness()[0] is False
         assert await raw.closed()
-        state = await node.broker.take_session(answer["pid"])
+        state = await node.broker.take_session(session_key(answer["pid"], "alice"))
         assert state is not None and json.loads(state)["rooms"] == ["doc:1"]
 
 
@@ -130,7 +131,7 @@ async def _get(url: str) -> bytes:
 async def test_unreadable_recovery_state_gives_a_fresh_session() -> None:
     """A corrupt recovery state is counted and the client connects as a new session."""
     async with running() as node:
-        await node.broker.save_session("pid-corrupt", b"{not json", 60_000)
+        await node.broker.save_session(session_key("pid-corrupt", "alice"), b"{not json", 60_000)
         raw = await Raw.connect(node.port)
         await raw.send(
             "40" + json.dumps({"token": token_for("doc:*"), "pid": "pid-corrupt", "offset": "0"})

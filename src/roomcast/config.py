@@ -67,6 +67,9 @@ class Settings:
         4 * 1024 * 1024, "bytes queued for one client before it is dropped as too slow"
     )
     max_connections: int = _setting(100_000, "connections accepted per worker")
+    max_rooms_per_socket: int = _setting(
+        1000, "rooms one socket may be in; a join beyond it is refused with too_many_rooms"
+    )
 
     redis_url: str = _setting("", "Redis URL; empty means the embedded in-memory broker")
     redis_prefix: str = _setting("roomcast", "prefix of every Redis key")
@@ -95,6 +98,7 @@ class Settings:
             "max_payload",
             "outbound_buffer_limit",
             "max_connections",
+            "max_rooms_per_socket",
             "history_size",
         )
         for name in positive:

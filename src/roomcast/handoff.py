@@ -141,7 +141,7 @@ class Handoff:
         if conn.has_output() or move.ws.transport.get_write_buffer_size():
             self._later(move, "its client did not read what was queued for it")
             return False
-        if self._writer.busy(socket.pid):
+        if self._writer.busy(socket.session_key):
             # Its recovery state must be written before the other worker writes a newer one.
             self._later(move, "its recovery state was not written")
             return False

@@ -32,6 +32,12 @@ class Metrics:
         self.protocol_errors = Counter(
             "roomcast_protocol_errors", "Malformed client input by reason", ["reason"], registry=r
         )
+        self.refused_events = Counter(
+            "roomcast_refused_client_events",
+            "Built-in client events (join, leave, publish) refused, by code",
+            ["code"],
+            registry=r,
+        )
         self.auth_failures = Counter(
             "roomcast_auth_failures", "Refused namespace connects by code", ["code"], registry=r
         )

@@ -95,6 +95,7 @@ class Node:
                 auth_required=settings.auth_required,
                 recovery_ms=settings.recovery_max_disconnection_ms,
                 upstream_events=settings.upstream_events,
+                max_rooms=settings.max_rooms_per_socket,
                 limits=Limits(settings.max_attachments, settings.max_nesting),
             ),
             self.subscriptions,
@@ -213,7 +214,7 @@ class Node:
         ttl = self.settings.recovery_max_disconnection_ms
         while True:
             await asyncio.sleep(ttl / 3000)
-            pids = [s.pid for s in self.sockets.sockets.values() if s.pid]
+            pids = [s.session_key for s in self.sockets.sockets.values() if s.pid]
             if pids:
                 try:
                     await self.broker.touch_sessions(pids, ttl)

@@ -7,8 +7,10 @@ token's ``rooms`` / ``publish`` claims), and the configured upstream events.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable, Coroutine
@@ -49,6 +51,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("roomcast.sockets")
 
+PID_RE = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")
+"""What a private session id (``pid``) looks like: ours are ``secrets.token_urlsafe(15)``."""
+
+
+def session_key(pid: str, user_id: str) -> str:
+    """The broker key of a recovery state: the pid bound to its user, so that a pid presented
+    with another user's token finds nothing (and cannot take or wipe the owner's state)."""
+    return f"{pid}.{hashlib.blake2b(user_id.encode(), digest_size=8).hexdigest()}"
+
+
 ANONYMOUS = Principal(user_id="", rooms=("*",), publish=("*",), expires_at=None, claims={})
 
 
@@ -59,6 +71,8 @@ class SocketOptions:
     recovery_ms: int = 120_000
     """How long a disconnected socket may recover its session; 0 disables recovery."""
     upstream_events: tuple[str, ...] = ()
+    max_rooms: int = 1000
+    """Rooms one socket may be in: each costs the hub and the recovery state."""
     limits: Limits = field(default_factory=Limits)
     ack_timeout_s: float = 30.0
 
@@ -114,19 +128,21 @@ class SocketServer:
             self.metrics.publish_latency.observe(max(lag, 0.0))
 
     # -- recovery state ----------------------------------------------------------------------------
-    def save_session(self, socket: Socket, ttl_ms: int) -> None:
+    def save_session(self, socket: Socket, ttl_ms: int, *, final: bool = False) -> None:
+        """Queue the socket's recovery state.  A live socket's state is serialised when the
+        writer runs, so a burst of joins costs one serialisation of its rooms, not one per join;
+        a ``final`` state (the socket is closing and will forget its rooms) is made now."""
         if not socket.pid or not self.options.recovery_ms:
             return
-        # json, not orjson: orjson's result keeps a 4 KiB buffer, and states are held for minutes
-        state = json.dumps(
-            {"sid": socket.id, "user": socket.principal.user_id, "rooms": sorted(socket.rooms)},
-            separators=(",", ":"),
-        ).encode()
-        self.session_writer.put(socket.pid, state, ttl_ms)
+        if final:
+            state = socket.recovery_state()
+            self.session_writer.put(socket.session_key, lambda: state, ttl_ms)
+        else:
+            self.session_writer.put(socket.session_key, socket.recovery_state, ttl_ms)
 
     def forget_session(self, socket: Socket) -> None:
         if socket.pid and self.options.recovery_ms:
-            self.session_writer.put(socket.pid, None, 0)
+            self.session_writer.put(socket.session_key, None, 0)
 
 
 class SessionWriter:
@@ -142,13 +158,13 @@ class SessionWriter:
         self._broker = broker
         self._metrics = metrics
         self._tasks = tasks
-        self._pending: dict[str, tuple[bytes | None, int]] = {}
+        self._pending: dict[str, tuple[Callable[[], bytes] | None, int]] = {}
         self._writing: set[str] = set()
         self._wake: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
 
-    def put(self, pid: str, state: bytes | None, ttl_ms: int) -> None:
-        """Queue a state to save (``None``: delete it)."""
+    def put(self, pid: str, state: Callable[[], bytes] | None, ttl_ms: int) -> None:
+        """Queue a state to save, made by ``state()`` when written (``None``: delete it)."""
         self._pending[pid] = (state, ttl_ms)
         if self._wake is None:
             self._wake, self._idle = asyncio.Event(), asyncio.Event()
@@ -172,7 +188,10 @@ class SessionWriter:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
-                batch = [(pid, state, ttl) for pid, (state, ttl) in self._pending.items()]
+                batch = [
+                    (pid, None if state is None else state(), ttl)
+                    for pid, (state, ttl) in self._pending.items()
+                ]
                 self._pending = {}
                 self._writing = {pid for pid, _, _ in batch}
                 try:
@@ -347,6 +366,15 @@ class Client:
             socket.abandon_recovery()
             self._refuse(nsp, connect_error_payload(refused.code, refused.message), refused.code)
             return None
+        except Exception:  # the app's hook: release the socket, log, count (as a refusal), answer
+            socket.abandon_recovery()
+            log.exception("before_connect handler failed on %s", self.conn.sid)
+            self._refuse(
+                nsp,
+                connect_error_payload("internal_error", "the connect handler failed"),
+                "internal_error",
+            )
+            return None
         if self.conn.closed:
             socket.abandon_recovery()
             return None
@@ -373,11 +401,15 @@ class Client:
         pid, offset = auth.get("pid"), auth.get("offset")
         if not server.options.recovery_ms or nsp != "/" or not isinstance(pid, str):
             return None
+        if PID_RE.match(pid) is None:
+            server.metrics.recoveries.labels("bad_pid").inc()
+            log.info("recovery refused: malformed pid %r", pid[:40])
+            return None
         if not isinstance(offset, str):
             offset = "0"
         try:
             after = parse_offset(offset)
-            raw = await server.broker.take_session(pid)
+            raw = await server.broker.take_session(session_key(pid, principal.user_id))
         except (OffsetError, BrokerError) as exc:
             server.metrics.recoveries.labels("failed").inc()
             log.info("recovery refused: %s", exc)
@@ -474,6 +506,19 @@ class Socket:
     @property
     def user_id(self) -> str:
         return self.principal.user_id
+
+    @property
+    def session_key(self) -> str:
+        """Where this socket's recovery state is kept in the broker (see :func:`session_key`)."""
+        return session_key(self.pid, self.principal.user_id)
+
+    def recovery_state(self) -> bytes:
+        """What a reconnecting client needs to recover this socket (see ``Client._recover``)."""
+        # json, not orjson: orjson's result keeps a 4 KiB buffer, and states are held for minutes
+        return json.dumps(
+            {"sid": self.id, "user": self.principal.user_id, "rooms": sorted(self.rooms)},
+            separators=(",", ":"),
+        ).encode()
 
     @property
     def handshake(self) -> dict[str, Any]:
@@ -573,7 +618,7 @@ class Socket:
         if client_initiated or reason.startswith("protocol error"):
             server.forget_session(self)
         else:
-            server.save_session(self, server.options.recovery_ms)
+            server.save_session(self, server.options.recovery_ms, final=True)
         self.rooms = set()
         for future in self._acks.values():
             if not future.done():
@@ -728,6 +773,13 @@ def _join(socket: Socket, args: list[Any], ack_id: int | None) -> None:
     if not socket.principal.may_join(room):
         if ack_id is not None:
             socket.ack(ack_id, ack_error("forbidden", f"not allowed to join {room!r}"))
+        return
+    limit = socket.client.server.options.max_rooms
+    if room not in socket.rooms and len(socket.rooms) >= limit:
+        socket.client.server.metrics.refused_events.labels("too_many_rooms").inc()
+        log.info("join refused on %s: already in %d rooms", socket.id, limit)
+        if ack_id is not None:
+            socket.ack(ack_id, ack_error("too_many_rooms", f"a socket may be in {limit} rooms"))
         return
     handoff = socket.client.server.handoff
     if handoff is not None and handoff.offer(socket, room, ack_id):
