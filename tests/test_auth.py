@@ -282,9 +282,18 @@ async def test_jwks_unknown_or_missing_kid_is_invalid(
         await auth.authenticate(_rs(rsa_key, _claims(), kid=kid))
 
 
+async def test_a_token_without_exp_is_invalid_unless_allowed() -> None:
+    """A token with no exp claim would never expire: it is refused by default, and accepted
+    only with require_exp=False."""
+    token = _hs_auth().mint("bob", ["doc:*"], ttl_seconds=None)
+    with pytest.raises(TokenInvalidError, match="token has no exp claim"):
+        await _hs_auth().authenticate(token)
+    assert (await _hs_auth(require_exp=False).authenticate(token)).expires_at is None
+
+
 async def test_mint_sets_issuer_audience_and_optional_expiry() -> None:
     """mint() adds the configured iss and aud, and omits exp when ttl_seconds is None."""
-    auth = _hs_auth()
+    auth = _hs_auth(require_exp=False)
     token = auth.mint("bob", ["doc:*"], ttl_seconds=None, extra={"name": "Bob"})
     principal = await auth.authenticate(token)
     assert principal.expires_at is None

@@ -94,6 +94,24 @@ def test_production_mode_refuses_missing_settings() -> None:
     )
 
 
+def test_production_mode_refuses_anonymous_access_and_any_origin() -> None:
+    """Production mode refuses --no-auth-required and --allowed-origins '*', naming the key."""
+    base = ("serve", "--production", "--port", str(free_port()), "--jwt-secret", "s" * 48)
+    base += ("--api-key", "k" * 32)
+    anonymous = cli(*base, "--allowed-origins", "https://app.example", "--no-auth-required")
+    assert anonymous.returncode == 2 and "auth_required" in anonymous.stderr
+    anywhere = cli(*base, "--allowed-origins", "*")
+    assert anywhere.returncode == 2 and "allowed_origins" in anywhere.stderr
+
+
+def test_check_config_masks_the_redis_password() -> None:
+    """check-config prints the Redis URL with its password masked."""
+    out = cli("check-config", "--redis-url", "redis://app:hunter2@cache.internal:6379/0")
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)["redis_url"]
+    assert shown == "redis://app:***@cache.internal:6379/0" and "hunter2" not in out.stdout
+
+
 @pytest.fixture
 def dev_server() -> Iterator[tuple[int, subprocess.Popen[str]]]:
     port = free_port()

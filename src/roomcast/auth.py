@@ -198,6 +198,8 @@ class AuthSettings:
     issuer: str | None = None
     audience: str | None = None
     leeway_seconds: float = 0.0
+    require_exp: bool = True
+    """Refuse tokens without ``exp``: such a token would be valid forever."""
 
     def __post_init__(self) -> None:
         if isinstance(self.algorithms, str):
@@ -380,7 +382,10 @@ class Authenticator:
                 issuer=settings.issuer,
                 audience=settings.audience,
                 leeway=settings.leeway_seconds,
-                options={"require": ["sub"], "enforce_minimum_key_length": True},
+                options={
+                    "require": ["sub", "exp"] if settings.require_exp else ["sub"],
+                    "enforce_minimum_key_length": True,
+                },
             )
         except jwt.ExpiredSignatureError as exc:
             raise TokenExpiredError(_expired_message(token)) from exc

@@ -46,7 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--sub", required=True, help="user id")
     token.add_argument("--rooms", nargs="*", default=[], help="room glob patterns it may join")
     token.add_argument("--publish", nargs="*", default=[], help="room patterns it may publish to")
-    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (0: no expiry)")
+    token.add_argument(
+        "--ttl",
+        type=int,
+        default=3600,
+        help="lifetime in seconds (0: no exp; servers refuse that unless --no-jwt-require-exp)",
+    )
     config.add_arguments(token, only=_AUTH_SETTINGS)
 
     publish = sub.add_parser("publish", help="publish an event to a room")

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 ENV_PREFIX = "ROOMCAST_"
 
@@ -51,6 +52,9 @@ class Settings:
     jwt_issuer: str = _setting("", "required 'iss' claim, if set")
     jwt_audience: str = _setting("", "required 'aud' claim, if set")
     auth_required: bool = _setting(True, "require a valid JWT to connect a namespace")
+    jwt_require_exp: bool = _setting(
+        True, "refuse client tokens without an 'exp' claim (they would never expire)"
+    )
 
     api_key: str = _setting("", "bearer key for the HTTP publish API", secret=True)
     allowed_origins: tuple[str, ...] = _setting(
@@ -130,14 +134,39 @@ class Settings:
             ]
             if missing:
                 raise ConfigError(f"production mode requires {', '.join(missing)}")
+            if not self.auth_required:
+                raise ConfigError(
+                    "production mode requires auth_required: without it the anonymous user "
+                    "may join and publish to every room"
+                )
+            if "*" in self.allowed_origins:
+                raise ConfigError(
+                    "production mode does not accept allowed_origins '*': list the origins"
+                )
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with secrets masked, for logs and ``check-config``."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f.name] = "***" if f.metadata["secret"] and value else value
+            if f.metadata["secret"] and value:
+                value = "***"
+            elif isinstance(value, str):
+                value = redact_url(value)
+            out[f.name] = value
         return out
+
+
+def redact_url(value: str) -> str:
+    """``value`` with the password of a URL (``redis://user:pw@host``) masked."""
+    if "://" not in value or "@" not in value:
+        return value
+    parts = urlsplit(value)
+    if parts.password is None:
+        return value
+    userinfo = f"{parts.username or ''}:***"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
 
 
 def _flag(name: str) -> str:

@@ -58,6 +58,7 @@ def make_authenticator(settings: Settings) -> Authenticator | None:
             algorithms=settings.jwt_algorithms,
             issuer=settings.jwt_issuer or None,
             audience=settings.jwt_audience or None,
+            require_exp=settings.jwt_require_exp,
         )
     )
 
