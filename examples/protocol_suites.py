@@ -13,9 +13,9 @@ import argparse
 from typing import Any
 
 from roomcast import Application, Socket
-from roomcast.cli import run
 from roomcast.config import Settings
 from roomcast.connection import Connection
+from roomcast.runner import run
 
 app = Application()
 

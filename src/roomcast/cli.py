@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import importlib
 import json
-import logging
-import os
 import secrets
-import signal
 import sys
 import urllib.error
 import urllib.request
@@ -19,8 +15,7 @@ from typing import Any
 from roomcast import config
 from roomcast.app import Application
 from roomcast.config import ConfigError, Settings
-
-log = logging.getLogger("roomcast")
+from roomcast.runner import run
 
 _AUTH_SETTINGS = (
     "jwt_secret",
@@ -204,68 +199,6 @@ def _dev_defaults(settings: Settings) -> Settings:
         flush=True,
     )
     return settings
-
-
-def run(
-    settings: Settings,
-    app: Application | None,
-    sock: Any = None,
-    mounts: dict[str, Any] | None = None,
-    worker: tuple[int, tuple[str, ...]] | None = None,
-) -> None:
-    """Serve until SIGTERM/SIGINT, then drain.  ``mounts`` adds raw Engine.IO apps by path."""
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    asyncio.run(_run(settings, app, sock, mounts or {}, worker))
-
-
-async def _run(
-    settings: Settings,
-    app: Application | None,
-    sock: Any,
-    mounts: dict[str, Any],
-    worker: tuple[int, tuple[str, ...]] | None,
-) -> None:
-    from roomcast.node import Node
-
-    node = Node(settings, app, worker=worker)
-    for path, factory in mounts.items():
-        node.mount_engine(path, factory)
-    _tune_gc()
-    await node.start(sock)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    # One write() even with an unbuffered stdout (PYTHONUNBUFFERED), where print() writes the
-    # text and its newline separately: the workers share the pipe, and their lines interleaved.
-    sys.stdout.write(f"roomcast ready on {settings.host}:{node.port} (pid {os.getpid()})\n")
-    sys.stdout.flush()
-    await stop.wait()
-    log.info("draining")
-    await node.drain()
-    await node.stop()
-
-
-def _tune_gc() -> None:
-    """Keep the cyclic garbage collector out of the broadcast path.
-
-    The hot path creates no reference cycles, so young-generation collections find little; with
-    10,000 connections a full collection walks every connection's objects and stalls the loop.
-    Everything alive at start-up moves to the permanent generation, and collections run less
-    often. Full collections still come every ~20 million allocations: a closed connection's
-    objects form reference cycles (protocol <-> parser, session <-> websocket peer), and under
-    heavy churn they must not wait long to be reclaimed.
-    """
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
 
 
 _COMMANDS = {

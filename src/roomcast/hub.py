@@ -6,8 +6,8 @@ leaving through two callbacks, and the node turns those into broker subscription
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -17,7 +17,17 @@ from roomcast.transport.websocket import text_frame
 
 if TYPE_CHECKING:
     from roomcast.connection import Connection, Flusher
-    from roomcast.sockets import Socket
+
+
+class Member(Hashable, Protocol):
+    """What the hub needs of a room member (a Socket.IO socket): its id and its connection."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def conn(self) -> Connection: ...
+
 
 RoomKey = tuple[str, str]
 """(namespace, room)"""
@@ -50,10 +60,10 @@ class Hub:
     ) -> None:
         self._flusher = flusher
         """Writes a broadcast to its members' connections (see :meth:`Flusher.send_all`)."""
-        self.rooms: dict[RoomKey, dict[Socket, Connection]] = {}
+        self.rooms: dict[RoomKey, dict[Member, Connection]] = {}
         """Each room's member sockets, with their connections (the broadcast loop walks the
         connections straight from the dict, not through each socket object)."""
-        self._pending: dict[RoomKey, dict[Socket, _Holding]] = {}
+        self._pending: dict[RoomKey, dict[Member, _Holding]] = {}
         """Sockets recovering missed events: live broadcasts are held for them."""
         self.last_offset: dict[RoomKey, Position] = {}
         """The newest offset broadcast per room with members."""
@@ -68,7 +78,7 @@ class Hub:
             self.last_offset.pop(key, None)
             self._on_last(key)
 
-    def join(self, socket: Socket, key: RoomKey) -> bool:
+    def join(self, socket: Member, key: RoomKey) -> bool:
         """Add a member; return False if it already was one."""
         members = self.rooms.get(key)
         if members is None:
@@ -82,7 +92,7 @@ class Hub:
         members[socket] = socket.conn
         return True
 
-    def leave(self, socket: Socket, key: RoomKey) -> bool:
+    def leave(self, socket: Member, key: RoomKey) -> bool:
         held = self._pending.get(key)
         if held is not None and socket in held:
             self._unhold(socket, key)
@@ -98,7 +108,7 @@ class Hub:
         return True
 
     # -- recovery ---------------------------------------------------------------------------------
-    def hold(self, socket: Socket, key: RoomKey) -> None:
+    def hold(self, socket: Member, key: RoomKey) -> None:
         """Start holding live broadcasts of ``key`` for a recovering socket."""
         held = self._pending.get(key)
         if held is None:
@@ -109,7 +119,7 @@ class Hub:
         else:
             held[socket] = _Holding()
 
-    def _unhold(self, socket: Socket, key: RoomKey) -> list[Held]:
+    def _unhold(self, socket: Member, key: RoomKey) -> list[Held]:
         held = self._pending.get(key)
         if held is None:
             return []
@@ -118,12 +128,12 @@ class Hub:
             del self._pending[key]
         return holding.items if holding is not None else []
 
-    def release(self, socket: Socket, key: RoomKey) -> None:
+    def release(self, socket: Member, key: RoomKey) -> None:
         """Give up holding for ``socket`` (its recovery failed)."""
         self._unhold(socket, key)
         self._maybe_last(key)
 
-    def settle(self, socket: Socket, key: RoomKey, replayed: Position, seen: set[str]) -> None:
+    def settle(self, socket: Member, key: RoomKey, replayed: Position, seen: set[str]) -> None:
         """The socket was sent everything of ``key`` up to ``replayed``: send what was held
         after that, and make it a member as soon as no older broadcast can still arrive."""
         held = self._pending[key][socket]
@@ -175,9 +185,9 @@ class Hub:
         return sent
 
     def _to_held(
-        self, key: RoomKey, held: dict[Socket, _Holding], item: Held, exclude: str | None
+        self, key: RoomKey, held: dict[Member, _Holding], item: Held, exclude: str | None
     ) -> int:
-        settled: list[Socket] = []
+        settled: list[Member] = []
         sent = 0
         for socket, holding in held.items():
             if socket.id == exclude:

@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -46,10 +46,17 @@ from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
 from roomcast.types import SocketId
 
-if TYPE_CHECKING:
-    from roomcast.handoff import Handoff
-
 log = logging.getLogger("roomcast.sockets")
+
+
+class Mover(Protocol):
+    """Moves a session to the worker that owns a room (``handoff.Handoff``, with workers)."""
+
+    def offer(self, socket: Socket, room: str, ack_id: int | None) -> bool:
+        """Called for an authorized join.  True: the session is on its way to the room's
+        owner, which answers the join (or, if the move fails, this worker answers it)."""
+        ...
+
 
 PID_RE = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")
 """What a private session id (``pid``) looks like: ours are ``secrets.token_urlsafe(15)``."""
@@ -101,7 +108,7 @@ class SocketServer:
         self.options = options
         self.sockets: dict[SocketId, Socket] = {}
         self.session_writer = SessionWriter(broker, metrics, tasks)
-        self.handoff: Handoff | None = None
+        self.handoff: Mover | None = None
         """With several workers: moves a socket to the worker that owns its first room."""
 
     def client(self, conn: Connection) -> Client:

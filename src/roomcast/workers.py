@@ -24,6 +24,7 @@ from pathlib import Path
 from roomcast.app import Application
 from roomcast.config import ConfigError, Settings
 from roomcast.handoff import datagram_path
+from roomcast.runner import run
 
 log = logging.getLogger("roomcast.workers")
 
@@ -129,7 +130,5 @@ def supervise(
 def _worker(
     settings: Settings, app: Application | None, index: int, sockets: tuple[str, ...]
 ) -> None:
-    from roomcast.cli import run
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     run(settings, app, worker=(index, sockets))
