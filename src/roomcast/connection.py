@@ -26,9 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("roomcast.connection")
 
-TIMER_TICK: Final = 0.05
-"""Heartbeat deadlines are rounded up to a multiple of this many seconds (see
-:meth:`Connection._schedule`)."""
+TIMER_TICK: Final = 0.02
+"""Heartbeat deadlines are rounded down to a multiple of this many seconds (see
+:meth:`Connection._schedule`): a timer may fire early by less than a tick, never late."""
 
 
 class State(enum.Enum):
@@ -433,15 +433,18 @@ class Connection:
         self._schedule(self.ping_interval, self._ping)
 
     def _schedule(self, delay: float, callback: Callable[[], None]) -> None:
-        """Run ``callback`` after ``delay``, rounded up to the next :data:`TIMER_TICK`.
+        """Run ``callback`` after ``delay``, rounded down to a multiple of :data:`TIMER_TICK`.
 
         Heartbeat timers of thousands of connections then fall on a few instants per second,
         each one loop wake-up, instead of one wake-up per connection; the pongs they provoke
-        come back together as well."""
+        come back together as well.  Rounding down keeps the protocol's promise: a ping is
+        never later than pingInterval, a silent session never outlives pingTimeout (it may
+        come up to one tick early, which the spec allows a server; late breaks clients and
+        the official suites)."""
         if self._timer is not None:
             self._timer.cancel()
         loop = self._flusher.loop
-        when = math.ceil((loop.time() + delay) / TIMER_TICK) * TIMER_TICK
+        when = math.floor((loop.time() + delay) / TIMER_TICK) * TIMER_TICK
         self._timer = loop.call_at(when, callback)
 
     def heartbeat_state(self) -> tuple[float, bool]:
