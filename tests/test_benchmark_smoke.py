@@ -46,6 +46,14 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
             assert "error" not in result, f"{name}/{server}: {result.get('error')}"
             assert result["delivered"] > 0, f"{name}/{server} delivered nothing\n{detail}"
             assert result["lost"] == 0, f"{name}/{server} lost {result['lost']}\n{detail}"
+            for field in (
+                "duplicates",
+                "misrouted",
+                "publish_errors",
+                "connect_failed",
+                "join_failed",
+            ):
+                assert result[field] == 0, f"{name}/{server}: {field} {result[field]}\n{detail}"
         moved = results["roomcast-w2"]
         assert moved["handoffs_failed"] == 0, f"{name}: handoffs failed\n{detail}"
         assert moved["handoffs_sent"] + moved["handoffs_kept"] > 0, f"{name}: no move\n{detail}"

@@ -110,4 +110,3 @@ async def test_ten_thousand_heartbeats_share_few_wake_ups() -> None:
     assert wakeups <= spread / TIMER_TICK + 2, (wakeups, spread)
     for conn in conns:
         conn.close("test over", notify=False)
-

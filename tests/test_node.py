@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import ast
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
 from conftest_helpers import token_for
+from redis_fixtures import eventually
 from roomcast.sockets import session_key
 from wire import Raw, connect_sio, publish, running
 
@@ -17,10 +17,9 @@ async def drop_and_save_session(node: Any, raw: Raw) -> None:
     """Drop the client's connection as a network failure would, and wait until the server
     noticed and wrote the socket's recovery state."""
     raw.ws.transport.abort()
-    for _ in range(100):
-        if not node.sockets.sockets:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(
+        lambda: not node.sockets.sockets, what="the server to notice the dropped connection"
+    )
     await node.sockets.session_writer.flush()
 
 
@@ -52,10 +51,9 @@ async def test_recovery_on_the_same_node() -> None:
         first = json.loads(str(await raw.recv())[2:])
         offset = first[-1]
         raw.ws.transport.abort()  # a dropped transport, not a clean disconnect
-        for _ in range(100):
-            if not node.sockets.sockets:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(
+            lambda: not node.sockets.sockets, what="the server to notice the dropped connection"
+        )
         for i in range(1, 4):
             await publish(node.port, {"room": "doc:1", "event": "e", "data": i})
         await node.sockets.session_writer.flush()
@@ -162,10 +160,9 @@ async def test_a_recovered_socket_that_leaves_before_a_broadcast_frees_its_rooms
         assert json.loads(str(await back.recv())[2:]) == ["e", 1, body["offset"]]
         assert ("/", "doc:1") in node.hub._pending  # held until a live broadcast passes it
         await back.close()
-        for _ in range(100):
-            if not node.sockets.sockets:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(
+            lambda: not node.sockets.sockets, what="the server to notice the dropped connection"
+        )
         assert node.hub._pending == {} and ("/", "doc:1") not in node.hub.rooms
         assert not node.subscriptions.is_active("doc:1")
         assert node.metrics.rooms._value.get() == 0
@@ -210,11 +207,9 @@ async def test_failed_handler_task_is_counted() -> None:
     async with running(app) as node:
         raw = await connect_sio(node.port, {"token": token_for("doc:*")})
         assert (await raw.recv()).startswith("40")
-        for _ in range(100):
-            value = node.metrics.registry.get_sample_value(
-                "roomcast_task_failures_total", {"kind": "connect"}
-            )
-            if value:
-                break
-            await asyncio.sleep(0.01)
-        assert value == 1
+        failures = node.metrics.registry.get_sample_value
+        await eventually(
+            lambda: failures("roomcast_task_failures_total", {"kind": "connect"}) is not None,
+            what="the failed connect handler to be counted",
+        )
+        assert failures("roomcast_task_failures_total", {"kind": "connect"}) == 1

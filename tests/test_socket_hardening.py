@@ -11,6 +11,7 @@ import aiohttp
 
 import redis_fixtures
 from conftest_helpers import token_for
+from redis_fixtures import eventually
 from roomcast import Application, Socket
 from roomcast.sockets import session_key
 from wire import Raw, connect_sio, running
@@ -22,12 +23,7 @@ redis_prefix = redis_fixtures.redis_prefix
 async def _drop(node: Any, raw: Raw) -> None:
     """Cut the client's TCP connection as a network failure would; wait for its saved state."""
     raw.ws.transport.abort()
-    for _ in range(500):
-        if not node.sockets.sockets:
-            break
-        await asyncio.sleep(0.01)
-    else:
-        raise AssertionError("the server did not notice the dropped connection within 5 s")
+    await eventually(lambda: not node.sockets.sockets, what="the server to notice the drop")
     await node.sockets.session_writer.flush()
 
 

@@ -21,7 +21,7 @@ from process_output import ProcessOutput
 
 import redis_fixtures
 from conftest_helpers import token_for
-from redis_fixtures import free_port
+from redis_fixtures import eventually, free_port
 from roomcast.node import Node
 from roomcast.transport.http import Exchange, HttpConnection, Request
 from wire import API_KEY, SECRET
@@ -414,10 +414,9 @@ async def test_a_session_that_closes_while_moving_keeps_its_join(tmp_path: Path)
         room = _room_of(1, set())
         close = bytes((0x88, 0x82)) + b"\0\0\0\0" + (1000).to_bytes(2, "big")
         raw.ws.transport.write(_frame(f'421["join","{room}"]') + close)
-        for _ in range(100):
-            if not node.sockets.sockets:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(
+            lambda: not node.sockets.sockets, what="the server to notice the dropped connection"
+        )
         await node.sockets.session_writer.flush()
         status, body = await publish(node.port, {"room": room, "event": "e", "data": 1})
         assert status == 202, body

@@ -67,12 +67,15 @@ class Raw:
         await self.ws.send(message)
 
     async def recv(self, timeout: float = 5.0) -> str | bytes:
-        while True:
-            message = await asyncio.wait_for(self.ws.recv(), timeout)
-            if message == "2" and self.pong:
-                await self.ws.send("3")
-                continue
-            return message
+        """The next message other than a ping; ``timeout`` bounds the whole wait (pings that
+        come meanwhile are answered, and do not restart it)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await self.ws.recv()
+                if message == "2" and self.pong:
+                    await self.ws.send("3")
+                    continue
+                return message
 
     async def closed(self, timeout: float = 5.0) -> bool:
         """True once the server closed the connection (messages before that are skipped)."""
