@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,6 +61,9 @@ class EngineServer:
         self.sessions: dict[SessionId, Connection] = {}
         self.farewells: dict[str, tuple[float, str]] = {}
         """Closed polling sessions whose CLOSE packet awaits the client's next poll."""
+        self._farewell_order: deque[tuple[float, str]] = deque()
+        """(expiry, sid) of the farewells in the order they were made: every farewell lives
+        equally long, so the expired ones are always at the front."""
         self.accepting = True
 
     # -- HTTP entry point -------------------------------------------------------------------------
@@ -253,10 +257,13 @@ class EngineServer:
     def _closed(self, conn: Connection, reason: str) -> None:
         if conn.farewell is not None:
             now = time.monotonic()
-            if len(self.farewells) > 1000:  # bounded: drop the expired ones
-                self.farewells = {k: v for k, v in self.farewells.items() if v[0] > now}
+            order = self._farewell_order
+            while order and order[0][0] <= now:  # amortised O(1) per close, even in a drain
+                _, sid = order.popleft()
+                self.farewells.pop(sid, None)
             keep = (self.options.ping_interval_ms + self.options.ping_timeout_ms) / 1000
             self.farewells[conn.sid] = (now + keep, conn.farewell)
+            order.append((now + keep, conn.sid))
         if self.sessions.pop(conn.sid, None) is not None:
             self._metrics.connections.dec()
             self._metrics.disconnects.labels(_reason_label(reason)).inc()
