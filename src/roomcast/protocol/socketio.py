@@ -144,6 +144,10 @@ def _parse(text: str, limits: Limits) -> tuple[Packet, int]:
         count = text[i:dash] if dash != -1 else ""
         if not count.isdigit() or not count.isascii():
             raise SocketIOError("invalid attachment count")
+        if len(count) > len(str(limits.max_attachments)):  # before int(): it caps at 4300 digits
+            raise TooManyAttachmentsError(
+                f"{count[:20]}... attachments exceed the limit of {limits.max_attachments}"
+            )
         expected = int(count)
         if expected > limits.max_attachments:
             raise TooManyAttachmentsError(
@@ -161,6 +165,8 @@ def _parse(text: str, limits: Limits) -> tuple[Packet, int]:
         i += 1
     ack_id: int | None = None
     if i > start:
+        if i - start > len(str(MAX_ACK_ID)):  # before int(): it refuses over 4300 digits
+            raise SocketIOError(f"ack id {text[start : start + 20]}... out of range")
         ack_id = int(text[start:i])
         if ack_id > MAX_ACK_ID:
             raise SocketIOError(f"ack id {text[start:i][:20]} out of range")

@@ -1,7 +1,7 @@
 """WebSocket framing: the opening handshake answer, outgoing frames, incoming messages.
 
 Incoming frames are parsed by the ``websockets`` library's sans-I/O protocol (masking, control
-frames, UTF-8 validation, size limits, the closing handshake).  Outgoing data frames are built
+frames, size limits, the closing handshake); text messages are checked for UTF-8 here.  Outgoing data frames are built
 here, because a broadcast builds one frame and writes the same bytes to every member.
 """
 
@@ -93,7 +93,8 @@ class WebSocketReader:
             opcode = frame.opcode
             if opcode in (Opcode.TEXT, Opcode.BINARY):
                 if frame.fin:
-                    self._deliver(opcode, bytes(frame.data), on_message)
+                    if not self._deliver(opcode, bytes(frame.data), on_message):
+                        break
                 else:
                     self._opcode = opcode
                     self._fragments = [bytes(frame.data)]
@@ -106,8 +107,9 @@ class WebSocketReader:
                     break
                 if frame.fin:
                     kind, self._opcode = self._opcode, None
-                    self._deliver(kind, b"".join(self._fragments), on_message)
-                    self._fragments = []
+                    message, self._fragments = b"".join(self._fragments), []
+                    if not self._deliver(kind, message, on_message):
+                        break
         self.partial = partial
         out = b"".join(proto.data_to_send())
         if proto.state is State.CLOSING or proto.state is State.CLOSED:
@@ -118,19 +120,31 @@ class WebSocketReader:
         proto = self._protocol
         if isinstance(proto.parser_exc, WSProtocolError):
             return f"websocket protocol error: {proto.parser_exc}"
-        if proto.close_sent is not None and proto.close_sent.code == 1009:
+        sent = proto.close_sent
+        if sent is not None and sent.code == 1009:
             return "websocket message too big"
+        if sent is not None and sent.code == 1007:
+            return f"websocket invalid data: {sent.reason}"
         rcvd = proto.close_rcvd
         if rcvd is not None:
-            return f"client closed websocket ({rcvd.code})"
+            # the code goes after the colon: the part before it is a metric label, and a
+            # client may send any of 65,536 codes
+            return f"client closed websocket: code {rcvd.code}"
         return "websocket closed"
 
-    @staticmethod
-    def _deliver(opcode: Opcode, payload: bytes, on_message: MessageHandler) -> None:
-        if opcode is Opcode.TEXT:
-            on_message(payload.decode("utf-8"))  # already validated by the parser
-        else:
+    def _deliver(self, opcode: Opcode, payload: bytes, on_message: MessageHandler) -> bool:
+        """Hand one message over; False (and a 1007 close under way) for a text message that
+        is not UTF-8, which the parser does not check."""
+        if opcode is not Opcode.TEXT:
             on_message(payload)
+            return True
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self._protocol.fail(1007, f"text message is not utf-8 (byte {exc.start})")
+            return False
+        on_message(text)
+        return True
 
     def close_frame(self, code: int, reason: str) -> bytes:
         return _header(0x8, 0) if code == 1005 else self._close_frame(code, reason)
