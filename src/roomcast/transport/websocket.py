@@ -1,8 +1,9 @@
 """WebSocket framing: the opening handshake answer, outgoing frames, incoming messages.
 
 Incoming frames are parsed by the ``websockets`` library's sans-I/O protocol (masking, control
-frames, size limits, the closing handshake); text messages are checked for UTF-8 here.  Outgoing data frames are built
-here, because a broadcast builds one frame and writes the same bytes to every member.
+frames, size limits, the closing handshake); text messages are checked for UTF-8 here.
+Outgoing data frames are built here, because a broadcast builds one frame and writes the same
+bytes to every member.
 """
 
 from __future__ import annotations
