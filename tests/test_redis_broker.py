@@ -116,6 +116,8 @@ async def test_malformed_envelopes_are_counted_and_skipped(
         {**good, "published_at": "yesterday"},
         {**good, "room": "another-room"},
         {**good, "data": b"\xff\xfe"},
+        {**good, "event": "disconnect"},  # socket.io's own: the client would reconnect
+        {**good, "event": "roomcast:disconnect"},  # the gateway's own: a forged order
     ]
     with caplog.at_level(logging.WARNING, logger="roomcast.broker"):
         bad_ids = [await xadd(raw, key, fields) for fields in malformed]

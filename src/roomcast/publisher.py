@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from roomcast.auth import validate_room
 from roomcast.broker.base import Broker, JSONValue, PublishRequest, PublishResult
+from roomcast.protocol.socketio import check_event_name
 
 __all__ = ["Publisher"]
 
@@ -51,10 +52,13 @@ class Publisher:
 
         Raise :class:`~roomcast.auth.InvalidRoomError` for a bad room name,
         :class:`~roomcast.broker.envelope.EnvelopeError` for data that is not JSON or a bad
-        field, and :class:`~roomcast.broker.base.BrokerUnavailableError` when nothing was stored
+        field, :class:`~roomcast.protocol.errors.EventNameError` for an event name clients may
+        not be sent (socket.io's own, or ``roomcast:...``), and
+        :class:`~roomcast.broker.base.BrokerUnavailableError` when nothing was stored
         (retrying with the same ``idempotency_key`` is then safe).
         """
         validate_room(room)
+        check_event_name(event)
         return await self._broker.publish(
             PublishRequest(
                 room=room,

@@ -40,8 +40,14 @@ from roomcast.connection import Connection
 from roomcast.http.errors import ACK_OK, ack_error, connect_error_payload
 from roomcast.hub import Hub
 from roomcast.metrics import Metrics
-from roomcast.protocol.errors import ProtocolError, SocketIOError
-from roomcast.protocol.socketio import RESERVED_EVENTS, Decoder, Limits, Packet, PacketType
+from roomcast.protocol.errors import EventNameError, ProtocolError, SocketIOError
+from roomcast.protocol.socketio import (
+    Decoder,
+    Limits,
+    Packet,
+    PacketType,
+    check_event_name,
+)
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
 from roomcast.types import SocketId
@@ -836,9 +842,11 @@ def _publish(socket: Socket, args: list[Any], ack_id: int | None) -> None:
                 ack_error("invalid_publish", "expected {room, event, data} with a string event"),
             )
         return
-    if event in RESERVED_EVENTS or not 1 <= len(event) <= 128:
+    try:
+        check_event_name(event)
+    except EventNameError as exc:
         if ack_id is not None:
-            socket.ack(ack_id, ack_error("invalid_event", f"event name {event[:40]!r} not allowed"))
+            socket.ack(ack_id, ack_error("invalid_event", str(exc)))
         return
     room = _room_arg(socket, [body.get("room")], ack_id)
     if room is None:

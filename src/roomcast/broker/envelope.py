@@ -20,6 +20,8 @@ import orjson
 
 from roomcast.auth import InvalidRoomError, validate_room
 from roomcast.broker.base import Publication
+from roomcast.protocol.errors import EventNameError
+from roomcast.protocol.socketio import MAX_EVENT_NAME, check_event_name
 
 __all__ = [
     "FIELDS",
@@ -39,7 +41,7 @@ REQUIRED_FIELDS: Final = ("room", "event", "data", "id", "published_at")
 OPTIONAL_FIELDS: Final = ("idempotency_key", "traceparent", "exclude_sid", "origin")
 FIELDS: Final = REQUIRED_FIELDS + OPTIONAL_FIELDS
 
-MAX_EVENT_LENGTH: Final = 256
+MAX_EVENT_LENGTH: Final = MAX_EVENT_NAME
 MAX_ID_LENGTH: Final = 128
 MAX_IDEMPOTENCY_KEY_LENGTH: Final = 256
 MAX_SID_LENGTH: Final = 128
@@ -72,7 +74,7 @@ def encode_envelope(publication: Publication) -> dict[str, str]:
     ``ValueError``) when a field could not be decoded back, so nothing unreadable is written.
     """
     validate_room(publication.room)
-    _check_text("event", publication.event, MAX_EVENT_LENGTH)
+    _check_event(publication.event)
     _check_text("id", publication.id, MAX_ID_LENGTH)
     if publication.published_at_ms < 0:
         raise EnvelopeError(
@@ -124,7 +126,7 @@ def decode_envelope(
             validate_room(entry_room)
         except InvalidRoomError as exc:
             raise EnvelopeError(f"room: {exc}") from None
-    event = _check_text("event", text["event"], MAX_EVENT_LENGTH)
+    event = _check_event(text["event"])
     try:
         data = orjson.loads(text["data"])
     except orjson.JSONDecodeError:
@@ -194,6 +196,14 @@ def _as_text(fields: Mapping[str, str] | Mapping[bytes, bytes]) -> dict[str, str
         else:
             raise EnvelopeError(f"{name}: must be a string, got {type(raw_value).__name__}")
     return text
+
+
+def _check_event(value: object) -> str:
+    """An event name clients may be sent: not socket.io's own, not the gateway's."""
+    try:
+        return check_event_name(value)
+    except EventNameError as exc:
+        raise EnvelopeError(f"event: {exc}") from None
 
 
 def _check_text(name: str, value: object, max_length: int) -> str:

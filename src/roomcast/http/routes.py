@@ -15,7 +15,8 @@ from roomcast.auth import InvalidRoomError, validate_room
 from roomcast.broker.base import BrokerUnavailableError, PublishRequest, PublishResult
 from roomcast.http import peers
 from roomcast.http.errors import ApiError, api_error_response, json_response
-from roomcast.protocol.socketio import RESERVED_EVENTS
+from roomcast.protocol.errors import EventNameError
+from roomcast.protocol.socketio import check_event_name
 from roomcast.transport.http import Exchange, HttpHandler, Request
 
 if TYPE_CHECKING:
@@ -191,8 +192,10 @@ def parse_publish_body(body: bytes, max_payload: int) -> PublishRequest:
         not isinstance(traceparent, str) or not _TRACEPARENT.fullmatch(traceparent)
     ):
         raise ApiError(400, "invalid_traceparent", "traceparent must be a w3c traceparent")
-    if event in RESERVED_EVENTS:
-        raise ApiError(400, "invalid_event", f"event name {event!r} is reserved by socket.io")
+    try:
+        check_event_name(event)
+    except EventNameError as exc:
+        raise ApiError(400, "invalid_event", str(exc)) from None
     return PublishRequest(
         room=room, event=event, data=value["data"], idempotency_key=key, traceparent=traceparent
     )

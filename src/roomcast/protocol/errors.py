@@ -32,3 +32,9 @@ class NestingTooDeepError(SocketIOError):
 
 class InvalidJSONError(SocketIOError):
     reason = "invalid_json"
+
+
+class EventNameError(SocketIOError):
+    """An event name that may not be published to clients (reserved, or too long)."""
+
+    reason = "invalid_event"

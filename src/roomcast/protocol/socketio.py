@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from roomcast.protocol.errors import (
+    EventNameError,
     InvalidJSONError,
     NestingTooDeepError,
     SocketIOError,
@@ -24,6 +25,22 @@ RESERVED_EVENTS = frozenset(
     {"connect", "connect_error", "disconnect", "disconnecting", "newListener", "removeListener"}
 )
 MAX_ACK_ID = 2**53 - 1
+GATEWAY_EVENT_PREFIX = "roomcast:"
+"""Events the gateway itself sends clients (``roomcast:disconnect``); nobody else may."""
+MAX_EVENT_NAME = 128
+
+
+def check_event_name(name: object) -> str:
+    """Return ``name`` if a service or client may publish an event by that name to clients;
+    else raise :class:`EventNameError` saying why.  Every publish path calls this: the HTTP
+    API, a client's ``publish``, the Python publisher and entries read from Redis."""
+    if not isinstance(name, str) or not 1 <= len(name) <= MAX_EVENT_NAME:
+        raise EventNameError(f"event name must be 1-{MAX_EVENT_NAME} characters")
+    if name in RESERVED_EVENTS:
+        raise EventNameError(f"event name {name!r} is reserved by socket.io")
+    if name.startswith(GATEWAY_EVENT_PREFIX):
+        raise EventNameError(f"event name {name[:40]!r} is reserved for the gateway")
+    return name
 
 
 class PacketType(enum.IntEnum):
