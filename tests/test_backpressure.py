@@ -15,8 +15,9 @@ from roomcast.connection import TIMER_TICK, Connection, Flusher
 from roomcast.hub import Hub
 from roomcast.metrics import Metrics
 from roomcast.protocol.engineio import PacketType
-from roomcast.transport.http import Request, WebSocketConnection
+from roomcast.transport.http import Request
 from roomcast.transport.websocket import text_frame
+from roomcast.transport.ws_connection import WebSocketConnection
 from roomcast.types import SessionId
 from wire import connect_sio, publish, running
 

@@ -169,7 +169,7 @@ async def test_a_worker_that_is_not_listening_is_down(tmp_path: Path) -> None:
 async def _router_get(router: Router, target: str) -> tuple[int, bytes]:
     """``GET target`` from ``router`` served by Roomcast's own HTTP server on loopback."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: HttpConnection(router, 1 << 20), "127.0.0.1", 0)
+    server = await loop.create_server(lambda: HttpConnection(router), "127.0.0.1", 0)
     async with server:
         port = server.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)

@@ -13,7 +13,7 @@ import redis_fixtures
 from conftest_helpers import token_for
 from redis_fixtures import eventually
 from roomcast import Application, Socket
-from roomcast.sockets import session_key
+from roomcast.sessions import session_key
 from wire import Raw, connect_sio, running
 
 redis_url = redis_fixtures.redis_url

@@ -200,7 +200,7 @@ async def test_a_pipe_to_another_worker_passes_backpressure_on(tmp_path: Path) -
         def handle(self, request: Request, exchange: Exchange) -> None:
             exchange.forward(request, unix_path)
 
-    front = await loop.create_server(lambda: HttpConnection(Forward(), 1 << 20), "127.0.0.1", 0)
+    front = await loop.create_server(lambda: HttpConnection(Forward()), "127.0.0.1", 0)
     port = front.sockets[0].getsockname()[1]
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)

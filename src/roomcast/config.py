@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -71,6 +72,22 @@ class Settings:
         4 * 1024 * 1024, "bytes queued for one client before it is dropped as too slow"
     )
     max_connections: int = _setting(100_000, "connections accepted per worker")
+    http_head_timeout_s: float = _setting(
+        10.0, "close a connection that sends no complete request head within this time"
+    )
+    http_idle_timeout_s: float = _setting(
+        60.0, "close a keep-alive connection idle between requests for this long"
+    )
+    http_max_head_bytes: int = _setting(
+        16 * 1024, "max bytes of a request line and headers (414 / 431 over it)"
+    )
+    http_max_headers: int = _setting(100, "max header lines of one request (431 over it)")
+    max_connections_per_ip: int = _setting(
+        0, "open connections one client address may hold, 429 over it (0: no cap)"
+    )
+    trusted_proxies: tuple[str, ...] = _setting(
+        (), "proxy addresses whose X-Forwarded-For names the client, comma-separated"
+    )
     max_rooms_per_socket: int = _setting(
         1000, "rooms one socket may be in; a join beyond it is refused with too_many_rooms"
     )
@@ -103,12 +120,27 @@ class Settings:
             "outbound_buffer_limit",
             "max_connections",
             "max_rooms_per_socket",
+            "http_head_timeout_s",
+            "http_idle_timeout_s",
+            "http_max_head_bytes",
+            "http_max_headers",
             "history_size",
         )
         for name in positive:
             value = getattr(self, name)
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value!r}")
+        if self.max_connections_per_ip < 0:
+            raise ConfigError(
+                f"max_connections_per_ip must be 0 or more, got {self.max_connections_per_ip!r}"
+            )
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_address(proxy)
+            except ValueError:
+                raise ConfigError(
+                    f"trusted_proxies must hold ip addresses, got {proxy!r}"
+                ) from None
         if self.port > 65535:
             raise ConfigError(f"port must be at most 65535, got {self.port!r}")
         if any(a.lower() == "none" for a in self.jwt_algorithms):

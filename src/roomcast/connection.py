@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Final, Protocol
 from roomcast.protocol import engineio
 from roomcast.protocol.engineio import PacketType
 from roomcast.protocol.errors import EngineIOError
-from roomcast.transport.http import Exchange, Request, WebSocketConnection
+from roomcast.transport.http import Exchange, Request
 from roomcast.transport.websocket import binary_frame, text_frame
+from roomcast.transport.ws_connection import WebSocketConnection
 from roomcast.types import SessionId
 
 if TYPE_CHECKING:

@@ -20,8 +20,9 @@ from roomcast.metrics import Metrics
 from roomcast.protocol import engineio
 from roomcast.protocol.engineio import PacketType
 from roomcast.protocol.errors import EngineIOError, ProtocolError
-from roomcast.transport.http import Exchange, Request, WebSocketConnection
+from roomcast.transport.http import Exchange, Request
 from roomcast.transport.websocket import text_frame
+from roomcast.transport.ws_connection import WebSocketConnection
 from roomcast.types import SessionId
 
 log = logging.getLogger("roomcast.engine")

@@ -37,8 +37,10 @@ from roomcast.auth import Principal
 from roomcast.connection import Connection, Held
 from roomcast.engine import EngineServer
 from roomcast.metrics import Metrics
-from roomcast.sockets import Client, SessionWriter, Socket, join_event, join_here
-from roomcast.transport.http import HttpConnection, Request, WebSocketConnection
+from roomcast.sessions import SessionWriter
+from roomcast.sockets import Client, Socket, join_event, join_here
+from roomcast.transport.http import HttpConnection, Request
+from roomcast.transport.ws_connection import WebSocketConnection
 from roomcast.types import SessionId, SocketId
 
 log = logging.getLogger("roomcast.handoff")

@@ -32,6 +32,12 @@ class Metrics:
         self.protocol_errors = Counter(
             "roomcast_protocol_errors", "Malformed client input by reason", ["reason"], registry=r
         )
+        self.http_refused = Counter(
+            "roomcast_http_refused",
+            "HTTP connections refused or closed before a request was handled, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.refused_events = Counter(
             "roomcast_refused_client_events",
             "Built-in client events (join, leave, publish) refused, by code",

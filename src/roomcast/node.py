@@ -23,6 +23,7 @@ from roomcast.sockets import SocketOptions, SocketServer
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
 from roomcast.transport.http import HttpConnection
+from roomcast.transport.limits import ClientAddresses, HttpLimits
 
 log = logging.getLogger("roomcast.node")
 
@@ -138,6 +139,7 @@ class Node:
             self.sockets.handoff = self.handoff
         self._server: asyncio.Server | None = None
         self._unix: asyncio.Server | None = None
+        self._addresses: ClientAddresses | None = None
         self.started = False
         self.draining = False
 
@@ -180,10 +182,22 @@ class Node:
     async def start(self, sock: socketlib.socket | None = None) -> None:
         await self.broker.start(self.sockets.deliver, batch=self.flusher.batch)
         loop = asyncio.get_running_loop()
-        body_limit = self.settings.max_payload + 64 * 1024
+        settings = self.settings
+        limits = HttpLimits(
+            body_bytes=settings.max_payload + 64 * 1024,
+            head_bytes=settings.http_max_head_bytes,
+            headers=settings.http_max_headers,
+            head_timeout_s=settings.http_head_timeout_s,
+            idle_timeout_s=settings.http_idle_timeout_s,
+            connections_per_ip=settings.max_connections_per_ip,
+            trusted_proxies=frozenset(settings.trusted_proxies),
+        )
+        refused = self.metrics.http_refused
+        addresses = ClientAddresses(limits, lambda reason: refused.labels(reason).inc())
+        self._addresses = addresses
 
         def factory() -> HttpConnection:
-            return HttpConnection(self.router, body_limit)
+            return HttpConnection(self.router, addresses)
 
         if sock is not None:
             self._server = await loop.create_server(factory, sock=sock, backlog=4096)
@@ -252,6 +266,8 @@ class Node:
             self._server.close()
         if self._unix is not None:
             self._unix.close()
+        if self._addresses is not None:
+            self._addresses.close_lingering()
         if self.handoff is not None:
             self.handoff.close()
         await self.tasks.close()

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -19,8 +17,12 @@ from typing import Protocol
 from urllib.parse import parse_qsl
 
 import httptools
+import orjson
 
-from roomcast.transport.websocket import WebSocketClosedError, WebSocketReader, accept_key
+from roomcast.transport.limits import ClientAddresses, HttpLimits, forwarded_client
+from roomcast.transport.pipe import Pipe
+from roomcast.transport.websocket import accept_key
+from roomcast.transport.ws_connection import WebSocketConnection, WebSocketPeer
 
 log = logging.getLogger("roomcast.http")
 
@@ -44,12 +46,6 @@ class Request:
 
 class HttpHandler(Protocol):
     def handle(self, request: Request, exchange: Exchange) -> None: ...
-
-
-class WebSocketPeer(Protocol):
-    def on_ws_message(self, message: str | bytes) -> None: ...
-
-    def on_ws_closed(self, reason: str) -> None: ...
 
 
 class Exchange:
@@ -104,136 +100,65 @@ class Exchange:
             callback()
 
 
-_LINGER_ZERO = struct.pack("ii", 1, 0)
-
-
-class WebSocketConnection:
-    """What the engine layer holds for a WebSocket: raw writes and close."""
-
-    __slots__ = ("_closed", "_held", "_last", "peer", "reader", "transport")
-
-    def __init__(self, transport: asyncio.Transport, peer: WebSocketPeer, max_size: int) -> None:
-        self.transport = transport
-        self.peer = peer
-        self.reader = WebSocketReader(max_size)
-        self._closed = False
-        self._held = False
-        """Reading is paused while the session may move to another worker (``handoff``)."""
-        self._last: bytes | None = None
-        """While held: the read in which reading stopped."""
-
-    @property
-    def direct(self) -> bool:
-        """The client's own TCP connection, not one piped from another worker."""
-        return isinstance(self.transport.get_extra_info("peername"), tuple)
-
-    def hold(self) -> None:
-        """Stop reading; messages already read are still delivered to the peer."""
-        self._held = True
-        self.transport.pause_reading()
-
-    def release(self) -> None:
-        """Read again (the session stays here)."""
-        self._held = False
-        self._last = None
-        if not self._closed and not self.transport.is_closing():
-            self.transport.resume_reading()
-
-    def unread(self) -> bytes | None:
-        """While held: the bytes read that are not part of a message yet (the start of the
-        next frame), or ``None`` if they are not all known (they began in an earlier read, or
-        a fragmented message is half received)."""
-        reader = self.reader
-        if reader.fragmented:
-            return None
-        last, partial = self._last, reader.partial
-        if partial == 0:
-            return b""
-        if last is None or partial > len(last):
-            return None
-        return last[len(last) - partial :]
-
-    def detach(self) -> None:
-        """Let go of the connection without ending it: another process holds it now.  Only
-        this process's descriptor is closed; no close frame, no FIN (nothing was shut down)."""
-        self._closed = True
-        self.transport.abort()
-
-    def write(self, data: bytes) -> None:
-        if not self._closed:
-            self.transport.write(data)
-
-    def close(self, code: int = 1000, reason: str = "") -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.transport.write(self.reader.close_frame(code, reason))
-        self.transport.close()
-
-    def abort(self) -> None:
-        """Drop the connection and everything queued for it, now: with linger 0 the kernel
-        discards its send buffer too and the peer gets a reset, so a client that stopped
-        reading does not keep a socket and its buffer alive."""
-        self._closed = True
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-            except OSError as exc:  # already gone: the abort below is all that is left to do
-                log.debug("could not set linger 0 before an abort: %s", exc)
-        self.transport.abort()
-
-    def data_received(self, data: bytes) -> None:
-        if self._closed:
-            return
-        try:
-            reply = self.reader.receive(data, self.peer.on_ws_message)
-        except WebSocketClosedError as closed:
-            self._closed = True
-            self.transport.write(closed.reply)
-            self.transport.close()
-            self.peer.on_ws_closed(closed.reason)
-            return
-        if self._held:
-            self._last = data
-        if reply:
-            self.transport.write(reply)
-
-    def connection_lost(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.peer.on_ws_closed("transport closed")
-
-
 class HttpConnection(asyncio.Protocol):
+    """One client TCP connection: HTTP/1.1 requests, until it becomes a WebSocket or a pipe.
+
+    Until a request is handled, the connection is held to :class:`HttpLimits`: a head must
+    come complete and soon, a body may not exceed its limit, and one client address may hold
+    only so many connections.  Every refusal is answered (or the connection closed) and told
+    to the ``ClientAddresses``' refusal handler."""
+
     __slots__ = (
+        "_address",
+        "_addresses",
         "_adopt",
         "_body",
-        "_body_limit",
+        "_body_size",
         "_current",
         "_handler",
+        "_head_size",
+        "_header_count",
         "_headers",
+        "_in_head",
+        "_limits",
         "_parser",
+        "_paused",
         "_pending",
         "_pipe",
+        "_refused",
+        "_timer",
         "_transport",
         "_url",
         "_ws",
     )
 
-    def __init__(self, handler: HttpHandler, body_limit: int) -> None:
+    def __init__(self, handler: HttpHandler, addresses: ClientAddresses | None = None) -> None:
         self._handler = handler
-        self._body_limit = body_limit
+        self._addresses = addresses
+        self._limits = addresses.limits if addresses is not None else HttpLimits()
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._url = b""
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
+        self._body_size = 0
+        self._head_size = 0
+        self._header_count = 0
+        self._in_head = 0
+        """Bytes received since the current request head began (0 outside a head); httptools
+        buffers a header until it is complete, so an endless one is cut off by this count."""
         self._pending: list[Request] = []
         self._current: Exchange | None = None
         self._ws: WebSocketConnection | None = None
-        self._pipe: _Pipe | None = None
+        self._pipe: Pipe | None = None
         self._adopt: tuple[WebSocketPeer, int, Callable[[WebSocketConnection], None]] | None = None
+        self._address: str | None = None
+        """The client address counted against the per-address cap (until the connection ends)."""
+        self._timer: asyncio.TimerHandle | None = None
+        """The head or idle timeout, while one runs."""
+        self._paused = False
+        """Reading stopped: a complete request waits behind the one in progress."""
+        self._refused = False
 
     @classmethod
     def adopted(
@@ -241,7 +166,7 @@ class HttpConnection(asyncio.Protocol):
     ) -> HttpConnection:
         """A WebSocket that another worker accepted and handed over: no HTTP is read on it.
         ``ready`` gets the WebSocket before the first byte is read."""
-        conn = cls(_NoHttp(), 0)
+        conn = cls(_NoHttp())
         conn._adopt = (peer, max_size, ready)
         return conn
 
@@ -253,6 +178,24 @@ class HttpConnection(asyncio.Protocol):
             self._adopt = None
             self._ws = WebSocketConnection(self._transport, peer, max_size)  # type: ignore[arg-type]
             ready(self._ws)
+            return
+        addresses = self._addresses
+        if addresses is not None:
+            peer = transport.get_extra_info("peername")
+            host = peer[0] if isinstance(peer, tuple) else None
+            # A trusted proxy's connections are counted by the client its first request names.
+            if host is not None and not addresses.trusted(host) and not self._hold_address(host):
+                return
+        self._arm(self._limits.head_timeout_s, "head_timeout")
+
+    def _hold_address(self, address: str) -> bool:
+        """Count this connection against ``address``'s cap; refuse it (429) when over."""
+        assert self._addresses is not None
+        if not self._addresses.acquire(address):
+            self._refuse(429, "too_many_connections", "too many connections from one address")
+            return False
+        self._address = address
+        return True
 
     def data_received(self, data: bytes) -> None:
         if self._pipe is not None:
@@ -261,14 +204,26 @@ class HttpConnection(asyncio.Protocol):
         if self._ws is not None:
             self._ws.data_received(data)
             return
+        if self._refused:
+            return
+        if self._in_head:
+            self._in_head += len(data)
+            if self._in_head > self._limits.head_bytes + _READ_SLACK:
+                self._refuse(431, "headers_too_large", "request headers too large")
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             offset = upgrade.args[0] if upgrade.args else len(data)
             self._upgrade(data[offset:])
+        except httptools.HttpParserCallbackError:
+            if self._refused:  # a callback refused the request and stopped the parser
+                return
+            log.exception("http request handling failed")
+            self._refuse(500, "internal_error", "internal error")
         except httptools.HttpParserError as exc:
-            log.info("malformed http request: %s %r", exc, data[:300])
-            self._fail(400, "malformed request")
+            log.info("malformed http request from %s: %s", self._peer_host(), exc)
+            self._refuse(400, "malformed_request", "malformed request")
 
     def pause_writing(self) -> None:
         """The client reads slower than we write: stop reading from the worker piped to it, so
@@ -281,6 +236,14 @@ class HttpConnection(asyncio.Protocol):
             self._pipe.resume_upstream()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        addresses = self._addresses
+        if addresses is not None:
+            if self._address is not None:
+                addresses.release(self._address)
+                self._address = None
+            if self._transport is not None:
+                addresses.lingering.discard(self._transport)
         if self._pipe is not None:
             self._pipe.client_lost()
         if self._ws is not None:
@@ -292,25 +255,53 @@ class HttpConnection(asyncio.Protocol):
         self._transport = None
 
     # -- httptools callbacks ----------------------------------------------------------------
+    # A callback that refuses the request raises _Refused: httptools then stops parsing what
+    # is left of the read (it re-raises it wrapped in HttpParserCallbackError).
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = {}
         self._body = []
+        self._body_size = 0
+        self._head_size = 0
+        self._header_count = 0
+        self._in_head = 1
+        self._arm(self._limits.head_timeout_s, "head_timeout")
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._head_size += len(url)
+        if self._head_size > self._limits.head_bytes:
+            self._refuse(414, "url_too_long", "request url too long")
+            raise _Refused
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        self._header_count += 1
+        if self._head_size > self._limits.head_bytes or self._header_count > self._limits.headers:
+            self._refuse(431, "headers_too_large", "request headers too large")
+            raise _Refused
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         old = self._headers.get(key)
         self._headers[key] = text if old is None else f"{old}, {text}"
 
+    def on_headers_complete(self) -> None:
+        self._in_head = 0
+        self._disarm()  # the head came in time; the handler answers (or holds a long-poll)
+        length = self._headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self._limits.body_bytes:
+            self._refuse(413, "body_too_large", "request body too large")
+            raise _Refused
+        if self._addresses is not None and self._address is None:
+            self._address_from_proxy()
+
     def on_body(self, body: bytes) -> None:
-        self._body.append(body)
-        if sum(len(b) for b in self._body) > self._body_limit:
+        self._body_size += len(body)
+        if self._body_size > self._limits.body_bytes:
             self._body = []
-            self._fail(413, "request body too large")
+            self._refuse(413, "body_too_large", "request body too large")
+            raise _Refused
+        self._body.append(body)
 
     def on_message_complete(self) -> None:
         if self._transport is None or self._transport.is_closing():
@@ -334,6 +325,11 @@ class HttpConnection(asyncio.Protocol):
         self._pending.append(request)
         if self._current is None and not request.upgrade:
             self._next()
+        elif self._current is not None and not self._paused:
+            # Pipelined behind a request in progress (a held long-poll): read no more until
+            # it is answered, so the client cannot queue requests without bound.
+            self._paused = True
+            self._transport.pause_reading()
 
     # -- internals --------------------------------------------------------------------------
     def _next(self) -> None:
@@ -342,10 +338,58 @@ class HttpConnection(asyncio.Protocol):
             exchange = Exchange(self, request.keep_alive)
             self._current = exchange
             self._handler.handle(request, exchange)
+        transport = self._transport
+        if transport is None or transport.is_closing() or self._current is not None:
+            return
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
+        if self._ws is None and self._pipe is None:
+            self._arm(self._limits.idle_timeout_s, "idle_timeout")
+
+    def _address_from_proxy(self) -> None:
+        """A trusted proxy's connection: count it against the client its request names."""
+        assert self._addresses is not None
+        header = self._headers.get("x-forwarded-for")
+        client = (
+            forwarded_client(header, self._addresses.limits.trusted_proxies) if header else None
+        )
+        if client is not None and not self._hold_address(client):
+            raise _Refused
+
+    def _peer_host(self) -> str:
+        peer = self._transport.get_extra_info("peername") if self._transport else None
+        return str(peer[0]) if isinstance(peer, tuple) else "?"
+
+    def _arm(self, delay: float, reason: str) -> None:
+        self._disarm()
+        if delay > 0:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(delay, self._timed_out, reason)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self, reason: str) -> None:
+        self._timer = None
+        transport = self._transport
+        if transport is None or transport.is_closing() or self._current is not None:
+            return
+        if self._ws is not None or self._pipe is not None:
+            return
+        started = bool(self._url or self._headers) and reason == "head_timeout"
+        if started:
+            self._refuse(408, reason, "request head not received in time")
+        else:  # nothing was asked: nothing to answer
+            self._refused = True
+            self._count(reason)
+            transport.close()
 
     def _upgrade(self, rest: bytes) -> None:
         if not self._pending or self._current is not None:
-            self._fail(400, "upgrade while a request is in progress")
+            self._refuse(400, "malformed_request", "upgrade while a request is in progress")
             return
         request = self._pending.pop()
         exchange = Exchange(self, False)
@@ -366,6 +410,7 @@ class HttpConnection(asyncio.Protocol):
         ]
         lines.extend(f"{k}: {v}" for k, v in headers)
         self._transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        self._disarm()
         self._current = None
         self._ws = WebSocketConnection(self._transport, peer, max_size)
         self._headers = {}
@@ -390,7 +435,11 @@ class HttpConnection(asyncio.Protocol):
             lines.append("connection: close")
             lines.append(f"content-length: {len(request.body)}")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + request.body
-        pipe = _Pipe(transport)
+        pipe = Pipe(transport)
+        self._disarm()
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
         self._ws = None
         self._pipe = pipe
         self._current = None
@@ -424,17 +473,57 @@ class HttpConnection(asyncio.Protocol):
             return
         if self._pending:
             asyncio.get_running_loop().call_soon(self._next)
+        else:
+            self._arm(self._limits.idle_timeout_s, "idle_timeout")
 
-    def _fail(self, status: int, message: str) -> None:
-        if self._transport is None or self._transport.is_closing():
+    def _count(self, reason: str) -> None:
+        if self._addresses is not None:
+            self._addresses.refused(reason)
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answer ``status`` with a JSON error, counted by ``code``, and close: what is left of
+        the request is not read."""
+        self._refused = True
+        self._disarm()
+        self._count(code)
+        transport = self._transport
+        if transport is None or transport.is_closing():
             return
-        body = message.encode()
-        self._transport.write(
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: text/plain\r\n"
+        body = orjson.dumps({"error": {"code": code, "message": message}})
+        transport.write(
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+            "Content-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("latin-1")
             + body
         )
-        self._transport.close()
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        # A lingering close: end our side, then discard what the client is still sending for
+        # a moment.  Closing at once, with its bytes unread, would reset the connection, and
+        # the reset can destroy the answer before the client reads it.
+        transport.write_eof()
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
+        if self._addresses is not None:
+            self._addresses.lingering.add(transport)
+        asyncio.get_running_loop().call_later(_LINGER_S, self._linger_over, transport)
+
+    def _linger_over(self, transport: asyncio.Transport) -> None:
+        if self._addresses is not None:
+            self._addresses.lingering.discard(transport)
+        transport.close()
+
+
+_READ_SLACK = 64 * 1024
+"""One read may hold a head's end and a body's start: allowed over the head limit."""
+_LINGER_S = 2.0
+"""How long a refused connection's input is read and discarded before it is closed."""
+
+
+class _Refused(Exception):
+    """Raised from a parser callback after the request was refused."""
 
 
 class _NoHttp:
@@ -442,80 +531,3 @@ class _NoHttp:
 
     def handle(self, request: Request, exchange: Exchange) -> None:
         raise RuntimeError("an adopted websocket does not read http requests")
-
-
-_PIPE_CLOSE_GRACE = 10.0
-"""Seconds a piped client gets to take its last bytes after the worker closed."""
-
-
-class _Pipe(asyncio.Protocol):
-    """Bytes between a client connection and another worker, both ways, until either closes."""
-
-    def __init__(self, client: asyncio.Transport) -> None:
-        self._client = client
-        self._upstream: asyncio.Transport | None = None
-        self._upstream_paused = False
-        self._early: list[bytes] = []
-        self.task: asyncio.Task[None] | None = None
-        """Held here: the pipe lives as long as the client connection references it."""
-
-    async def open(self, unix_path: str, head: bytes) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.create_unix_connection(lambda: self, unix_path)
-        except OSError as exc:
-            log.warning("cannot forward to worker at %s: %s", unix_path, exc)
-            self._client.write(
-                b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            )
-            self._client.close()
-            return
-        assert self._upstream is not None
-        self._upstream.write(head + b"".join(self._early))
-        self._early = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        upstream: asyncio.Transport = transport  # type: ignore[assignment]
-        self._upstream = upstream
-        if self._upstream_paused:
-            upstream.pause_reading()
-
-    def data_received(self, data: bytes) -> None:
-        self._client.write(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        """The worker closed its side. The client gets what is still buffered for it, within
-        ``_PIPE_CLOSE_GRACE`` seconds: a client that stopped reading is aborted then."""
-        if exc is not None:
-            self._client.abort()
-            return
-        self._client.close()
-        if self._client.get_write_buffer_size():
-            asyncio.get_running_loop().call_later(_PIPE_CLOSE_GRACE, self._client.abort)
-
-    # Flow control, both ways: a slow reader on one side stops reading on the other.
-    def pause_writing(self) -> None:
-        self._client.pause_reading()
-
-    def resume_writing(self) -> None:
-        self._client.resume_reading()
-
-    def pause_upstream(self) -> None:
-        self._upstream_paused = True
-        if self._upstream is not None:
-            self._upstream.pause_reading()
-
-    def resume_upstream(self) -> None:
-        self._upstream_paused = False
-        if self._upstream is not None:
-            self._upstream.resume_reading()
-
-    def to_upstream(self, data: bytes) -> None:
-        if self._upstream is None:
-            self._early.append(data)
-        else:
-            self._upstream.write(data)
-
-    def client_lost(self) -> None:
-        if self._upstream is not None:
-            self._upstream.close()
