@@ -11,7 +11,7 @@ MAX_LINES = 600
 OVERSIZED = {
     # Still to be split by concept (the codebase-shape issue); they may shrink, never grow.
     "roomcast.broker.redis": 1400,
-    "roomcast.sockets": 810,
+    "roomcast.sockets": 700,
 }
 
 

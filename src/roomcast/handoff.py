@@ -36,9 +36,10 @@ import orjson
 from roomcast.auth import Principal
 from roomcast.connection import Connection, Held
 from roomcast.engine import EngineServer
+from roomcast.events import join_event, join_here
 from roomcast.metrics import Metrics
 from roomcast.sessions import SessionWriter
-from roomcast.sockets import Client, Socket, join_event, join_here
+from roomcast.sockets import Client, Socket
 from roomcast.transport.http import HttpConnection, Request
 from roomcast.transport.ws_connection import WebSocketConnection
 from roomcast.types import SessionId, SocketId

@@ -14,6 +14,7 @@ from roomcast.broker.memory import MemoryBroker
 from roomcast.config import Settings
 from roomcast.connection import Flusher
 from roomcast.engine import EngineOptions, EngineServer
+from roomcast.events import BUILTINS
 from roomcast.handoff import Handoff
 from roomcast.http.routes import Router
 from roomcast.hub import Hub, RoomKey
@@ -102,6 +103,7 @@ class Node:
             ),
             self.subscriptions,
         )
+        self.sockets.builtins = BUILTINS
         self.engine_options = EngineOptions(
             ping_interval_ms=settings.ping_interval_ms,
             ping_timeout_ms=settings.ping_timeout_ms,

@@ -11,7 +11,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,7 +21,6 @@ from roomcast.app import Application, ConnectRefusedError, Namespace, Registered
 from roomcast.auth import (
     Authenticator,
     AuthError,
-    InvalidRoomError,
     Principal,
     token_from_request,
     validate_room,
@@ -31,20 +30,18 @@ from roomcast.broker.base import (
     BrokerError,
     History,
     Publication,
-    PublishRequest,
 )
 from roomcast.broker.offsets import OffsetError, parse_offset
 from roomcast.connection import Connection
-from roomcast.http.errors import ACK_OK, ack_error, connect_error_payload
+from roomcast.http.errors import ack_error, connect_error_payload
 from roomcast.hub import Hub
 from roomcast.metrics import Metrics
-from roomcast.protocol.errors import EventNameError, ProtocolError, SocketIOError
+from roomcast.protocol.errors import ProtocolError, SocketIOError
 from roomcast.protocol.socketio import (
     Decoder,
     Limits,
     Packet,
     PacketType,
-    check_event_name,
 )
 from roomcast.sessions import PID_RE, SessionWriter, session_key
 from roomcast.subscriptions import Subscriptions
@@ -52,6 +49,10 @@ from roomcast.tasks import TaskSet
 from roomcast.types import SocketId
 
 log = logging.getLogger("roomcast.sockets")
+
+
+BuiltinEvent = Callable[["Socket", list[Any], int | None], None]
+"""A built-in event of the main namespace: ``(socket, args, ack id)``."""
 
 
 class Mover(Protocol):
@@ -105,6 +106,8 @@ class SocketServer:
         self.session_writer = SessionWriter(broker, metrics, tasks)
         self.handoff: Mover | None = None
         """With several workers: moves a socket to the worker that owns its first room."""
+        self.builtins: Mapping[Any, BuiltinEvent] = {}
+        """The built-in events of the main namespace (``events.BUILTINS``, set by the node)."""
 
     def client(self, conn: Connection) -> Client:
         return Client(self, conn)
@@ -373,9 +376,9 @@ class Client:
         rooms = [r for r in saved_rooms if isinstance(r, str) and principal.may_join(r)]
         for room in rooms:
             server.hub.hold(socket, ("/", room))
-        for room in rooms:
-            await server.subscriptions.wait(room)
         try:
+            for room in rooms:
+                await server.subscriptions.wait(room)
             histories: list[History] = [await server.broker.history(r, offset) for r in rooms]
         except BrokerError as exc:
             histories = [History(complete=False)]
@@ -613,7 +616,7 @@ class Socket:
         if registered is not None:
             self._run(registered, name, args, ack_id)
             return
-        builtin = _BUILTINS.get(name) if self.namespace.name == "/" else None
+        builtin = server.builtins.get(name) if self.namespace.name == "/" else None
         if builtin is not None:
             builtin(self, args, ack_id)
             return
@@ -692,116 +695,3 @@ class Socket:
             return
         if ack_id is not None:
             self.ack(ack_id, {"ok": True, "id": entry_id})
-
-
-# -- built-in events of the main namespace --------------------------------------------------
-def _room_arg(socket: Socket, args: list[Any], ack_id: int | None) -> str | None:
-    try:
-        return validate_room(args[0] if args else None)
-    except InvalidRoomError as error:
-        if ack_id is not None:
-            socket.ack(ack_id, ack_error("invalid_room", str(error)))
-        return None
-
-
-def _join(socket: Socket, args: list[Any], ack_id: int | None) -> None:
-    room = _room_arg(socket, args, ack_id)
-    if room is None:
-        return
-    if not socket.principal.may_join(room):
-        if ack_id is not None:
-            socket.ack(ack_id, ack_error("forbidden", f"not allowed to join {room!r}"))
-        return
-    limit = socket.client.server.options.max_rooms
-    if room not in socket.rooms and len(socket.rooms) >= limit:
-        socket.client.server.metrics.refused_events.labels("too_many_rooms").inc()
-        log.info("join refused on %s: already in %d rooms", socket.id, limit)
-        if ack_id is not None:
-            socket.ack(ack_id, ack_error("too_many_rooms", f"a socket may be in {limit} rooms"))
-        return
-    handoff = socket.client.server.handoff
-    if handoff is not None and handoff.offer(socket, room, ack_id):
-        return  # the worker that owns the room (or, failing that, this one) answers later
-    join_here(socket, room, ack_id)
-
-
-def join_event(socket: Socket, room: str, ack_id: int | None) -> None:
-    """The client's ``join`` event, as if just received (a session that moved here with it)."""
-    _join(socket, [room], ack_id)
-
-
-def join_here(socket: Socket, room: str, ack_id: int | None) -> None:
-    """Join an authorized room on this worker; ack once the broker delivers the room."""
-    socket.join(room)
-    if ack_id is None:
-        return
-    subscriptions = socket.client.server.subscriptions
-    if subscriptions.is_active(room):
-        socket.ack(ack_id, ACK_OK)
-    else:
-        socket.answer_later(_ack_when_subscribed(socket, room, ack_id), "join")
-
-
-async def _ack_when_subscribed(socket: Socket, room: str, ack_id: int) -> None:
-    """Answer a join once the broker delivers the room, so no later publish is missed."""
-    await socket.client.server.subscriptions.wait(room)
-    socket.ack(ack_id, ACK_OK)
-
-
-def _leave(socket: Socket, args: list[Any], ack_id: int | None) -> None:
-    room = _room_arg(socket, args, ack_id)
-    if room is None:
-        return
-    socket.leave(room)
-    if ack_id is not None:
-        socket.ack(ack_id, ACK_OK)
-
-
-def _publish(socket: Socket, args: list[Any], ack_id: int | None) -> None:
-    body = args[0] if args else None
-    event = body.get("event") if isinstance(body, dict) else None
-    if not isinstance(body, dict) or not isinstance(event, str) or "data" not in body:
-        if ack_id is not None:
-            socket.ack(
-                ack_id,
-                ack_error("invalid_publish", "expected {room, event, data} with a string event"),
-            )
-        return
-    try:
-        check_event_name(event)
-    except EventNameError as exc:
-        if ack_id is not None:
-            socket.ack(ack_id, ack_error("invalid_event", str(exc)))
-        return
-    room = _room_arg(socket, [body.get("room")], ack_id)
-    if room is None:
-        return
-    if not socket.principal.may_publish(room):
-        if ack_id is not None:
-            socket.ack(ack_id, ack_error("forbidden", f"not allowed to publish to {room!r}"))
-        return
-    request = PublishRequest(
-        room=room, event=body["event"], data=body["data"], exclude_sid=socket.id
-    )
-    socket.answer_later(_do_publish(socket, request, ack_id), "client-publish")
-
-
-async def _do_publish(socket: Socket, request: PublishRequest, ack_id: int | None) -> None:
-    server = socket.client.server
-    try:
-        result = await server.broker.publish(request)
-    except BrokerError as exc:
-        server.drop("broker_unavailable", f"client publish to {request.room}: {exc}")
-        if ack_id is not None:
-            socket.ack(ack_id, ack_error("unavailable", "broker unavailable, retry"))
-        return
-    server.metrics.published.labels("client").inc()
-    if ack_id is not None:
-        socket.ack(ack_id, {"ok": True, "id": result.id})
-
-
-_BUILTINS: dict[Any, Callable[[Socket, list[Any], int | None], None]] = {
-    "join": _join,
-    "leave": _leave,
-    "publish": _publish,
-}

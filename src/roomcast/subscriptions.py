@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from roomcast.broker.base import Broker, BrokerError
+from roomcast.broker.base import Broker, BrokerError, BrokerUnavailableError
 from roomcast.tasks import TaskSet
 
 log = logging.getLogger("roomcast.subscriptions")
@@ -25,7 +25,8 @@ class Subscriptions:
         return room in self._active and room not in self._last
 
     async def wait(self, room: str) -> None:
-        """Return once every queued change of ``room`` was applied."""
+        """Return once every queued change of ``room`` was applied; raise the broker's
+        :class:`BrokerError` if it refused the room for good."""
         task = self._last.get(room)
         if task is not None:
             await asyncio.shield(task)
@@ -56,7 +57,7 @@ class Subscriptions:
             else:
                 self._active.discard(room)
                 await self._broker.unsubscribe(room)
-        except BrokerError as exc:
+        except BrokerUnavailableError as exc:
             # The broker re-applies its subscriptions when it reconnects.
             log.warning(
                 "broker %s of room %s deferred: %s",
@@ -66,3 +67,8 @@ class Subscriptions:
             )
             if subscribe:
                 self._active.add(room)
+        except BrokerError:
+            # Refused for good (a reconnect would not mend it): whoever waits for the room
+            # gets the error from wait(); the task's failure is logged and counted.
+            self._active.discard(room)
+            raise

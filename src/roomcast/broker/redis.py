@@ -35,17 +35,15 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
-    ClusterDownError,
     DataError,
     NoScriptError,
     RedisClusterException,
     RedisError,
     ResponseError,
     SlotNotCoveredError,
-    TryAgainError,
 )
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from roomcast.auth import validate_room
@@ -69,6 +67,12 @@ from roomcast.broker.envelope import (
 )
 from roomcast.broker.keys import Keys, keyspace_channel
 from roomcast.broker.offsets import OffsetError, parse_offset
+from roomcast.broker.redis_errors import (
+    REDIS_FAILURES,
+    UNAVAILABLE_ERRORS,
+    broker_error,
+    unavailable,
+)
 
 __all__ = ["RedisBroker"]
 
@@ -76,16 +80,6 @@ logger = logging.getLogger("roomcast.broker")
 
 _Client: TypeAlias = "aioredis.Redis | RedisCluster"
 _Entry: TypeAlias = tuple[bytes, dict[bytes, bytes]]
-
-UNAVAILABLE_ERRORS: Final = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    ClusterDownError,
-    TryAgainError,
-    SlotNotCoveredError,
-    OSError,
-)
-"""Errors that mean "Redis cannot be reached right now" (the operation did not happen)."""
 
 _MIN_REDIS_VERSION: Final = (7, 0)
 _SINGLE_NODE: Final = "redis"
@@ -225,11 +219,6 @@ def _field_map(fields: list[bytes]) -> dict[bytes, bytes]:
     """A raw stream entry's ``[field, value, ...]`` as a dict."""
     it = iter(fields)
     return dict(zip(it, it, strict=True))
-
-
-def _unavailable(exc: BaseException) -> BrokerUnavailableError:
-    detail = str(exc) or f"{type(exc).__name__} (timed out)"
-    return BrokerUnavailableError(f"redis unavailable: {detail}")
 
 
 def _text(value: bytes | str) -> str:
@@ -389,7 +378,7 @@ class RedisBroker:
         except UNAVAILABLE_ERRORS as exc:
             await self._close_listeners()
             self._state = BrokerState.STOPPED
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
         except BaseException:
             await self._close_listeners()
             self._state = BrokerState.STOPPED
@@ -461,9 +450,9 @@ class RedisBroker:
                     appended, value = await self._script(keys=keys, args=args, client=client)
             else:  # the batch carries the deadline: one timer per batch, not per publish
                 appended, value = await self._batched_publish(keys, args)
-        except UNAVAILABLE_ERRORS as exc:
+        except REDIS_FAILURES as exc:
             # On a timeout the script may still have run: a retry needs the idempotency key.
-            raise _unavailable(exc) from exc
+            raise broker_error(exc) from exc
         if appended == 1:
             return PublishResult(id=publication.id, offset=_text(value))
         original_id, _, offset = _text(value).partition("|")
@@ -587,10 +576,20 @@ class RedisBroker:
                     state.last_id = last_id
                 if self._rooms.get(room) is state:
                     await self._send_to_listener(key, "SUBSCRIBE", *self._subscription(state))
-        except UNAVAILABLE_ERRORS as exc:
-            logger.warning(
-                "subscribe %r: redis unavailable (%s); it is subscribed on reconnect", room, exc
-            )
+        except REDIS_FAILURES as exc:
+            error = broker_error(exc)
+            if isinstance(error, BrokerUnavailableError):
+                logger.warning(
+                    "subscribe %r: redis unavailable (%s); it is subscribed on reconnect", room, exc
+                )
+                return
+            # Redis refuses the room itself (its key is not a stream): no reconnect mends that.
+            if self._rooms.get(room) is state:
+                del self._rooms[room]
+                self._channels.pop(state.channel, None)
+                self._channels.pop(state.feed, None)
+            self.errors["subscribe_failed"] += 1
+            raise error from exc
 
     async def unsubscribe(self, room: str) -> None:
         state = self._rooms.pop(room, None)
@@ -625,10 +624,8 @@ class RedisBroker:
                 if isinstance(entries, Exception):
                     raise entries
                 publications = await self._decode_and_filter(client, room, entries, claim=False)
-        except UNAVAILABLE_ERRORS as exc:
-            raise _unavailable(exc) from exc
-        except ResponseError as exc:
-            raise BrokerError(f"history of room {room!r}: {exc}") from exc
+        except REDIS_FAILURES as exc:
+            raise broker_error(exc) from exc
         complete = _history_complete(after, info, int(time.time() * 1000), self._history_ttl_ms)
         return History(publications=publications, complete=complete)
 
@@ -638,8 +635,8 @@ class RedisBroker:
             async with self._deadline():
                 client = await self._ensure_client()
                 await client.set(key, state, px=max(1, ttl_ms))
-        except UNAVAILABLE_ERRORS as exc:
-            raise _unavailable(exc) from exc
+        except REDIS_FAILURES as exc:
+            raise broker_error(exc) from exc
 
     async def write_sessions(self, items: list[tuple[str, bytes | None, int]]) -> None:
         if not items:
@@ -654,8 +651,8 @@ class RedisBroker:
                     else:
                         pipe.set(self._keys.session(pid), state, px=max(1, ttl_ms))
                 await pipe.execute()
-        except UNAVAILABLE_ERRORS as exc:
-            raise _unavailable(exc) from exc
+        except REDIS_FAILURES as exc:
+            raise broker_error(exc) from exc
 
     async def take_session(self, pid: str) -> bytes | None:
         key = self._keys.session(pid)
@@ -663,8 +660,8 @@ class RedisBroker:
             async with self._deadline():
                 client = await self._ensure_client()
                 value = await client.getdel(key)
-        except UNAVAILABLE_ERRORS as exc:
-            raise _unavailable(exc) from exc
+        except REDIS_FAILURES as exc:
+            raise broker_error(exc) from exc
         if value is None or isinstance(value, bytes):
             return value
         return str(value).encode()
@@ -679,8 +676,8 @@ class RedisBroker:
                 for pid in pids:
                     pipe.pexpire(self._keys.session(pid), max(1, ttl_ms))
                 await pipe.execute()
-        except UNAVAILABLE_ERRORS as exc:
-            raise _unavailable(exc) from exc
+        except REDIS_FAILURES as exc:
+            raise broker_error(exc) from exc
 
     async def append_upstream(self, fields: dict[str, str]) -> str:
         """``XADD <prefix>:upstream [MAXLEN ~ upstream_maxlen] * <fields>``; return the entry id."""
@@ -695,8 +692,8 @@ class RedisBroker:
                     maxlen=self._upstream_maxlen,
                     approximate=True,
                 )
-        except UNAVAILABLE_ERRORS as exc:
-            raise _unavailable(exc) from exc
+        except REDIS_FAILURES as exc:
+            raise broker_error(exc) from exc
         return _text(entry_id)
 
     # ------------------------------------------------------------------ connection
@@ -737,8 +734,8 @@ class RedisBroker:
             try:
                 async with self._deadline():
                     info = await probe.info("cluster")
-            except UNAVAILABLE_ERRORS as exc:
-                raise _unavailable(exc) from exc
+            except REDIS_FAILURES as exc:
+                raise broker_error(exc) from exc
             finally:
                 await probe.aclose()
             is_cluster = int(info.get("cluster_enabled", 0)) == 1
@@ -757,7 +754,7 @@ class RedisBroker:
                 versions = await self._server_versions(client)
         except (*UNAVAILABLE_ERRORS, RedisClusterException) as exc:
             await client.aclose()
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
         for version in versions:
             major_minor = tuple(int(part) for part in str(version).split(".")[:2])
             if major_minor < _MIN_REDIS_VERSION:
@@ -1301,12 +1298,23 @@ class RedisBroker:
         return [pub for pub in decoded if pub.offset not in skip]
 
     async def _initialise_rooms(self, client: _Client, rooms: list[_Room]) -> None:
+        """Start each room at its stream's last entry.  A room Redis refuses (its key is not
+        a stream) is counted and logged, and reads fail for it alone: one bad room never stops
+        the others, nor a reconnect."""
         pipe = client.pipeline(transaction=False)
         for room in rooms:
             pipe.xrevrange(room.key, "+", "-", count=1)
-        results = await pipe.execute()
+        results = await pipe.execute(raise_on_error=False)
         for room, result in zip(rooms, results, strict=True):
-            if room.last_id is None:
+            if isinstance(result, UNAVAILABLE_ERRORS):
+                raise result
+            if room.last_id is not None:
+                continue
+            if isinstance(result, Exception):
+                self.errors["read_failed"] += 1
+                logger.error("cannot start room %r at %s: %s", room.name, room.key, result)
+                room.last_id = "0-0"
+            else:
                 room.last_id = _text(result[0][0]) if result else "0-0"
 
     async def _last_entry_id(self, client: _Client, key: str) -> str:

@@ -12,7 +12,12 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from roomcast.auth import InvalidRoomError, validate_room
-from roomcast.broker.base import BrokerUnavailableError, PublishRequest, PublishResult
+from roomcast.broker.base import (
+    BrokerError,
+    BrokerUnavailableError,
+    PublishRequest,
+    PublishResult,
+)
 from roomcast.http import peers
 from roomcast.http.errors import ApiError, api_error_response, json_response
 from roomcast.protocol.errors import EventNameError
@@ -148,6 +153,11 @@ class Router:
             self._metrics.dropped.labels("broker_unavailable").inc()
             log.warning("publish to %s refused: %s", request.room, exc)
             api_error_response(exchange, ApiError(503, "broker_unavailable", str(exc)))
+            return
+        except BrokerError as exc:  # refused by Redis itself: a retry would not help
+            self._metrics.dropped.labels("broker_refused").inc()
+            log.error("publish to %s refused by the broker: %s", request.room, exc)
+            api_error_response(exchange, ApiError(502, "broker_refused", str(exc)))
             return
         except Exception:  # task boundary: the publisher must get an answer, never a hang
             self._metrics.dropped.labels("publish_failed").inc()

@@ -1,0 +1,146 @@
+"""The built-in events of the main namespace: ``join``, ``leave`` and ``publish``.
+
+Rooms are authorized by the token's ``rooms`` / ``publish`` claims.  The node hands
+:data:`BUILTINS` to the socket server, which looks an event up there when no handler of the
+application takes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from roomcast.auth import InvalidRoomError, validate_room
+from roomcast.broker.base import BrokerError, BrokerUnavailableError, PublishRequest
+from roomcast.http.errors import ACK_OK, ack_error
+from roomcast.protocol.errors import EventNameError
+from roomcast.protocol.socketio import check_event_name
+from roomcast.sockets import BuiltinEvent, Socket
+
+log = logging.getLogger("roomcast.sockets")
+
+
+def _room_arg(socket: Socket, args: list[Any], ack_id: int | None) -> str | None:
+    try:
+        return validate_room(args[0] if args else None)
+    except InvalidRoomError as error:
+        if ack_id is not None:
+            socket.ack(ack_id, ack_error("invalid_room", str(error)))
+        return None
+
+
+def _join(socket: Socket, args: list[Any], ack_id: int | None) -> None:
+    room = _room_arg(socket, args, ack_id)
+    if room is None:
+        return
+    if not socket.principal.may_join(room):
+        if ack_id is not None:
+            socket.ack(ack_id, ack_error("forbidden", f"not allowed to join {room!r}"))
+        return
+    limit = socket.client.server.options.max_rooms
+    if room not in socket.rooms and len(socket.rooms) >= limit:
+        socket.client.server.metrics.refused_events.labels("too_many_rooms").inc()
+        log.info("join refused on %s: already in %d rooms", socket.id, limit)
+        if ack_id is not None:
+            socket.ack(ack_id, ack_error("too_many_rooms", f"a socket may be in {limit} rooms"))
+        return
+    handoff = socket.client.server.handoff
+    if handoff is not None and handoff.offer(socket, room, ack_id):
+        return  # the worker that owns the room (or, failing that, this one) answers later
+    join_here(socket, room, ack_id)
+
+
+def join_event(socket: Socket, room: str, ack_id: int | None) -> None:
+    """The client's ``join`` event, as if just received (a session that moved here with it)."""
+    _join(socket, [room], ack_id)
+
+
+def join_here(socket: Socket, room: str, ack_id: int | None) -> None:
+    """Join an authorized room on this worker; ack once the broker delivers the room."""
+    socket.join(room)
+    if ack_id is None:
+        return
+    subscriptions = socket.client.server.subscriptions
+    if subscriptions.is_active(room):
+        socket.ack(ack_id, ACK_OK)
+    else:
+        socket.answer_later(_ack_when_subscribed(socket, room, ack_id), "join")
+
+
+async def _ack_when_subscribed(socket: Socket, room: str, ack_id: int) -> None:
+    """Answer a join once the broker delivers the room, so no later publish is missed; if the
+    broker refuses the room, the socket leaves it again and the ack says why."""
+    server = socket.client.server
+    try:
+        await server.subscriptions.wait(room)
+    except BrokerError as exc:
+        socket.leave(room)
+        server.metrics.refused_events.labels("room_unavailable").inc()
+        log.warning("join of %r refused by the broker: %s", room, exc)
+        socket.ack(ack_id, ack_error("room_unavailable", "the broker cannot deliver this room"))
+        return
+    socket.ack(ack_id, ACK_OK)
+
+
+def _leave(socket: Socket, args: list[Any], ack_id: int | None) -> None:
+    room = _room_arg(socket, args, ack_id)
+    if room is None:
+        return
+    socket.leave(room)
+    if ack_id is not None:
+        socket.ack(ack_id, ACK_OK)
+
+
+def _publish(socket: Socket, args: list[Any], ack_id: int | None) -> None:
+    body = args[0] if args else None
+    event = body.get("event") if isinstance(body, dict) else None
+    if not isinstance(body, dict) or not isinstance(event, str) or "data" not in body:
+        if ack_id is not None:
+            socket.ack(
+                ack_id,
+                ack_error("invalid_publish", "expected {room, event, data} with a string event"),
+            )
+        return
+    try:
+        check_event_name(event)
+    except EventNameError as exc:
+        if ack_id is not None:
+            socket.ack(ack_id, ack_error("invalid_event", str(exc)))
+        return
+    room = _room_arg(socket, [body.get("room")], ack_id)
+    if room is None:
+        return
+    if not socket.principal.may_publish(room):
+        if ack_id is not None:
+            socket.ack(ack_id, ack_error("forbidden", f"not allowed to publish to {room!r}"))
+        return
+    request = PublishRequest(
+        room=room, event=body["event"], data=body["data"], exclude_sid=socket.id
+    )
+    socket.answer_later(_do_publish(socket, request, ack_id), "client-publish")
+
+
+async def _do_publish(socket: Socket, request: PublishRequest, ack_id: int | None) -> None:
+    server = socket.client.server
+    try:
+        result = await server.broker.publish(request)
+    except BrokerUnavailableError as exc:
+        server.drop("broker_unavailable", f"client publish to {request.room}: {exc}")
+        if ack_id is not None:
+            socket.ack(ack_id, ack_error("unavailable", "broker unavailable, retry"))
+        return
+    except BrokerError as exc:  # refused by the broker itself: a retry would not help
+        server.drop("broker_refused", f"client publish to {request.room}: {exc}")
+        if ack_id is not None:
+            socket.ack(ack_id, ack_error("broker_refused", "the broker refused the publication"))
+        return
+    server.metrics.published.labels("client").inc()
+    if ack_id is not None:
+        socket.ack(ack_id, {"ok": True, "id": result.id})
+
+
+BUILTINS: dict[Any, BuiltinEvent] = {
+    "join": _join,
+    "leave": _leave,
+    "publish": _publish,
+}
