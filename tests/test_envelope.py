@@ -25,6 +25,7 @@ from roomcast.broker.envelope import (
     encode_feed,
 )
 from roomcast.broker.keys import KeyNameError, Keys, keyspace_channel
+from roomcast.protocol.socketio import RESERVED_EVENTS
 
 SCHEMA_PATH = Path(__file__).parent.parent / "src/roomcast/broker/envelope.schema.json"
 SCHEMA: dict[str, Any] = json.loads(SCHEMA_PATH.read_text())
@@ -61,7 +62,9 @@ rooms = st.from_regex(r"\A[A-Za-z0-9:_.@/-]{1,40}\Z")
 publications = st.builds(
     Publication,
     room=rooms,
-    event=st.text(min_size=1, max_size=30),
+    event=st.text(min_size=1, max_size=30).filter(
+        lambda e: e not in RESERVED_EVENTS and not e.startswith("roomcast:")
+    ),
     data=json_values,
     id=st.text(alphabet="0123456789abcdef", min_size=32, max_size=32),
     offset=st.just(""),

@@ -203,6 +203,7 @@ def test_polling_payload_spec_example() -> None:
         (b"abc", EngineIOError, "unknown packet type"),
         (b"\xff\xfe", EngineIOError, "utf-8"),
         (b"b!!!", EngineIOError, "base64"),
+        ("bé".encode(), EngineIOError, "base64"),  # not ASCII: found by test_fuzz_decoders
         (b"4" * 101, PayloadTooLargeError, "exceeds"),
         (b"4a\x1e", EngineIOError, "empty packet"),
     ],

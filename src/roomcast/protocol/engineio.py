@@ -8,7 +8,6 @@ by the record separator ``\\x1e`` and a binary packet is ``b`` followed by base6
 from __future__ import annotations
 
 import base64
-import binascii
 import enum
 from dataclasses import dataclass
 
@@ -75,7 +74,7 @@ def decode_payload(body: bytes, *, max_payload: int) -> list[Packet]:
         if part.startswith("b"):
             try:
                 data = base64.b64decode(part[1:], validate=True)
-            except binascii.Error as exc:
+            except ValueError as exc:  # binascii.Error, or a non-ASCII character
                 raise EngineIOError("invalid base64 in binary packet") from exc
             packets.append(Packet(PacketType.MESSAGE, data))
         else:
