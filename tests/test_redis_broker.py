@@ -236,14 +236,14 @@ async def test_concurrent_publishes_share_round_trips_and_keep_their_order(
     broker, got = await brokers()
     await broker.subscribe("burst")
     batches = 0
-    eval_batch = broker._eval_batch
+    eval_batch = broker._lane._eval_batch
 
     async def counting(*args: Any, **kwargs: Any) -> None:
         nonlocal batches
         batches += 1
         await eval_batch(*args, **kwargs)
 
-    monkeypatch.setattr(broker, "_eval_batch", counting)
+    monkeypatch.setattr(broker._lane, "_eval_batch", counting)
     results = await asyncio.gather(
         *(broker.publish(PublishRequest("burst", "e", n)) for n in range(300))
     )
@@ -284,7 +284,7 @@ async def test_stop_ends_waiting_publishers_with_unavailable(
         sent.set()
         await asyncio.Event().wait()
 
-    monkeypatch.setattr(broker, "_eval_batch", hung)
+    monkeypatch.setattr(broker._lane, "_eval_batch", hung)
     tasks = [
         asyncio.ensure_future(broker.publish(PublishRequest("late", "e", n))) for n in range(50)
     ]

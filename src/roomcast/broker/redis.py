@@ -29,16 +29,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
-import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
-    DataError,
-    NoScriptError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -73,6 +69,13 @@ from roomcast.broker.redis_errors import (
     broker_error,
     unavailable,
 )
+from roomcast.broker.redis_publish import (
+    PUBLISH_LUA,
+    PublishLane,
+    is_stale,
+    pack_command,
+    packing,
+)
 
 __all__ = ["RedisBroker"]
 
@@ -85,7 +88,7 @@ _MIN_REDIS_VERSION: Final = (7, 0)
 _SINGLE_NODE: Final = "redis"
 _SUBSCRIBE_CHUNK: Final = 500
 _FETCH_CHUNK: Final = 256
-_PUBLISH_BATCH: Final = 512
+
 
 # KEYS[1]: the room's stream; KEYS[2] (optional): the idempotency record.
 # ARGV: maxlen, stream ttl ms, idempotency window ms, publication id, feed channel (or ""),
@@ -93,30 +96,6 @@ _PUBLISH_BATCH: Final = 512
 # Returns {1, entry id} after appending, or {0, "<id>|<entry id>"} of the original publication.
 # With a feed channel, the entry is also published there as "<previous entry id> <entry id>
 # <body>"; the previous id is "0-0" when the stream is empty or gone.
-_PUBLISH_LUA: Final = """
-if KEYS[2] then
-  local seen = redis.call('GET', KEYS[2])
-  if seen then return {0, seen} end
-end
-local previous = '0-0'
-if ARGV[5] ~= '' then
-  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-  if last[1] then previous = last[1][1] end
-end
-local xadd = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*'}
-for i = 7, #ARGV do xadd[#xadd + 1] = ARGV[i] end
-local offset = redis.call(unpack(xadd))
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-if KEYS[2] then
-  redis.call('SET', KEYS[2], ARGV[4] .. '|' .. offset, 'PX', ARGV[3])
-end
-if ARGV[5] ~= '' then
-  redis.call('PUBLISH', ARGV[5], previous .. ' ' .. offset .. ' ' .. ARGV[6])
-end
-return {1, offset}
-"""
-
-
 class _TopologyChangedError(RedisError):
     """The cluster's slot map changed: subscriptions must be made again on the new owners."""
 
@@ -145,74 +124,6 @@ class _Probe:
 class _Fetched:
     room: _Room
     entries: list[_Entry]
-
-
-class _HiredisPacking:
-    """Commands packed by hiredis in C.
-
-    redis-py's asyncio connections pack every argument in Python (its sync ones already use
-    hiredis); a publish script carries about twenty arguments, and packing them was the largest
-    single cost of a publish. Multi-word command names (``"CONFIG GET"``) are split as redis-py
-    does."""
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        name = args[0]
-        words = name.split() if isinstance(name, str | bytes) else [name]
-        if len(words) > 1:
-            args = (*words, *args[1:])
-        return [_pack(args)]
-
-
-def _packing(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
-    return type(f"Packed{connection_class.__name__}", (_HiredisPacking, connection_class), {})
-
-
-_Queued: TypeAlias = "tuple[list[str], list[str | int], asyncio.Future[Any]]"
-"""A queued publish: its script's keys and arguments, and its publisher's future."""
-
-_UNREAD: Final = object()
-"""The reply of a queued publish that was not read (not sent, or the batch failed first)."""
-
-
-def _settle(batch: list[_Queued], results: list[Any], failure: BaseException | None) -> None:
-    """Resolve each publisher: its reply, its error reply, or ``failure`` if unread."""
-    for (_, _, future), result in zip(batch, results, strict=True):
-        if future.done():
-            continue
-        if result is _UNREAD:
-            future.set_exception(failure or BrokerError("publish reply missing"))
-        elif isinstance(result, BaseException):
-            future.set_exception(result)
-        else:
-            future.set_result(result)
-
-
-async def _is_stale(conn: AbstractConnection) -> bool:
-    """Whether a dedicated connection that sat idle was closed by Redis (a restart, its
-    ``timeout`` setting, a proxy) or holds bytes nobody asked for. No system call: the event
-    loop has already seen the end of the stream."""
-    try:
-        return bool(await conn.can_read())
-    except RedisConnectionError:
-        return True
-
-
-def _pack(args: Sequence[Any]) -> bytes:
-    """One command in RESP, packed by hiredis (C).
-
-    Raise redis-py's :class:`~redis.exceptions.DataError` for an argument it would refuse too
-    (``None``, a bool, any other type), not hiredis's ``TypeError``."""
-    try:
-        packed: bytes = hiredis.pack_command(tuple(args))
-    except TypeError:
-        for arg in args:
-            if isinstance(arg, bool) or not isinstance(arg, str | bytes | int | float | memoryview):
-                raise DataError(
-                    f"Invalid input of type: {type(arg).__name__!r}. "
-                    "Convert to a bytes, string, int or float first."
-                ) from None
-        raise
-    return packed
 
 
 def _field_map(fields: list[bytes]) -> dict[bytes, bytes]:
@@ -300,10 +211,7 @@ class RedisBroker:
         """After :meth:`stop`: publishing is refused, so nothing reopens a connection."""
         self._client: _Client | None = None
         self._is_cluster = False
-        self._publish_queue: list[_Queued] = []
-        self._publish_waiting = asyncio.Event()
-        self._publish_lane: asyncio.Task[None] | None = None
-        self._publish_conn: AbstractConnection | None = None
+        self._lane = PublishLane(self._ensure_client, self._deadline)
         self._fetch_conn: AbstractConnection | None = None
         """Single node: the processor's own connection for ``XREAD`` (no pool checkout)."""
         self._last_heard: dict[str, float] = {}
@@ -397,10 +305,7 @@ class RedisBroker:
                 logger.error(
                     "redis broker tasks did not stop within %.1fs", self._socket_timeout * 2
                 )
-        lane = self._publish_lane
-        if lane is not None:
-            lane.cancel()
-            await asyncio.wait([lane], timeout=self._socket_timeout)
+        await self._lane.close(self._socket_timeout)
         await self._close_listeners()
         client, self._client = self._client, None
         if client is not None:
@@ -449,7 +354,7 @@ class RedisBroker:
                     client = await self._ensure_client()
                     appended, value = await self._script(keys=keys, args=args, client=client)
             else:  # the batch carries the deadline: one timer per batch, not per publish
-                appended, value = await self._batched_publish(keys, args)
+                appended, value = await self._lane.submit(keys, args)
         except REDIS_FAILURES as exc:
             # On a timeout the script may still have run: a retry needs the idempotency key.
             raise broker_error(exc) from exc
@@ -458,17 +363,6 @@ class RedisBroker:
         original_id, _, offset = _text(value).partition("|")
         return PublishResult(id=original_id, offset=offset, duplicate=True)
 
-    def _batched_publish(self, keys: list[str], args: list[str | int]) -> asyncio.Future[Any]:
-        """Queue one publish script for the publishing lane (see :meth:`_run_publish_lane`)."""
-        future: asyncio.Future[Any] = self._running_loop().create_future()
-        self._publish_queue.append((keys, args, future))
-        if self._publish_lane is None:
-            self._publish_lane = self._running_loop().create_task(
-                self._run_publish_lane(), name="roomcast-redis-publish"
-            )
-        self._publish_waiting.set()
-        return future
-
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         """The broker's loop, looked up once: on Python 3.11 every ``get_running_loop()`` is a
         ``getpid()`` system call, several per publish otherwise."""
@@ -476,81 +370,6 @@ class RedisBroker:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         return loop
-
-    async def _run_publish_lane(self) -> None:
-        """Send queued publish scripts over one dedicated connection, one batch at a time.
-
-        Whatever is queued while a batch is in flight goes out as the next batch (up to
-        ``_PUBLISH_BATCH`` scripts), in one write, so the number of round trips adapts to the
-        load with no timer. No pool checkout, no redis-py pipeline object and no task per
-        batch: at thousands of publishes a second those were most of a publish's cost."""
-        try:
-            while True:
-                if not self._publish_queue:
-                    self._publish_waiting.clear()
-                    await self._publish_waiting.wait()
-                batch = self._publish_queue[:_PUBLISH_BATCH]
-                del self._publish_queue[:_PUBLISH_BATCH]
-                await self._send_publishes(batch)
-        finally:
-            self._publish_lane = None
-            queued, self._publish_queue = self._publish_queue, []
-            _settle(queued, [_UNREAD] * len(queued), BrokerUnavailableError("redis broker stopped"))
-            await self._drop_publish_conn()
-
-    async def _send_publishes(self, batch: list[_Queued]) -> None:
-        """Run one batch. Each publisher whose reply was read gets it (a result or its own
-        error); the others get the failure that stopped the batch."""
-        results: list[Any] = [_UNREAD] * len(batch)
-        try:
-            async with self._deadline():
-                await self._eval_batch(batch, range(len(batch)), results, by_sha=True)
-                retry = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
-                if retry:  # Redis restarted or flushed its script cache: send those bodies
-                    for i in retry:
-                        results[i] = _UNREAD  # if the retry fails, these get its failure
-                    await self._eval_batch(batch, retry, results, by_sha=False)
-        except Exception as exc:  # noqa: BLE001 - not swallowed: each unanswered publisher gets it
-            _settle(batch, results, exc)
-            await self._drop_publish_conn()  # a reply may be half read: never reuse it
-            return
-        except BaseException:  # cancelled by stop()
-            _settle(batch, results, BrokerUnavailableError("redis broker stopped"))
-            raise
-        _settle(batch, results, None)
-
-    async def _eval_batch(
-        self, batch: list[_Queued], indices: Sequence[int], results: list[Any], *, by_sha: bool
-    ) -> None:
-        """Send the scripts of ``batch`` at ``indices`` in one write and store each reply (or
-        error reply) in ``results`` as it is read."""
-        conn = await self._publish_connection()
-        commands = []
-        for i in indices:
-            keys, args, _ = batch[i]
-            head = ("EVALSHA", self._script.sha) if by_sha else ("EVAL", _PUBLISH_LUA)
-            commands.append(_pack((*head, len(keys), *keys, *args)))
-        await conn.send_packed_command(b"".join(commands), check_health=False)  # connects
-        for i in indices:
-            try:
-                results[i] = await conn.read_response()
-            except ResponseError as exc:  # the error reply was read whole: the stream is in step
-                results[i] = exc
-
-    async def _publish_connection(self) -> AbstractConnection:
-        conn = self._publish_conn
-        if conn is None:
-            client = await self._ensure_client()
-            conn = client.connection_pool.make_connection()  # type: ignore[union-attr]
-            self._publish_conn = conn
-        elif conn.is_connected and await _is_stale(conn):
-            await conn.disconnect(nowait=True)  # the next send reconnects
-        return conn
-
-    async def _drop_publish_conn(self) -> None:
-        conn, self._publish_conn = self._publish_conn, None
-        if conn is not None:
-            await conn.disconnect(nowait=True)
 
     async def subscribe(self, room: str) -> None:
         """Deliver ``room``'s entries newer than its stream's last entry right now.
@@ -747,7 +566,7 @@ class RedisBroker:
             pool = aioredis.BlockingConnectionPool.from_url(
                 self._url, max_connections=64, timeout=None, **options
             )
-            pool.connection_class = _packing(pool.connection_class)
+            pool.connection_class = packing(pool.connection_class)
             client = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         try:
             async with self._deadline(epoch=True):
@@ -764,7 +583,7 @@ class RedisBroker:
         if self._is_cluster and self._db != 0:
             await client.aclose()
             raise BrokerError(f"redis cluster has only database 0, the url names {self._db}")
-        self._script = client.register_script(_PUBLISH_LUA)
+        self._script = client.register_script(PUBLISH_LUA)
         return client
 
     async def _server_versions(self, client: _Client) -> list[str]:
@@ -1187,12 +1006,12 @@ class RedisBroker:
         stays with its room."""
         conn = self._fetch_conn
         if conn is not None and rooms:
-            if conn.is_connected and await _is_stale(conn):
+            if conn.is_connected and await is_stale(conn):
                 await conn.disconnect(nowait=True)  # closed while idle: the send reconnects
             command: list[str | int] = ["XREAD", "COUNT", self._fetch_count, "STREAMS"]
             command += [room.key for room in rooms]
             command += [room.last_id or "0-0" for room in rooms]  # initialised: never None here
-            await conn.send_packed_command(_pack(command), check_health=False)
+            await conn.send_packed_command(pack_command(command), check_health=False)
             try:
                 reply: Any = await conn.read_response()
             except ResponseError as exc:  # the error reply was read whole: the stream is in step
