@@ -211,7 +211,7 @@ class RedisBroker:
         """After :meth:`stop`: publishing is refused, so nothing reopens a connection."""
         self._client: _Client | None = None
         self._is_cluster = False
-        self._lane = PublishLane(self._ensure_client, self._deadline)
+        self._lane = PublishLane(self._ensure_client, self._deadline, self._running_loop)
         self._fetch_conn: AbstractConnection | None = None
         """Single node: the processor's own connection for ``XREAD`` (no pool checkout)."""
         self._last_heard: dict[str, float] = {}

@@ -126,22 +126,16 @@ class PublishLane:
         self,
         client: Callable[[], Awaitable[Any]],
         deadline: Callable[[], asyncio.Timeout],
+        running_loop: Callable[[], asyncio.AbstractEventLoop],
     ) -> None:
         self._client = client
         self._deadline = deadline
+        self._running_loop = running_loop
+        """The broker's loop, looked up once (see ``RedisBroker._running_loop``)."""
         self._queue: list[_Queued] = []
         self._waiting = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._conn: AbstractConnection | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
-        """The loop, looked up once: on Python 3.11 every ``get_running_loop()`` is a
-        ``getpid()`` system call, several per publish otherwise."""
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        return loop
 
     async def close(self, wait_s: float) -> None:
         """Stop the lane; publishers still queued get :class:`BrokerUnavailableError`."""
