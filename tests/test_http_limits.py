@@ -308,3 +308,25 @@ async def test_a_bug_is_a_logged_500_and_malformed_input_a_quiet_400(
         writer.close()
     finally:
         server.close()
+
+
+async def test_a_request_refused_behind_a_held_poll_ends_the_poll_cleanly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request pipelined behind a held long-poll and refused (too many headers) closes the
+    connection; the poll is released, and answering it later writes nothing and logs no
+    error (writing after the refusal's end of stream would raise)."""
+    async with running(ping_interval_ms=300, ping_timeout_ms=5000) as node:
+        async with aiohttp.ClientSession() as session:
+            base = f"http://127.0.0.1:{node.port}/socket.io/?EIO=4&transport=polling"
+            async with session.get(base) as response:
+                sid = json.loads((await response.text())[1:])["sid"]
+        reader, writer = await _open(node.port)
+        poll = f"GET /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: x\r\n\r\n"
+        writer.write(poll.encode() + b"GET /healthz HTTP/1.1\r\n" + b"X-A: b\r\n" * 500 + b"\r\n")
+        status, body = await _answer(reader)
+        assert status == 431 and body["error"]["code"] == "headers_too_large"
+        await asyncio.sleep(0.6)  # past the ping that would have answered the poll
+        assert await _healthz(node.port) < 1
+        writer.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

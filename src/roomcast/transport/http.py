@@ -486,6 +486,10 @@ class HttpConnection(asyncio.Protocol):
         self._refused = True
         self._disarm()
         self._count(code)
+        if self._current is not None:  # a request in progress (a held poll) gets no answer now
+            self._current.abort()
+            self._current = None
+        self._pending.clear()
         transport = self._transport
         if transport is None or transport.is_closing():
             return
