@@ -15,7 +15,7 @@ from roomcast.broker.base import BrokerError, BrokerUnavailableError, PublishReq
 from roomcast.http.errors import ACK_OK, ack_error
 from roomcast.protocol.errors import EventNameError
 from roomcast.protocol.socketio import check_event_name
-from roomcast.sockets import BuiltinEvent, Socket
+from roomcast.socket import BuiltinEvent, Socket
 
 log = logging.getLogger("roomcast.sockets")
 
