@@ -12,12 +12,14 @@ from roomcast.auth import Authenticator, AuthSettings
 from roomcast.broker.base import Broker, BrokerError, PublishRequest, PublishResult
 from roomcast.broker.memory import MemoryBroker
 from roomcast.broker.topics import topic
+from roomcast.cluster import Cluster
 from roomcast.config import Settings
 from roomcast.connection import Flusher
 from roomcast.engine import EngineOptions, EngineServer
 from roomcast.events import BUILTINS
 from roomcast.handoff import Handoff
 from roomcast.http.routes import Router
+from roomcast.http.server_api import ServerApiRoutes
 from roomcast.hub import Hub, RoomKey
 from roomcast.metrics import BrokerCollector, Metrics
 from roomcast.protocol.socketio import Limits
@@ -105,6 +107,8 @@ class Node:
             self.subscriptions,
         )
         self.sockets.builtins = BUILTINS
+        self.cluster = Cluster(self.broker, self.sockets, self.metrics, self.tasks)
+        self.broker.on_control(self.cluster.on_message)
         self.engine_options = EngineOptions(
             ping_interval_ms=settings.ping_interval_ms,
             ping_timeout_ms=settings.ping_timeout_ms,
@@ -127,6 +131,7 @@ class Node:
             readiness=self.readiness,
             max_payload=settings.max_payload,
             worker=f"{worker[0]:02d}" if worker else "",
+            namespaces=self.app.namespaces,
             peer_sockets={
                 f"{index:02d}": path for index, path in enumerate(worker[1]) if index != worker[0]
             }
@@ -134,6 +139,13 @@ class Node:
             else None,
         )
         self.router.mount("/socket.io/", self.engine)
+        self.router.server_api = ServerApiRoutes(
+            self.app.of,
+            check_key=self.router.check_key,
+            tasks=self.tasks,
+            metrics=self.metrics,
+            max_payload=settings.max_payload,
+        )
         self.handoff: Handoff | None = None
         if worker is not None and len(worker[1]) > 1 and settings.room_affinity:
             self.handoff = Handoff(
@@ -216,6 +228,9 @@ class Node:
             self.handoff.listen()
         if self.settings.recovery_max_disconnection_ms:
             self.tasks.spawn(self._touch_sessions(), name="touch-sessions")
+        self.app.attach(self.cluster)
+        for hook in self.app.startup:
+            self.tasks.spawn(hook(), name=f"startup-{getattr(hook, '__name__', 'hook')}")
         self.started = True
         log.info("listening on %s", ", ".join(str(s.getsockname()) for s in self._server.sockets))
 
@@ -259,6 +274,7 @@ class Node:
             self._server.close()
 
     async def stop(self) -> None:
+        self.app.attach(None)
         if not self.draining:
             self.draining = True
             for engine in self.engines:

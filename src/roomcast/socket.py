@@ -130,6 +130,7 @@ class Socket:
         "principal",
         "recovering",
         "rooms",
+        "since",
     )
 
     def __init__(
@@ -158,6 +159,8 @@ class Socket:
         self._expiry: asyncio.TimerHandle | None = None
         self.owed = 0
         """Tasks running that will answer the client (an ack): the socket must not move."""
+        self.since = 0.0
+        """When the socket connected (seconds since the Unix epoch)."""
 
     @property
     def user_id(self) -> str:
@@ -190,6 +193,7 @@ class Socket:
     def connected_at(self, *, save: bool = True) -> None:
         server = self.client.server
         self.connected = True
+        self.since = time.time()
         self.client.sockets[self.namespace.name] = self
         server.sockets[self.id] = self
         server.metrics.sockets.inc()

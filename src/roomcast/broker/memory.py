@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
+import uuid
 from collections import OrderedDict, deque
 
 from roomcast.broker.base import (
     BatchScope,
     BrokerState,
+    ControlHandler,
     DeliveryHandler,
     History,
     Publication,
@@ -53,6 +56,8 @@ class MemoryBroker:
         self._next_history_sweep_ms = 0
         self.dropped: collections.Counter[str] = collections.Counter()
         self.upstream: deque[tuple[str, dict[str, str]]] = deque(maxlen=10_000)
+        self.instance_id = uuid.uuid4().hex[:16]
+        self._control: ControlHandler | None = None
 
     @property
     def state(self) -> BrokerState:
@@ -70,6 +75,20 @@ class MemoryBroker:
     async def stop(self) -> None:
         self._handler = None
         self._state = BrokerState.STOPPED
+
+    def on_control(self, handler: ControlHandler) -> None:
+        self._control = handler
+
+    async def send_control(self, message: bytes, instance: str | None = None) -> None:
+        """The only instance is this one: the message is handled once the caller yields."""
+        if instance not in (None, self.instance_id):
+            return  # no such instance: lost, as on Redis
+        handler = self._control
+        if handler is not None and self._state is BrokerState.CONNECTED:
+            asyncio.get_running_loop().call_soon(handler, message)
+
+    async def instances(self) -> list[str]:
+        return [self.instance_id] if self._state is BrokerState.CONNECTED else []
 
     async def publish(self, request: PublishRequest) -> PublishResult:
         validate_topic(request.topic)
