@@ -28,7 +28,8 @@ import orjson
 
 from roomcast.broker.base import Broker, BrokerError, PublishRequest, PublishResult
 from roomcast.metrics import Metrics
-from roomcast.operator import Selector, SelectorError
+from roomcast.operator import Reach, Selector, SelectorError
+from roomcast.revocation import TokenRevokedError, jti_entry, now_ms, user_entry
 from roomcast.socket import Socket
 from roomcast.sockets import SocketServer
 from roomcast.tasks import TaskSet
@@ -38,7 +39,9 @@ __all__ = ["Cluster"]
 
 log = logging.getLogger("roomcast.cluster")
 
-OPERATIONS = frozenset({"emit", "emit_ack", "fetch", "count", "join", "leave", "disconnect"})
+OPERATIONS = frozenset(
+    {"emit", "emit_ack", "fetch", "count", "join", "leave", "disconnect", "revoke"}
+)
 
 
 class _Pending:
@@ -61,12 +64,14 @@ class Cluster:
         tasks: TaskSet,
         *,
         answer_timeout_s: float = 2.0,
+        revocation_ttl_s: int = 86_400,
     ) -> None:
         self._broker = broker
         self._sockets = sockets
         self._metrics = metrics
         self._tasks = tasks
         self._answer_timeout_s = answer_timeout_s
+        self._revocation_ttl_s = revocation_ttl_s
         self._pending: dict[str, _Pending] = {}
 
     @property
@@ -221,6 +226,8 @@ class Cluster:
                     else:
                         socket.leave(room)
             return {"sockets": len(sockets)}
+        if op == "revoke":
+            return {"sockets": self.apply_revocation(str(args.get("entry", "")))}
         if op == "disconnect":
             reason = str(args.get("reason", ""))[:200]
             for socket in sockets:
@@ -260,6 +267,48 @@ class Cluster:
             ],
             "missing": [sid for sid, data in answers if data is None],
         }
+
+    # -- revocation -----------------------------------------------------------------------------
+    async def revoke(
+        self, *, user: str | None = None, jti: str | None = None, exp: float | None = None
+    ) -> Reach:
+        """Revoke every token of ``user`` issued until now, or the token ``jti`` (until its
+        ``exp``, Unix seconds): stored in the broker, then every instance disconnects the
+        matching sockets with ``token_revoked``."""
+        now = now_ms()
+        if user is not None:
+            entry = user_entry(user, now)
+            until = now + self._revocation_ttl_s * 1000
+        elif jti is not None and exp is not None:
+            entry, until = jti_entry(jti), int(exp * 1000)
+        else:
+            raise ValueError("revoke: give a user, or a jti with its exp")
+        if until > now:
+            await self._broker.revoke(entry, until)
+        self._sockets.revocations.add(entry)
+        results, missing = await self.request(
+            "revoke", Selector(), {"entry": entry}, self._answer_timeout_s
+        )
+        return Reach(sum(int(r.get("sockets", 0)) for r in results), missing)
+
+    def apply_revocation(self, entry: str) -> int:
+        """Know of ``entry``, and disconnect the local sockets it revokes."""
+        server = self._sockets
+        server.revocations.add(entry)
+        return self.kick_revoked()
+
+    def kick_revoked(self) -> int:
+        """Disconnect every local socket whose token is revoked; return how many."""
+        server = self._sockets
+        revoked: list[Socket] = []
+        for socket in server.sockets.values():
+            try:
+                server.revocations.check(socket.principal)
+            except TokenRevokedError:
+                revoked.append(socket)
+        for socket in revoked:
+            socket.kick("token_revoked", "token revoked")
+        return len(revoked)
 
     def _describe(self, socket: Socket) -> dict[str, Any]:
         return {

@@ -71,6 +71,12 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.refreshes = Counter(
+            "roomcast_token_refreshes",
+            "Token refreshes on live sockets, by result (ok, or the refusal's code)",
+            ["result"],
+            registry=r,
+        )
         self.cluster_requests = Counter(
             "roomcast_cluster_requests",
             "Server API requests to every instance, by operation and result (complete: every "

@@ -107,7 +107,13 @@ class Node:
             self.subscriptions,
         )
         self.sockets.builtins = BUILTINS
-        self.cluster = Cluster(self.broker, self.sockets, self.metrics, self.tasks)
+        self.cluster = Cluster(
+            self.broker,
+            self.sockets,
+            self.metrics,
+            self.tasks,
+            revocation_ttl_s=settings.revocation_ttl_s,
+        )
         self.broker.on_control(self.cluster.on_message)
         self.engine_options = EngineOptions(
             ping_interval_ms=settings.ping_interval_ms,
@@ -141,6 +147,7 @@ class Node:
         self.router.mount("/socket.io/", self.engine)
         self.router.server_api = ServerApiRoutes(
             self.app.of,
+            revoke=self.cluster.revoke,
             check_key=self.router.check_key,
             tasks=self.tasks,
             metrics=self.metrics,
@@ -194,6 +201,10 @@ class Node:
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self, sock: socketlib.socket | None = None) -> None:
         await self.broker.start(self.sockets.deliver, batch=self.flusher.batch)
+        try:
+            self.sockets.revocations.load(await self.broker.revocations())
+        except BrokerError as exc:  # the sync task tries again
+            log.warning("could not load revocations: %s", exc)
         loop = asyncio.get_running_loop()
         settings = self.settings
         limits = HttpLimits(
@@ -228,6 +239,7 @@ class Node:
             self.handoff.listen()
         if self.settings.recovery_max_disconnection_ms:
             self.tasks.spawn(self._touch_sessions(), name="touch-sessions")
+        self.tasks.spawn(self._sync_revocations(), name="sync-revocations")
         self.app.attach(self.cluster)
         for hook in self.app.startup:
             self.tasks.spawn(hook(), name=f"startup-{getattr(hook, '__name__', 'hook')}")
@@ -239,6 +251,19 @@ class Node:
         assert self._server is not None
         port: int = self._server.sockets[0].getsockname()[1]
         return port
+
+    async def _sync_revocations(self) -> None:
+        """Reload revocations from the broker now and then: an instance that missed one (cut
+        from the broker when it was sent) still refuses the token, and ends its sockets."""
+        while True:
+            await asyncio.sleep(self.settings.revocation_sync_s)
+            try:
+                entries = await self.broker.revocations()
+            except BrokerError as exc:
+                log.warning("could not reload revocations: %s", exc)
+                continue
+            self.sockets.revocations.load(entries)
+            self.cluster.kick_revoked()
 
     async def _touch_sessions(self) -> None:
         """Keep live sockets' recovery state alive, so it survives an instance that is killed."""

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import orjson
 
 from roomcast.app import Namespace, Registered
-from roomcast.auth import Principal, validate_room
+from roomcast.auth import Authenticator, Principal, validate_room
 from roomcast.broker.base import Broker, BrokerError, Publication
 from roomcast.broker.offsets import parse_offset
 from roomcast.connection import Connection
@@ -27,6 +27,7 @@ from roomcast.http.errors import ack_error
 from roomcast.hub import Hub
 from roomcast.metrics import Metrics
 from roomcast.protocol.socketio import Limits, Packet, PacketType
+from roomcast.revocation import Revocations
 from roomcast.sessions import session_key
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
@@ -85,6 +86,10 @@ class SocketHost(Protocol):
     def builtins(self) -> Mapping[Any, BuiltinEvent]: ...
     @property
     def handoff(self) -> Mover | None: ...
+    @property
+    def auth(self) -> Authenticator | None: ...
+    @property
+    def revocations(self) -> Revocations: ...
 
     def drop(self, reason: str, detail: str) -> None: ...
 
@@ -261,9 +266,32 @@ class Socket:
 
     def _token_expired(self) -> None:
         self._expiry = None
-        self.client.server.metrics.disconnects.labels("token_expired").inc()
-        self.emit("roomcast:disconnect", {"code": "token_expired", "message": "token expired"})
+        self.kick("token_expired", "token expired")
+
+    def kick(self, code: str, message: str) -> None:
+        """End this socket for a reason the client sees: a ``roomcast:disconnect`` event
+        ``{code, message}``, then a server disconnect (the client does not reconnect by
+        itself).  Counted in ``roomcast_disconnects_total{reason=code}``."""
+        if not self.connected:
+            return
+        self.client.server.metrics.disconnects.labels(code).inc()
+        self.emit("roomcast:disconnect", {"code": code, "message": message})
         self.disconnect()
+
+    def refresh(self, principal: Principal) -> list[str]:
+        """Take a fresh token's claims (same user); leave the rooms they no longer allow and
+        return them.  The socket keeps its id and its other rooms."""
+        self.principal = principal
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if principal.expires_at is not None:
+            delay = max(principal.expires_at - time.time(), 0.0)
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
+        left = sorted(room for room in self.rooms if not principal.may_join(room))
+        for room in left:
+            self.leave(room)
+        return left
 
     def disconnect(self) -> None:
         """Server-side disconnect of this namespace (the client will not reconnect by itself)."""

@@ -179,6 +179,12 @@ class Broker(Protocol):
         """The ids of the instances that were alive in the last few seconds, this one
         included once started."""
 
+    async def revoke(self, entry: str, until_ms: int) -> None:
+        """Store a revocation entry (``roomcast.revocation``) until ``until_ms`` (Unix ms)."""
+
+    async def revocations(self) -> list[str]:
+        """Every revocation entry not yet expired."""
+
     async def append_upstream(self, fields: dict[str, str]) -> str:
         """Append a client event to the upstream stream; return its id once stored.
 

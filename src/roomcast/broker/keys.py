@@ -78,6 +78,10 @@ class Keys:
         base = f"{self.prefix}:control"
         return base if instance is None else f"{base}:{instance}"
 
+    def revocations(self) -> str:
+        """The sorted set of revocation entries, scored by when each may be forgotten (ms)."""
+        return f"{self.prefix}:revocations"
+
     def instances(self) -> str:
         """The sorted set of live instances, scored by when each last said so (ms)."""
         return f"{self.prefix}:instances"

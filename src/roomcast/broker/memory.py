@@ -57,6 +57,7 @@ class MemoryBroker:
         self.dropped: collections.Counter[str] = collections.Counter()
         self.upstream: deque[tuple[str, dict[str, str]]] = deque(maxlen=10_000)
         self.instance_id = uuid.uuid4().hex[:16]
+        self._revocations: dict[str, int] = {}
         self._control: ControlHandler | None = None
 
     @property
@@ -75,6 +76,15 @@ class MemoryBroker:
     async def stop(self) -> None:
         self._handler = None
         self._state = BrokerState.STOPPED
+
+    async def revoke(self, entry: str, until_ms: int) -> None:
+        self._revocations[entry] = max(until_ms, self._revocations.get(entry, 0))
+
+    async def revocations(self) -> list[str]:
+        now_ms = int(time.time() * 1000)
+        for entry in [e for e, until in self._revocations.items() if until <= now_ms]:
+            del self._revocations[entry]
+        return list(self._revocations)
 
     def on_control(self, handler: ControlHandler) -> None:
         self._control = handler

@@ -16,13 +16,15 @@ and ``room`` (query parameters on GET, JSON fields on POST), each optional, plus
 - ``POST /api/v1/emit`` with ``{"room", "event", "data", "timeout_ms"}`` (and the other
   selectors) -> ``{"acks": [{"socket", "response"}], "missing": [socket ids],
   "missing_instances": [...]}``
+- ``POST /api/v1/revoke`` with ``{"user"}`` or ``{"jti", "exp"}`` -> ``{"sockets": N, ...}``:
+  the matching sockets of every instance are disconnected with ``token_revoked``
 """
 
 from __future__ import annotations
 
 import logging
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -31,7 +33,7 @@ from roomcast.broker.base import BrokerError
 from roomcast.broker.topics import MAIN
 from roomcast.http.errors import ApiError, api_error_response, json_response
 from roomcast.metrics import Metrics
-from roomcast.operator import BroadcastOperator, SelectorError
+from roomcast.operator import BroadcastOperator, Reach, SelectorError
 from roomcast.protocol.errors import EventNameError
 from roomcast.protocol.socketio import check_event_name
 from roomcast.tasks import TaskSet
@@ -52,6 +54,7 @@ class ServerApiRoutes:
         self,
         operator: Callable[[str], BroadcastOperator],
         *,
+        revoke: Callable[..., Awaitable[Reach]],
         check_key: Callable[[Request], None],
         tasks: TaskSet,
         metrics: Metrics,
@@ -60,6 +63,7 @@ class ServerApiRoutes:
         """``operator(namespace)`` is ``app.of``: it raises ``ValueError`` for a namespace the
         application does not define."""
         self._operator = operator
+        self._revoke = revoke
         self._check_key = check_key
         self._tasks = tasks
         self._metrics = metrics
@@ -73,6 +77,7 @@ class ServerApiRoutes:
             "/api/v1/sockets/leave",
             "/api/v1/sockets/disconnect",
             "/api/v1/emit",
+            "/api/v1/revoke",
         ) or path.startswith("/api/v1/rooms/")
 
     def handle(self, request: Request, exchange: Exchange) -> None:
@@ -86,7 +91,12 @@ class ServerApiRoutes:
                 _method(request, "POST")
                 body = self._body(request)
                 action = path.rsplit("/", 1)[1]
-                call = self._emit(body) if action == "emit" else self._act(action, body)
+                if action == "revoke":
+                    call = self._revoke_tokens(body)
+                elif action == "emit":
+                    call = self._emit(body)
+                else:
+                    call = self._act(action, body)
         except ApiError as error:
             api_error_response(exchange, error)
             return
@@ -209,6 +219,20 @@ class ServerApiRoutes:
             "missing": result.missing,
             "missing_instances": result.missing_instances,
         }
+
+    async def _revoke_tokens(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        user, jti, exp = body.get("user"), body.get("jti"), body.get("exp")
+        if user is not None:
+            if not isinstance(user, str) or not user or jti is not None:
+                raise ApiError(400, "invalid_revocation", "give {user} or {jti, exp}")
+            reach = await self._revoke(user=user)
+        else:
+            if not isinstance(jti, str) or not jti:
+                raise ApiError(400, "invalid_revocation", "give {user} or {jti, exp}")
+            if not isinstance(exp, int | float) or isinstance(exp, bool):
+                raise ApiError(400, "invalid_revocation", "exp: the token's exp (Unix seconds)")
+            reach = await self._revoke(jti=jti, exp=float(exp))
+        return 200, {"sockets": reach.sockets, "missing_instances": reach.missing_instances}
 
 
 def _method(request: Request, method: str) -> None:

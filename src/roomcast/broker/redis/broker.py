@@ -389,6 +389,12 @@ class RedisBroker:
     async def instances(self) -> list[str]:
         return await self._control.instances()
 
+    async def revoke(self, entry: str, until_ms: int) -> None:
+        await self._control.revoke(entry, until_ms)
+
+    async def revocations(self) -> list[str]:
+        return await self._control.revocations()
+
     async def append_upstream(self, fields: dict[str, str]) -> str:
         """``XADD <prefix>:upstream [MAXLEN ~ upstream_maxlen] * <fields>``; return the entry id."""
         return await append_upstream(self._conn, self._keys, fields, maxlen=self._upstream_maxlen)

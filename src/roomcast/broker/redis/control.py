@@ -76,6 +76,31 @@ class Control:
         except REDIS_FAILURES as exc:
             logger.info("could not withdraw instance %s: %s", self._instance_id, exc)
 
+    async def revoke(self, entry: str, until_ms: int) -> None:
+        """Add a revocation entry, kept until ``until_ms`` (the later of two wins)."""
+        key = self._keys.revocations()
+        try:
+            async with self._connection.deadline():
+                client = await self._connection.ensure()
+                pipe = client.pipeline(transaction=False)
+                pipe.zadd(key, {entry: until_ms}, gt=True)  # adds, or keeps the later time
+                pipe.zremrangebyscore(key, "-inf", int(time.time() * 1000))
+                await pipe.execute()
+        except REDIS_FAILURES as exc:
+            raise broker_error(exc) from exc
+
+    async def revocations(self) -> list[str]:
+        try:
+            async with self._connection.deadline():
+                client = await self._connection.ensure()
+                now_ms = int(time.time() * 1000)
+                entries: list[Any] = await client.zrangebyscore(
+                    self._keys.revocations(), now_ms, "+inf"
+                )
+        except REDIS_FAILURES as exc:
+            raise broker_error(exc) from exc
+        return [text(entry) for entry in entries]
+
     async def instances(self) -> list[str]:
         try:
             async with self._connection.deadline():
