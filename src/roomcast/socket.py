@@ -20,7 +20,7 @@ import orjson
 
 from roomcast.app import Namespace, Registered
 from roomcast.auth import Authenticator, Principal, validate_room
-from roomcast.broker.base import Broker, BrokerError, Publication
+from roomcast.broker.base import Broker, BrokerError, BrokerUnavailableError, Publication
 from roomcast.broker.offsets import parse_offset
 from roomcast.connection import Connection
 from roomcast.http.errors import ack_error
@@ -442,10 +442,15 @@ class Socket:
             fields["namespace"] = self.namespace.name
         try:
             entry_id = await server.broker.append_upstream(fields)
-        except BrokerError as exc:
+        except BrokerUnavailableError as exc:
             server.drop("upstream_unavailable", f"event {name!r} from {self.id}: {exc}")
             if ack_id is not None:
                 self.ack(ack_id, ack_error("unavailable", "upstream stream unavailable, retry"))
+            return
+        except BrokerError as exc:  # refused by the broker itself: a retry would not help
+            server.drop("upstream_refused", f"event {name!r} from {self.id}: {exc}")
+            if ack_id is not None:
+                self.ack(ack_id, ack_error("broker_refused", "the broker refused the event"))
             return
         if ack_id is not None:
             self.ack(ack_id, {"ok": True, "id": entry_id})
