@@ -39,7 +39,12 @@ def _parser() -> argparse.ArgumentParser:
 
     token = sub.add_parser("token", help="print a client JWT signed with the configured secret")
     token.add_argument("--sub", required=True, help="user id")
-    token.add_argument("--rooms", nargs="*", default=[], help="room glob patterns it may join")
+    token.add_argument(
+        "--rooms",
+        nargs="*",
+        default=[],
+        help="room patterns it may join ('*': one segment, '**': one or more)",
+    )
     token.add_argument("--publish", nargs="*", default=[], help="room patterns it may publish to")
     token.add_argument(
         "--ttl",
@@ -187,7 +192,7 @@ def _dev_defaults(settings: Settings) -> Settings:
 
     auth = make_authenticator(settings)
     assert auth is not None
-    token = auth.mint("dev-user", ["*"], ["*"], ttl_seconds=24 * 3600)
+    token = auth.mint("dev-user", ["**"], ["**"], ttl_seconds=24 * 3600)
     base = f"http://{settings.host}:{settings.port}"
     print(
         "=== DEVELOPMENT MODE: generated secrets, not for production ===\n"

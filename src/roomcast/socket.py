@@ -48,7 +48,7 @@ class Mover(Protocol):
         ...
 
 
-ANONYMOUS = Principal(user_id="", rooms=("*",), publish=("*",), expires_at=None, claims={})
+ANONYMOUS = Principal(user_id="", rooms=("**",), publish=("**",), expires_at=None, claims={})
 
 
 @dataclass(frozen=True, slots=True)
