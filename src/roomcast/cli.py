@@ -59,8 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--event", required=True)
     publish.add_argument("--data", required=True, help="JSON value")
     publish.add_argument("--idempotency-key", default=None)
-    publish.add_argument("--url", default=None, help="gateway URL (default http://HOST:PORT)")
-    config.add_arguments(publish, only=("host", "port", "api_key", "redis_url", "redis_prefix"))
+    publish.add_argument(
+        "--url", default=None, help="gateway URL (default http://OPS_LISTEN or http://HOST:PORT)"
+    )
+    config.add_arguments(
+        publish, only=("host", "port", "ops_listen", "api_key", "redis_url", "redis_prefix")
+    )
     return parser
 
 
@@ -113,7 +117,7 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
         result = asyncio.run(_publish_redis(settings, args, data))
         print(json.dumps(result))
         return 0
-    url = (args.url or f"http://{settings.host}:{settings.port}").rstrip("/") + "/api/v1/publish"
+    url = (args.url or _api_base(settings)).rstrip("/") + "/api/v1/publish"
     body: dict[str, Any] = {"room": args.room, "event": args.event, "data": data}
     if args.idempotency_key:
         body["idempotency_key"] = args.idempotency_key
@@ -146,6 +150,11 @@ async def _publish_redis(settings: Settings, args: argparse.Namespace, data: Any
     finally:
         await publisher.close()
     return {"id": result.id, "offset": result.offset, "duplicate": result.duplicate}
+
+
+def _api_base(settings: Settings) -> str:
+    """Where the server APIs are: the ops listener when there is one, else the main port."""
+    return f"http://{settings.ops_listen or f'{settings.host}:{settings.port}'}"
 
 
 def load_app(spec: str) -> Application:
@@ -193,7 +202,7 @@ def _dev_defaults(settings: Settings) -> Settings:
     auth = make_authenticator(settings)
     assert auth is not None
     token = auth.mint("dev-user", ["**"], ["**"], ttl_seconds=24 * 3600)
-    base = f"http://{settings.host}:{settings.port}"
+    base = _api_base(settings)
     print(
         "=== DEVELOPMENT MODE: generated secrets, not for production ===\n"
         f"dev token (sub=dev-user, all rooms, 24 h):\n  {token}\n"

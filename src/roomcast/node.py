@@ -11,11 +11,13 @@ from roomcast.app import Application
 from roomcast.auth import Authenticator, AuthSettings
 from roomcast.broker.base import Broker, BrokerError, PublishRequest, PublishResult
 from roomcast.broker.memory import MemoryBroker
-from roomcast.config import Settings
+from roomcast.config import Settings, ops_address
 from roomcast.connection import Flusher
 from roomcast.engine import EngineOptions, EngineServer
 from roomcast.events import BUILTINS
 from roomcast.handoff import Handoff
+from roomcast.http.access import Access
+from roomcast.http.peers import peer_path
 from roomcast.http.routes import Router
 from roomcast.hub import Hub, RoomKey
 from roomcast.metrics import BrokerCollector, Metrics
@@ -127,10 +129,18 @@ class Node:
             max_payload=settings.max_payload,
             worker=f"{worker[0]:02d}" if worker else "",
             peer_sockets={
-                f"{index:02d}": path for index, path in enumerate(worker[1]) if index != worker[0]
+                f"{index:02d}": peer_path(path)
+                for index, path in enumerate(worker[1])
+                if index != worker[0]
             }
             if worker
             else None,
+            access=Access.of(
+                ops_listen=settings.ops_listen,
+                metrics_key=settings.metrics_key,
+                production=settings.production,
+                api_key=settings.api_key,
+            ),
         )
         self.router.mount("/socket.io/", self.engine)
         self.handoff: Handoff | None = None
@@ -141,6 +151,8 @@ class Node:
             self.sockets.handoff = self.handoff
         self._server: asyncio.Server | None = None
         self._unix: asyncio.Server | None = None
+        self._peer: asyncio.Server | None = None
+        self._ops: asyncio.Server | None = None
         self._addresses: ClientAddresses | None = None
         self.started = False
         self.draining = False
@@ -211,19 +223,44 @@ class Node:
                 backlog=4096,
                 reuse_port=self.settings.workers > 1,
             )
+        if self.settings.ops_listen:
+            host, port = ops_address(self.settings.ops_listen)
+            self._ops = await loop.create_server(
+                lambda: HttpConnection(self.router.ops, addresses),
+                host,
+                port,
+                reuse_port=self.settings.workers > 1,
+            )
         if self.worker is not None:
-            self._unix = await loop.create_unix_server(factory, self.worker[1][self.worker[0]])
+            own = self.worker[1][self.worker[0]]
+            self._unix = await loop.create_unix_server(factory, own)
+            self._peer = await loop.create_unix_server(
+                lambda: HttpConnection(self.router.peer), peer_path(own)
+            )
         if self.handoff is not None:
             self.handoff.listen()
         if self.settings.recovery_max_disconnection_ms:
             self.tasks.spawn(self._touch_sessions(), name="touch-sessions")
         self.started = True
         log.info("listening on %s", ", ".join(str(s.getsockname()) for s in self._server.sockets))
+        if self._ops is not None:
+            log.info(
+                "operational endpoints on %s",
+                ", ".join(str(s.getsockname()) for s in self._ops.sockets),
+            )
 
     @property
     def port(self) -> int:
         assert self._server is not None
         port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def ops_port(self) -> int | None:
+        """The ops listener's port (``--ops-listen``), or None without one."""
+        if self._ops is None:
+            return None
+        port: int = self._ops.sockets[0].getsockname()[1]
         return port
 
     async def _touch_sessions(self) -> None:
@@ -266,8 +303,9 @@ class Node:
                 engine.close_all("server stopped")
         if self._server is not None:
             self._server.close()
-        if self._unix is not None:
-            self._unix.close()
+        for server in (self._unix, self._peer, self._ops):
+            if server is not None:
+                server.close()
         if self._addresses is not None:
             self._addresses.close_lingering()
         if self.handoff is not None:

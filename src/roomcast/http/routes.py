@@ -19,6 +19,7 @@ from roomcast.broker.base import (
     PublishResult,
 )
 from roomcast.http import peers
+from roomcast.http.access import Access, Listener, Route
 from roomcast.http.errors import ApiError, api_error_response, json_response
 from roomcast.protocol.errors import EventNameError
 from roomcast.protocol.socketio import check_event_name
@@ -34,8 +35,22 @@ _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 Publish = Callable[[PublishRequest], Awaitable[PublishResult]]
 
 
+class _ListenerView:
+    """The router as one listener sees it (an :class:`HttpHandler`)."""
+
+    __slots__ = ("_listener", "_router")
+
+    def __init__(self, router: Router, listener: Listener) -> None:
+        self._router = router
+        self._listener = listener
+
+    def handle(self, request: Request, exchange: Exchange) -> None:
+        self._router.route(self._listener, request, exchange)
+
+
 class Router:
-    """Dispatches by path; every other HTTP concern lives in the handlers it names."""
+    """Dispatches by path and listener; every other HTTP concern lives in the handlers it
+    names. ``handle`` is the public listener's view; ``ops`` and ``peer`` are the others'."""
 
     def __init__(
         self,
@@ -48,9 +63,11 @@ class Router:
         max_payload: int,
         worker: str = "",
         peer_sockets: dict[str, str] | None = None,
+        access: Access | None = None,
     ) -> None:
         """With ``--workers``: ``worker`` names this worker (``"00"``), ``peer_sockets`` maps the
-        others' names to their unix sockets, and ``/metrics`` and ``/readyz`` answer for all."""
+        others' names to their peer unix sockets, and ``/metrics`` and ``/readyz`` answer for
+        all. ``access`` says which listener serves what (default: everything public, no key)."""
         self.engines: dict[str, HttpHandler] = {}
         self._metrics = metrics
         self._tasks = tasks
@@ -60,14 +77,21 @@ class Router:
         self._max_payload = max_payload
         self._worker = worker
         self._peers = peer_sockets or {}
+        self._access = access or Access()
+        self.ops: HttpHandler = _ListenerView(self, Listener.OPS)
+        self.peer: HttpHandler = _ListenerView(self, Listener.PEER)
 
     def mount(self, path: str, handler: HttpHandler) -> None:
         self.engines[path.rstrip("/") + "/"] = handler
 
     def handle(self, request: Request, exchange: Exchange) -> None:
+        self.route(Listener.PUBLIC, request, exchange)
+
+    def route(self, listener: Listener, request: Request, exchange: Exchange) -> None:
         path = request.path
+        serves = self._access.serves
         engine = self.engines.get(path if path.endswith("/") else path + "/")
-        if engine is not None:
+        if engine is not None and serves(listener, Route.ENGINE):
             engine.handle(request, exchange)
         elif path == "/healthz":
             json_response(exchange, 200, {"status": "ok"})
@@ -77,13 +101,18 @@ class Router:
             else:
                 ready, detail = self._readiness()
                 json_response(exchange, 200 if ready else 503, {"ready": ready, **detail})
-        elif path == "/metrics":
-            if self._for_instance(request):
+        elif path == "/metrics" and serves(listener, Route.METRICS):
+            refusal = self._access.metrics_key_refusal(
+                listener, request.headers.get("authorization", "")
+            )
+            if refusal is not None:
+                api_error_response(exchange, ApiError(401, "unauthorized", refusal))
+            elif self._for_instance(request):
                 self._tasks.spawn(self._instance_metrics(exchange), name="metrics")
             else:
                 body = generate_latest(self._metrics.registry)
                 exchange.respond(200, body, [], CONTENT_TYPE_LATEST)
-        elif path == "/api/v1/publish":
+        elif path == "/api/v1/publish" and serves(listener, Route.API):
             self._publish_api(request, exchange)
         else:
             api_error_response(exchange, ApiError(404, "not_found", f"no route for {path[:80]}"))
