@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from roomcast.broker.topics import validate_namespace
+
 if TYPE_CHECKING:
     pass
 
@@ -103,9 +105,8 @@ class Application:
         self.namespaces: dict[str, Namespace] = {"/": Namespace("/")}
 
     def namespace(self, name: str) -> Namespace:
-        if not name.startswith("/"):
-            raise ValueError(f"namespace must start with '/', got {name!r}")
-        return self.namespaces.setdefault(name, Namespace(name))
+        """The namespace ``name``, defined now if new (see :func:`validate_namespace`)."""
+        return self.namespaces.setdefault(validate_namespace(name), Namespace(name))
 
     def on(self, event: str, namespace: str = "/") -> Callable[[F], F]:
         """Register the handler of a client event; its return value is the ack."""

@@ -1,4 +1,4 @@
-"""The built-in events of the main namespace: ``join``, ``leave`` and ``publish``.
+"""The built-in events of every namespace: ``join``, ``leave`` and ``publish``.
 
 Rooms are authorized by the token's ``rooms`` / ``publish`` claims.  The node hands
 :data:`BUILTINS` to the socket server, which looks an event up there when no handler of the
@@ -12,6 +12,7 @@ from typing import Any
 
 from roomcast.auth import InvalidRoomError, validate_room
 from roomcast.broker.base import BrokerError, BrokerUnavailableError, PublishRequest
+from roomcast.broker.topics import topic
 from roomcast.http.errors import ACK_OK, ack_error
 from roomcast.protocol.errors import EventNameError
 from roomcast.protocol.socketio import check_event_name
@@ -61,7 +62,7 @@ def join_here(socket: Socket, room: str, ack_id: int | None) -> None:
     if ack_id is None:
         return
     subscriptions = socket.client.server.subscriptions
-    if subscriptions.is_active(room):
+    if subscriptions.is_active(topic(socket.namespace.name, room)):
         socket.ack(ack_id, ACK_OK)
     else:
         socket.answer_later(_ack_when_subscribed(socket, room, ack_id), "join")
@@ -72,7 +73,7 @@ async def _ack_when_subscribed(socket: Socket, room: str, ack_id: int) -> None:
     broker refuses the room, the socket leaves it again and the ack says why."""
     server = socket.client.server
     try:
-        await server.subscriptions.wait(room)
+        await server.subscriptions.wait(topic(socket.namespace.name, room))
     except BrokerError as exc:
         socket.leave(room)
         server.metrics.refused_events.labels("room_unavailable").inc()
@@ -115,7 +116,11 @@ def _publish(socket: Socket, args: list[Any], ack_id: int | None) -> None:
             socket.ack(ack_id, ack_error("forbidden", f"not allowed to publish to {room!r}"))
         return
     request = PublishRequest(
-        room=room, event=body["event"], data=body["data"], exclude_sid=socket.id
+        room=room,
+        namespace=socket.namespace.name,
+        event=body["event"],
+        data=body["data"],
+        exclude_sid=socket.id,
     )
     socket.answer_later(_do_publish(socket, request, ack_id), "client-publish")
 

@@ -11,6 +11,7 @@ from roomcast.app import Application
 from roomcast.auth import Authenticator, AuthSettings
 from roomcast.broker.base import Broker, BrokerError, PublishRequest, PublishResult
 from roomcast.broker.memory import MemoryBroker
+from roomcast.broker.topics import topic
 from roomcast.config import Settings, ops_address
 from roomcast.connection import Flusher
 from roomcast.engine import EngineOptions, EngineServer
@@ -164,13 +165,11 @@ class Node:
     # -- wiring -----------------------------------------------------------------------------------
     def _first_member(self, key: RoomKey) -> None:
         self.metrics.rooms.inc()
-        if key[0] == "/":
-            self.subscriptions.want(key[1])
+        self.subscriptions.want(topic(*key))
 
     def _last_member(self, key: RoomKey) -> None:
         self.metrics.rooms.dec()
-        if key[0] == "/":
-            self.subscriptions.drop(key[1])
+        self.subscriptions.drop(topic(*key))
 
     def mount_engine(self, path: str, factory: Any) -> EngineServer:
         """Serve a raw Engine.IO application (``factory(conn) -> EngineHandler``) at ``path``."""

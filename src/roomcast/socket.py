@@ -148,7 +148,7 @@ class Socket:
         self.principal = principal
         self.auth = auth
         self.id = sid or SocketId(secrets.token_urlsafe(15))
-        recovery = client.server.options.recovery_ms and namespace.name == "/"
+        recovery = client.server.options.recovery_ms
         self.pid = pid or (secrets.token_urlsafe(15) if recovery else "")
         self.rooms: set[str] = set()
         self.connected = False
@@ -172,7 +172,12 @@ class Socket:
         """What a reconnecting client needs to recover this socket (see ``Client._recover``)."""
         # json, not orjson: orjson's result keeps a 4 KiB buffer, and states are held for minutes
         return json.dumps(
-            {"sid": self.id, "user": self.principal.user_id, "rooms": sorted(self.rooms)},
+            {
+                "sid": self.id,
+                "user": self.principal.user_id,
+                "nsp": self.namespace.name,
+                "rooms": sorted(self.rooms),
+            },
             separators=(",", ":"),
         ).encode()
 
@@ -228,7 +233,7 @@ class Socket:
             rooms = self.recovering[0]
             self.recovering = None
             for room in rooms:
-                self.client.server.hub.release(self, ("/", room))
+                self.client.server.hub.release(self, (self.namespace.name, room))
 
     def finish_recovery(self) -> None:
         """Replay what was missed, then the live broadcasts held meanwhile, then go live."""
@@ -246,7 +251,7 @@ class Socket:
             )
         for room in rooms:
             self.rooms.add(room)
-            hub.settle(self, ("/", room), replayed[room], seen)
+            hub.settle(self, (self.namespace.name, room), replayed[room], seen)
         server = self.client.server
         server.save_session(self, server.options.recovery_ms)
 
@@ -331,7 +336,7 @@ class Socket:
         if registered is not None:
             self._run(registered, name, args, ack_id)
             return
-        builtin = server.builtins.get(name) if self.namespace.name == "/" else None
+        builtin = server.builtins.get(name)
         if builtin is not None:
             builtin(self, args, ack_id)
             return
@@ -401,6 +406,8 @@ class Socket:
             "sid": self.id,
             "ts": str(int(time.time() * 1000)),
         }
+        if self.namespace.name != "/":
+            fields["namespace"] = self.namespace.name
         try:
             entry_id = await server.broker.append_upstream(fields)
         except BrokerError as exc:

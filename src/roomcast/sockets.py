@@ -17,6 +17,7 @@ from roomcast.app import Application, ConnectRefusedError
 from roomcast.auth import Authenticator, AuthError, Principal, token_from_request
 from roomcast.broker.base import Broker, BrokerError, History, Publication
 from roomcast.broker.offsets import OffsetError, parse_offset
+from roomcast.broker.topics import topic
 from roomcast.connection import Connection
 from roomcast.http.errors import connect_error_payload
 from roomcast.hub import Hub
@@ -73,7 +74,7 @@ class SocketServer:
     # -- broker delivery: the hot path -----------------------------------------------------------
     def deliver(self, publication: Publication) -> None:
         sent = self.hub.broadcast(
-            ("/", publication.room),
+            (publication.namespace, publication.room),
             publication.event,
             publication.data,
             offset=publication.offset if self.options.recovery_ms else None,
@@ -294,7 +295,7 @@ class Client:
         """Restore a disconnected socket from ``auth["pid"]`` / ``auth["offset"]`` if complete."""
         server = self.server
         pid, offset = auth.get("pid"), auth.get("offset")
-        if not server.options.recovery_ms or nsp != "/" or not isinstance(pid, str):
+        if not server.options.recovery_ms or not isinstance(pid, str):
             return None
         if PID_RE.match(pid) is None:
             server.metrics.recoveries.labels("bad_pid").inc()
@@ -315,6 +316,7 @@ class Client:
         try:
             state = orjson.loads(raw)
             user, sid, saved_rooms = state["user"], state["sid"], state["rooms"]
+            saved_nsp = state.get("nsp", "/")
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             server.metrics.recoveries.labels("bad_state").inc()
             log.warning("recovery state of %s is unreadable: %r", pid[:40], exc)
@@ -325,21 +327,27 @@ class Client:
         if user != principal.user_id:
             server.metrics.recoveries.labels("user_mismatch").inc()
             return None
-        namespace = server.app.namespaces["/"]
+        if saved_nsp != nsp:
+            server.metrics.recoveries.labels("namespace_mismatch").inc()
+            log.info("recovery refused: session of %r offered to %r", saved_nsp, nsp[:40])
+            return None
+        namespace = server.app.namespaces[nsp]
         socket = Socket(self, namespace, principal, auth, sid=SocketId(sid), pid=pid)
         rooms = [r for r in saved_rooms if isinstance(r, str) and principal.may_join(r)]
         for room in rooms:
-            server.hub.hold(socket, ("/", room))
+            server.hub.hold(socket, (nsp, room))
         try:
             for room in rooms:
-                await server.subscriptions.wait(room)
-            histories: list[History] = [await server.broker.history(r, offset) for r in rooms]
+                await server.subscriptions.wait(topic(nsp, room))
+            histories: list[History] = [
+                await server.broker.history(topic(nsp, r), offset) for r in rooms
+            ]
         except BrokerError as exc:
             histories = [History(complete=False)]
             log.info("recovery history unavailable: %s", exc)
         if not all(h.complete for h in histories):
             for room in rooms:
-                server.hub.release(socket, ("/", room))
+                server.hub.release(socket, (nsp, room))
             server.metrics.recoveries.labels("incomplete").inc()
             return None
         missed = sorted(

@@ -3,6 +3,11 @@
 A broker moves :class:`Publication` values.  It never knows about sockets or rooms' members:
 the node registers one delivery handler with :meth:`Broker.start`, and the broker calls it for
 every publication of a room this instance subscribed to, in publish order per room.
+
+Rooms are named by *topic* (:mod:`roomcast.broker.topics`): a room of the main namespace by its
+own name, room ``r`` of namespace ``/n`` as ``/n#r``.  The ``room`` argument of
+:meth:`Broker.subscribe`, :meth:`Broker.unsubscribe` and :meth:`Broker.history` is a topic; a
+:class:`Publication` carries its namespace and room apart, and its :attr:`Publication.topic`.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from roomcast.broker.topics import topic
 
 JSONValue = Any
 """Any value orjson can encode."""
@@ -39,6 +46,13 @@ class Publication:
     """A Socket.IO socket id that must not receive this publication (client publishing)."""
     origin: str | None = None
     """Broker-private tag (for example the instance that produced it)."""
+    namespace: str = "/"
+    """The Socket.IO namespace whose room this is (every namespace has its own rooms)."""
+
+    @property
+    def topic(self) -> str:
+        """What the broker calls this room (see :mod:`roomcast.broker.topics`)."""
+        return topic(self.namespace, self.room)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +63,11 @@ class PublishRequest:
     idempotency_key: str | None = None
     traceparent: str | None = None
     exclude_sid: str | None = None
+    namespace: str = "/"
+
+    @property
+    def topic(self) -> str:
+        return topic(self.namespace, self.room)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from roomcast.broker.base import (
     PublishResult,
 )
 from roomcast.broker.offsets import OffsetClock, parse_offset
+from roomcast.broker.topics import validate_topic
 
 log = logging.getLogger("roomcast.broker")
 
@@ -71,16 +72,18 @@ class MemoryBroker:
         self._state = BrokerState.STOPPED
 
     async def publish(self, request: PublishRequest) -> PublishResult:
+        validate_topic(request.topic)
         now_ms = int(time.time() * 1000)
         key = request.idempotency_key
         if key is not None:
             self._expire_idempotency(now_ms)
-            seen = self._idempotency.get((request.room, key))
+            seen = self._idempotency.get((request.topic, key))
             if seen is not None:
                 return PublishResult(id=seen[1].id, offset=seen[1].offset, duplicate=True)
         offset = self._clock.next(now_ms)
         publication = Publication(
             room=request.room,
+            namespace=request.namespace,
             event=request.event,
             data=request.data,
             id=offset,
@@ -93,13 +96,15 @@ class MemoryBroker:
         self._remember(publication, now_ms)
         result = PublishResult(id=publication.id, offset=offset)
         if key is not None:
-            self._idempotency[(request.room, key)] = (now_ms, result)
-        if self._handler is not None and request.room in self._subscribed:
+            self._idempotency[(request.topic, key)] = (now_ms, result)
+        if self._handler is not None and request.topic in self._subscribed:
             try:
                 self._handler(publication)
             except Exception:  # a delivery boundary: the publication is stored; log and count
                 self.dropped["delivery_failed"] += 1
-                log.exception("local delivery of %s to %s failed", publication.id, publication.room)
+                log.exception(
+                    "local delivery of %s to %s failed", publication.id, publication.topic
+                )
         return result
 
     async def subscribe(self, room: str) -> None:
@@ -161,9 +166,9 @@ class MemoryBroker:
         return offset
 
     def _remember(self, publication: Publication, now_ms: int) -> None:
-        kept = self._history.setdefault(publication.room, deque())
+        kept = self._history.setdefault(publication.topic, deque())
         kept.append(publication)
-        self._trim(publication.room, kept, now_ms)
+        self._trim(publication.topic, kept, now_ms)
         if now_ms >= self._next_history_sweep_ms:
             # Rooms nobody publishes to any more: drop their expired history (at most 1/s).
             self._next_history_sweep_ms = now_ms + 1000

@@ -36,7 +36,6 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from roomcast.auth import validate_room
 from roomcast.broker.base import (
     BatchScope,
     BrokerError,
@@ -73,6 +72,7 @@ from roomcast.broker.redis.notifications import Notifications
 from roomcast.broker.redis.publish import PublishLane
 from roomcast.broker.redis.sessions import RedisSessions
 from roomcast.broker.redis.upstream import append_upstream
+from roomcast.broker.topics import validate_namespace, validate_topic
 
 __all__ = ["RedisBroker"]
 
@@ -247,9 +247,11 @@ class RedisBroker:
     async def publish(self, request: PublishRequest) -> PublishResult:
         if self._stopped:
             raise BrokerUnavailableError("redis broker stopped")
-        validate_room(request.room)
+        validate_namespace(request.namespace)
+        room = validate_topic(request.topic)
         publication = Publication(
             room=request.room,
+            namespace=request.namespace,
             event=request.event,
             data=request.data,
             id=uuid.uuid4().hex,
@@ -260,9 +262,9 @@ class RedisBroker:
             origin=self.instance_id,
         )
         fields = encode_envelope(publication)
-        keys = [self._keys.room(request.room)]
+        keys = [self._keys.room(room)]
         if request.idempotency_key is not None:
-            keys.append(self._keys.idempotency(request.room, request.idempotency_key))
+            keys.append(self._keys.idempotency(room, request.idempotency_key))
         conn = self._conn
         try:
             if conn.client is None:  # connect first: only then is it known to be a cluster
@@ -272,7 +274,7 @@ class RedisBroker:
             feed = (
                 ("", "")  # a cluster would broadcast the message to every node
                 if is_cluster
-                else (self._keys.feed(request.room, conn.db), encode_feed(fields))
+                else (self._keys.feed(room, conn.db), encode_feed(fields))
             )
             args: list[str | int] = [
                 self._history_size,
@@ -303,7 +305,7 @@ class RedisBroker:
         If Redis is unreachable, the room is still registered: the reconnect subscribes it and
         starts from the stream's last entry at that time.
         """
-        validate_room(room)
+        validate_topic(room)
         delivery = self._delivery
         if room in delivery.rooms:
             return
@@ -352,7 +354,7 @@ class RedisBroker:
         See :func:`roomcast.broker.redis.history.history_complete` for how trimming, deletion
         and expiry are detected.
         """
-        validate_room(room)
+        validate_topic(room)
         after = parse_offset(after_offset)
         return await read_history(
             self._conn, self._keys, self._entries, room, after, ttl_ms=self._history_ttl_ms

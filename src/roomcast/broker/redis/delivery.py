@@ -341,7 +341,7 @@ class Delivery:
         if handler is None:
             self._dropped["no_handler"] += 1
             logger.warning(
-                "dropped entry %s of room %r: no_handler", publication.offset, publication.room
+                "dropped entry %s of room %r: no_handler", publication.offset, publication.topic
             )
             return
         try:
@@ -350,7 +350,7 @@ class Delivery:
             # Task boundary: the node's handler failed for this publication only.
             self._dropped["handler_error"] += 1
             logger.exception(
-                "dropped entry %s of room %r: handler_error", publication.offset, publication.room
+                "dropped entry %s of room %r: handler_error", publication.offset, publication.topic
             )
             return
         self.delivered += 1

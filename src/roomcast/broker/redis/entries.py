@@ -64,7 +64,7 @@ class EntryFilter:
             return set()
         pipe = client.pipeline(transaction=False)
         for pub in keyed:
-            key = self._keys.idempotency(pub.room, pub.idempotency_key or "")
+            key = self._keys.idempotency(pub.topic, pub.idempotency_key or "")
             if claim:
                 pipe.set(key, f"{pub.id}|{pub.offset}", nx=True, get=True, px=self._window_ms)
             else:
@@ -82,7 +82,7 @@ class EntryFilter:
                 logger.info(
                     "dropped entry %s of room %r: %s %r (first: %s)",
                     pub.offset,
-                    pub.room,
+                    pub.topic,
                     reason,
                     pub.idempotency_key,
                     owner,
