@@ -63,7 +63,16 @@ def _parser() -> argparse.ArgumentParser:
         "--url", default=None, help="gateway URL (default http://OPS_LISTEN or http://HOST:PORT)"
     )
     config.add_arguments(
-        publish, only=("host", "port", "ops_listen", "api_key", "redis_url", "redis_prefix")
+        publish,
+        only=(
+            "host",
+            "port",
+            "ops_listen",
+            "api_key",
+            "redis_url",
+            "redis_prefix",
+            "event_schemas",
+        ),
     )
     return parser
 
@@ -88,9 +97,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _check_config(args: argparse.Namespace, settings: Settings) -> int:
-    from roomcast.node import make_authenticator
+    from roomcast.node import load_schemas, make_authenticator
 
     make_authenticator(settings)
+    load_schemas(settings)
     print(json.dumps(settings.redacted(), indent=2, default=list))
     return 0
 
@@ -140,9 +150,12 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _publish_redis(settings: Settings, args: argparse.Namespace, data: Any) -> dict[str, Any]:
+    from roomcast.node import load_schemas
     from roomcast.publisher import Publisher
 
-    publisher = Publisher.from_url(settings.redis_url, prefix=settings.redis_prefix)
+    publisher = Publisher.from_url(
+        settings.redis_url, prefix=settings.redis_prefix, schemas=load_schemas(settings)
+    )
     try:
         result = await publisher.publish(
             args.room, args.event, data, idempotency_key=args.idempotency_key
@@ -169,9 +182,10 @@ def load_app(spec: str) -> Application:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     app = load_app(settings.app) if settings.app else None
     settings = _dev_defaults(settings)
-    from roomcast.node import make_authenticator
+    from roomcast.node import load_schemas, make_authenticator
 
     make_authenticator(settings)  # fail fast on bad key settings
+    load_schemas(settings, app)  # and on a bad schema file
     if settings.workers > 1:
         from roomcast.workers import run_workers
 

@@ -114,6 +114,11 @@ class Settings:
     upstream_events: tuple[str, ...] = _setting(
         (), "client event names appended to the upstream stream, comma-separated"
     )
+    event_schemas: str = _setting(
+        "",
+        "JSON file of event payload schemas: one object, event name to JSON Schema (draft-07); "
+        "checks client events and publications of those events",
+    )
     upstream_stream: str = _setting(
         "", "Redis stream for upstream client events (default <prefix>:upstream)"
     )

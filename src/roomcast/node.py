@@ -9,7 +9,14 @@ from typing import Any
 
 from roomcast.app import Application
 from roomcast.auth import Authenticator, AuthSettings
-from roomcast.broker.base import Broker, BrokerError, PublishRequest, PublishResult
+from roomcast.broker.base import (
+    Broker,
+    BrokerError,
+    PayloadCheck,
+    Publication,
+    PublishRequest,
+    PublishResult,
+)
 from roomcast.broker.memory import MemoryBroker
 from roomcast.broker.topics import topic
 from roomcast.config import Settings, ops_address
@@ -23,6 +30,7 @@ from roomcast.http.routes import Router
 from roomcast.hub import Hub, RoomKey
 from roomcast.metrics import BrokerCollector, Metrics
 from roomcast.protocol.socketio import Limits
+from roomcast.schemas import EventSchemas, InvalidPayloadError, SchemaError
 from roomcast.sockets import SocketOptions, SocketServer
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
@@ -32,7 +40,7 @@ from roomcast.transport.limits import ClientAddresses, HttpLimits
 log = logging.getLogger("roomcast.node")
 
 
-def make_broker(settings: Settings) -> Broker:
+def make_broker(settings: Settings, payload_check: PayloadCheck | None = None) -> Broker:
     if settings.redis_url:
         from roomcast.broker.redis import RedisBroker
 
@@ -43,12 +51,29 @@ def make_broker(settings: Settings) -> Broker:
             history_ttl_ms=settings.history_ttl_ms,
             idempotency_window_ms=settings.idempotency_window_ms,
             upstream_stream=settings.upstream_stream or None,
+            payload_check=payload_check,
         )
     return MemoryBroker(
         history_size=settings.history_size,
         history_ttl_ms=settings.history_ttl_ms,
         idempotency_window_ms=settings.idempotency_window_ms,
     )
+
+
+def load_schemas(settings: Settings, app: Application | None = None) -> EventSchemas:
+    """The ``--event-schemas`` file, compiled; an event may not also have a schema in the app
+    (which of the two would win is not obvious, so neither does)."""
+    schemas = (
+        EventSchemas.load(settings.event_schemas) if settings.event_schemas else EventSchemas()
+    )
+    for namespace in app.namespaces.values() if app is not None else ():
+        for event, registered in namespace.events.items():
+            if registered.schema is not None and event in schemas:
+                raise SchemaError(
+                    f"event {event!r} has a schema both in event_schemas "
+                    f"{settings.event_schemas!r} and in its app handler; keep one"
+                )
+    return schemas
 
 
 def make_authenticator(settings: Settings) -> Authenticator | None:
@@ -83,7 +108,10 @@ class Node:
         self.app = app or Application()
         self.metrics = metrics or Metrics()
         self.tasks = TaskSet(on_error=self._task_failed)
-        self.broker = broker or make_broker(settings)
+        self.schemas = load_schemas(settings, self.app)
+        self.broker = broker or make_broker(
+            settings, self._check_publication if self.schemas else None
+        )
         self.auth = make_authenticator(settings)
         self.metrics.registry.register(BrokerCollector(self.broker))
         self.subscriptions = Subscriptions(self.broker, self.tasks)
@@ -103,6 +131,7 @@ class Node:
                 upstream_events=settings.upstream_events,
                 max_rooms=settings.max_rooms_per_socket,
                 limits=Limits(settings.max_attachments, settings.max_nesting),
+                event_schemas=self.schemas,
             ),
             self.subscriptions,
         )
@@ -179,8 +208,16 @@ class Node:
         return engine
 
     async def publish(self, request: PublishRequest) -> PublishResult:
-        """The one publish path of the HTTP API, the CLI and in-process callers."""
+        """The one publish path of the HTTP API, the CLI and in-process callers.
+
+        Raise :class:`InvalidPayloadError` if the event has a schema that ``data`` fails."""
+        self.schemas.check(request.event, request.data)
         return await self.broker.publish(request)
+
+    def _check_publication(self, publication: Publication) -> str | None:
+        """The broker's :data:`PayloadCheck`: a stream entry whose data fails its schema."""
+        issues = self.schemas.issues(publication.event, publication.data)
+        return None if issues is None else str(InvalidPayloadError(publication.event, issues))
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         state = self.broker.state

@@ -23,6 +23,7 @@ from roomcast.http.access import Access, Listener, Route
 from roomcast.http.errors import ApiError, api_error_response, json_response
 from roomcast.protocol.errors import EventNameError
 from roomcast.protocol.socketio import check_event_name
+from roomcast.schemas import InvalidPayloadError
 from roomcast.transport.http import Exchange, HttpHandler, Request
 
 if TYPE_CHECKING:
@@ -178,6 +179,11 @@ class Router:
     async def _do_publish(self, request: PublishRequest, exchange: Exchange) -> None:
         try:
             result = await self._publish(request)
+        except InvalidPayloadError as exc:
+            self._metrics.invalid_payloads.labels("api_publish", request.event).inc()
+            log.info("publish to %s refused: %s", request.room, exc)
+            api_error_response(exchange, ApiError.invalid_payload(exc))
+            return
         except BrokerUnavailableError as exc:
             self._metrics.dropped.labels("broker_unavailable").inc()
             log.warning("publish to %s refused: %s", request.room, exc)
