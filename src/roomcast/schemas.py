@@ -61,8 +61,8 @@ class InvalidPayloadError(ValueError):
 
     def __init__(self, event: str, details: list[Issue]) -> None:
         first = details[0] if details else Issue("", "invalid")
-        where = first.path or "the payload"
-        super().__init__(f"payload of event {event[:60]!r} is invalid at {where}: {first.message}")
+        where = f" at {first.path}" if first.path else ""
+        super().__init__(f"payload of event {event[:60]!r} is invalid{where}: {first.message}")
         self.event = event
         self.details = details
 

@@ -3,7 +3,8 @@
 - ``echo``: the ack repeats the event's arguments (binary parts included);
 - ``ping-me``: the server calls the client (``server-ask`` with 41, waiting for its ack) and
   emits the client's answer back as ``client-answered``; the ack says whether that worked;
-- ``/admin``: a namespace whose connect handler emits ``admin-welcome``.
+- ``/admin``: a namespace whose connect handler emits ``admin-welcome``;
+- ``rename``: a handler with a schema (``{"name": 1-20 characters}``); the ack echoes the name.
 """
 
 from __future__ import annotations
@@ -35,3 +36,16 @@ async def ping_me(socket: Socket) -> dict[str, Any]:
 @app.on_connect("/admin")
 async def admin_welcome(socket: Socket) -> None:
     socket.emit("admin-welcome", {"user": socket.user_id, "namespace": socket.namespace.name})
+
+
+RENAME_SCHEMA = {
+    "type": "object",
+    "required": ["name"],
+    "additionalProperties": False,
+    "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 20}},
+}
+
+
+@app.on("rename", schema=RENAME_SCHEMA)
+async def rename(socket: Socket, data: dict[str, Any]) -> dict[str, Any]:
+    return {"ok": True, "name": data["name"]}
