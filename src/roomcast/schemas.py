@@ -178,6 +178,11 @@ class EventSchemas(Mapping[str, EventSchema]):
     def __getitem__(self, event: str) -> EventSchema:
         return self._schemas[event]
 
+    def get(self, event: str, default: Any = None) -> Any:
+        # The hot path asks this for every client event: a dict look-up, not Mapping's
+        # __getitem__ and KeyError.
+        return self._schemas.get(event, default)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._schemas)
 
