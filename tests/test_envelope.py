@@ -157,7 +157,9 @@ def test_decode_rejects_non_utf8_and_a_foreign_room() -> None:
     raw = {k.encode(): v.encode() for k, v in valid_fields().items()}
     with pytest.raises(EnvelopeError, match=r"^data: not utf-8"):
         decode_envelope("1-0", {**raw, b"data": b"\xff"})
-    with pytest.raises(EnvelopeError, match=r"^room: entry names 'chat:1' of namespace '/', stream is 'other'"):
+    with pytest.raises(
+        EnvelopeError, match=r"^room: entry names 'chat:1' of namespace '/', stream is 'other'"
+    ):
         decode_envelope("1-0", valid_fields(), room="other")
 
 

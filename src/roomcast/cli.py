@@ -40,7 +40,12 @@ def _parser() -> argparse.ArgumentParser:
 
     token = sub.add_parser("token", help="print a client JWT signed with the configured secret")
     token.add_argument("--sub", required=True, help="user id")
-    token.add_argument("--rooms", nargs="*", default=[], help="room glob patterns it may join")
+    token.add_argument(
+        "--rooms",
+        nargs="*",
+        default=[],
+        help="room patterns it may join ('*': one segment, '**': one or more)",
+    )
     token.add_argument("--publish", nargs="*", default=[], help="room patterns it may publish to")
     token.add_argument(
         "--ttl",
@@ -56,8 +61,21 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--data", required=True, help="JSON value")
     publish.add_argument("--idempotency-key", default=None)
     publish.add_argument("--namespace", default="/", help="the room's namespace (default /)")
-    publish.add_argument("--url", default=None, help="gateway URL (default http://HOST:PORT)")
-    config.add_arguments(publish, only=("host", "port", "api_key", "redis_url", "redis_prefix"))
+    publish.add_argument(
+        "--url", default=None, help="gateway URL (default http://OPS_LISTEN or http://HOST:PORT)"
+    )
+    config.add_arguments(
+        publish,
+        only=(
+            "host",
+            "port",
+            "ops_listen",
+            "api_key",
+            "redis_url",
+            "redis_prefix",
+            "event_schemas",
+        ),
+    )
 
     revoke = sub.add_parser(
         "revoke", help="revoke a user's tokens, or one token: its sockets are disconnected"
@@ -67,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     who.add_argument("--jti", help="revoke the token with this id (needs --exp)")
     revoke.add_argument("--exp", type=float, default=None, help="the token's exp (Unix seconds)")
     revoke.add_argument("--url", default=None, help="gateway URL (default http://HOST:PORT)")
-    config.add_arguments(revoke, only=("host", "port", "api_key"))
+    config.add_arguments(revoke, only=("host", "port", "ops_listen", "api_key"))
 
     sockets = sub.add_parser("sockets", help="list the sockets of a room or a user, everywhere")
     which = sockets.add_mutually_exclusive_group(required=True)
@@ -75,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--user")
     sockets.add_argument("--namespace", default="/")
     sockets.add_argument("--url", default=None, help="gateway URL (default http://HOST:PORT)")
-    config.add_arguments(sockets, only=("host", "port", "api_key"))
+    config.add_arguments(sockets, only=("host", "port", "ops_listen", "api_key"))
     return parser
 
 
@@ -99,9 +117,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _check_config(args: argparse.Namespace, settings: Settings) -> int:
-    from roomcast.node import make_authenticator
+    from roomcast.node import load_schemas, make_authenticator
 
     make_authenticator(settings)
+    load_schemas(settings)
     print(json.dumps(settings.redacted(), indent=2, default=list))
     return 0
 
@@ -151,7 +170,7 @@ def _sockets(args: argparse.Namespace, settings: Settings) -> int:
 
 def _api(args: argparse.Namespace, settings: Settings, method: str, path: str, body: Any) -> int:
     """Call the gateway's HTTP API with the API key; print the answer; 0 on success."""
-    url = (args.url or f"http://{settings.host}:{settings.port}").rstrip("/") + path
+    url = (args.url or _api_base(settings)).rstrip("/") + path
     request = urllib.request.Request(
         url,
         data=None if body is None else json.dumps(body).encode(),
@@ -174,9 +193,12 @@ def _api(args: argparse.Namespace, settings: Settings, method: str, path: str, b
 
 
 async def _publish_redis(settings: Settings, args: argparse.Namespace, data: Any) -> dict[str, Any]:
+    from roomcast.node import load_schemas
     from roomcast.publisher import Publisher
 
-    publisher = Publisher.from_url(settings.redis_url, prefix=settings.redis_prefix)
+    publisher = Publisher.from_url(
+        settings.redis_url, prefix=settings.redis_prefix, schemas=load_schemas(settings)
+    )
     try:
         result = await publisher.publish(
             args.room,
@@ -188,6 +210,11 @@ async def _publish_redis(settings: Settings, args: argparse.Namespace, data: Any
     finally:
         await publisher.close()
     return {"id": result.id, "offset": result.offset, "duplicate": result.duplicate}
+
+
+def _api_base(settings: Settings) -> str:
+    """Where the server APIs are: the ops listener when there is one, else the main port."""
+    return f"http://{settings.ops_listen or f'{settings.host}:{settings.port}'}"
 
 
 def load_app(spec: str) -> Application:
@@ -202,9 +229,10 @@ def load_app(spec: str) -> Application:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     app = load_app(settings.app) if settings.app else None
     settings = _dev_defaults(settings)
-    from roomcast.node import make_authenticator
+    from roomcast.node import load_schemas, make_authenticator
 
     make_authenticator(settings)  # fail fast on bad key settings
+    load_schemas(settings, app)  # and on a bad schema file
     if settings.workers > 1:
         from roomcast.workers import run_workers
 
@@ -234,8 +262,8 @@ def _dev_defaults(settings: Settings) -> Settings:
 
     auth = make_authenticator(settings)
     assert auth is not None
-    token = auth.mint("dev-user", ["*"], ["*"], ttl_seconds=24 * 3600)
-    base = f"http://{settings.host}:{settings.port}"
+    token = auth.mint("dev-user", ["**"], ["**"], ttl_seconds=24 * 3600)
+    base = _api_base(settings)
     print(
         "=== DEVELOPMENT MODE: generated secrets, not for production ===\n"
         f"dev token (sub=dev-user, all rooms, 24 h):\n  {token}\n"

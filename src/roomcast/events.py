@@ -115,6 +115,9 @@ def _publish(socket: Socket, args: list[Any], ack_id: int | None) -> None:
         if ack_id is not None:
             socket.ack(ack_id, ack_error("forbidden", f"not allowed to publish to {room!r}"))
         return
+    schema = socket.client.server.options.event_schemas.get(event)
+    if schema is not None and socket.refused(event, body["data"], schema, ack_id, "client_publish"):
+        return
     request = PublishRequest(
         room=room,
         namespace=socket.namespace.name,

@@ -50,6 +50,12 @@ class Metrics:
         self.dropped = Counter(
             "roomcast_dropped_messages", "Messages not delivered, by reason", ["reason"], registry=r
         )
+        self.invalid_payloads = Counter(
+            "roomcast_invalid_payloads",
+            "Payloads refused by their event's schema, by source and event",
+            ["source", "event"],
+            registry=r,
+        )
         self.published = Counter(
             "roomcast_published", "Publications accepted, by source", ["source"], registry=r
         )

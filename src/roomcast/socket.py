@@ -23,11 +23,12 @@ from roomcast.auth import Authenticator, Principal, validate_room
 from roomcast.broker.base import Broker, BrokerError, BrokerUnavailableError, Publication
 from roomcast.broker.offsets import parse_offset
 from roomcast.connection import Connection
-from roomcast.http.errors import ack_error
+from roomcast.http.errors import ack_error, ack_invalid_payload
 from roomcast.hub import Hub
 from roomcast.metrics import Metrics
 from roomcast.protocol.socketio import Limits, Packet, PacketType
 from roomcast.revocation import Revocations
+from roomcast.schemas import EventSchema, InvalidPayloadError, payload_of
 from roomcast.sessions import session_key
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
@@ -49,7 +50,7 @@ class Mover(Protocol):
         ...
 
 
-ANONYMOUS = Principal(user_id="", rooms=("*",), publish=("*",), expires_at=None, claims={})
+ANONYMOUS = Principal(user_id="", rooms=("**",), publish=("**",), expires_at=None, claims={})
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,8 @@ class SocketOptions:
     """Rooms one socket may be in: each costs the hub and the recovery state."""
     limits: Limits = field(default_factory=Limits)
     ack_timeout_s: float = 30.0
+    event_schemas: Mapping[str, EventSchema] = field(default_factory=dict)
+    """``--event-schemas``: client events (and publications) of these names are checked."""
 
 
 class SocketHost(Protocol):
@@ -373,6 +376,9 @@ class Socket:
             builtin(self, args, ack_id)
             return
         if isinstance(name, str) and name in server.options.upstream_events:
+            schema = server.options.event_schemas.get(name)
+            if schema is not None and self.refused(name, payload_of(args), schema, ack_id):
+                return
             self.answer_later(self._upstream(name, args, ack_id), f"upstream-{self.id}")
             return
         server.drop("no_handler", f"event {str(name)[:40]!r} from {self.id}")
@@ -386,6 +392,9 @@ class Socket:
                 self.ack(
                     ack_id, ack_error("bad_arguments", f"wrong number of arguments for {name!r}")
                 )
+            return
+        schema = registered.schema or self.client.server.options.event_schemas.get(name)
+        if schema is not None and self.refused(name, payload_of(args), schema, ack_id):
             return
         self.answer_later(
             self._call_handler(registered.handler(self, *args), ack_id), f"event-{name}"
@@ -407,6 +416,27 @@ class Socket:
                 self.ack(ack_id, *result)
             else:
                 self.ack(ack_id, result)
+
+    def refused(
+        self,
+        event: str,
+        payload: Any,
+        schema: EventSchema,
+        ack_id: int | None,
+        source: str = "client_event",
+    ) -> bool:
+        """Check ``payload`` against ``schema``; if it fails, count, log and answer the ack
+        with ``invalid_payload`` and its details, and return True (the event goes no further)."""
+        issues = schema.issues(payload)
+        if issues is None:
+            return False
+        error = InvalidPayloadError(event, issues)
+        server = self.client.server
+        server.metrics.invalid_payloads.labels(source, event).inc()
+        server.drop("invalid_payload", f"{error} (from {self.id})")
+        if ack_id is not None:
+            self.ack(ack_id, ack_invalid_payload(error))
+        return True
 
     def answer_later(self, call: Coroutine[Any, Any, None], name: str) -> None:
         """Run ``call``, which may answer the client, in a task; the socket owes it meanwhile."""

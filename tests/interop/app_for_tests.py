@@ -9,6 +9,7 @@
   room on every instance; ``ask-room`` (room, seconds) asks the rest of the room ``question``
   and acks what came back; ``start-beat`` (room) lets a startup task emit ``beat`` to the room
   every 200 ms.
+- ``rename``: a handler with a schema (``{"name": 1-20 characters}``); the ack echoes the name.
 """
 
 from __future__ import annotations
@@ -85,3 +86,16 @@ async def beat() -> None:
         await app.to(room).emit("beat", {"n": n, "pid": os.getpid()})
         n += 1
         await asyncio.sleep(0.2)
+
+
+RENAME_SCHEMA = {
+    "type": "object",
+    "required": ["name"],
+    "additionalProperties": False,
+    "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 20}},
+}
+
+
+@app.on("rename", schema=RENAME_SCHEMA)
+async def rename(socket: Socket, data: dict[str, Any]) -> dict[str, Any]:
+    return {"ok": True, "name": data["name"]}

@@ -115,6 +115,10 @@ DeliveryHandler = Callable[[Publication], None]
 ControlHandler = Callable[[bytes], None]
 """Called by the broker, in the event loop, for every control message sent to this instance."""
 
+PayloadCheck = Callable[[Publication], str | None]
+"""Why a publication read from the broker may not be delivered (its data fails its event's
+schema), or None; given by the node, so a broker refuses what a raw ``XADD`` got wrong."""
+
 BatchScope = Callable[[], AbstractContextManager[None]]
 """Entered by a broker around publications it delivers back to back (one fetch's worth), so the
 node can send what each client gets from them as one write."""

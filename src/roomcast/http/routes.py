@@ -20,10 +20,12 @@ from roomcast.broker.base import (
 )
 from roomcast.broker.topics import MAIN, InvalidNamespaceError, validate_namespace
 from roomcast.http import peers
+from roomcast.http.access import Access, Listener, Route
 from roomcast.http.errors import ApiError, api_error_response, json_response
 from roomcast.http.server_api import ServerApiRoutes
 from roomcast.protocol.errors import EventNameError
 from roomcast.protocol.socketio import check_event_name
+from roomcast.schemas import InvalidPayloadError
 from roomcast.transport.http import Exchange, HttpHandler, Request
 
 if TYPE_CHECKING:
@@ -39,8 +41,22 @@ _PUBLISH_FIELDS = frozenset(
 )
 
 
+class _ListenerView:
+    """The router as one listener sees it (an :class:`HttpHandler`)."""
+
+    __slots__ = ("_listener", "_router")
+
+    def __init__(self, router: Router, listener: Listener) -> None:
+        self._router = router
+        self._listener = listener
+
+    def handle(self, request: Request, exchange: Exchange) -> None:
+        self._router.route(self._listener, request, exchange)
+
+
 class Router:
-    """Dispatches by path; every other HTTP concern lives in the handlers it names."""
+    """Dispatches by path and listener; every other HTTP concern lives in the handlers it
+    names. ``handle`` is the public listener's view; ``ops`` and ``peer`` are the others'."""
 
     def __init__(
         self,
@@ -54,9 +70,11 @@ class Router:
         worker: str = "",
         peer_sockets: dict[str, str] | None = None,
         namespaces: Container[str] = ("/",),
+        access: Access | None = None,
     ) -> None:
         """With ``--workers``: ``worker`` names this worker (``"00"``), ``peer_sockets`` maps the
-        others' names to their unix sockets, and ``/metrics`` and ``/readyz`` answer for all."""
+        others' names to their peer unix sockets, and ``/metrics`` and ``/readyz`` answer for
+        all. ``access`` says which listener serves what (default: everything public, no key)."""
         self.engines: dict[str, HttpHandler] = {}
         self._metrics = metrics
         self._tasks = tasks
@@ -70,14 +88,21 @@ class Router:
         """The namespaces the application defines (publications to others are refused)."""
         self.server_api: ServerApiRoutes | None = None
         """The server API routes (set by the node once it has a cluster)."""
+        self._access = access or Access()
+        self.ops: HttpHandler = _ListenerView(self, Listener.OPS)
+        self.peer: HttpHandler = _ListenerView(self, Listener.PEER)
 
     def mount(self, path: str, handler: HttpHandler) -> None:
         self.engines[path.rstrip("/") + "/"] = handler
 
     def handle(self, request: Request, exchange: Exchange) -> None:
+        self.route(Listener.PUBLIC, request, exchange)
+
+    def route(self, listener: Listener, request: Request, exchange: Exchange) -> None:
         path = request.path
+        serves = self._access.serves
         engine = self.engines.get(path if path.endswith("/") else path + "/")
-        if engine is not None:
+        if engine is not None and serves(listener, Route.ENGINE):
             engine.handle(request, exchange)
         elif path == "/healthz":
             json_response(exchange, 200, {"status": "ok"})
@@ -87,15 +112,24 @@ class Router:
             else:
                 ready, detail = self._readiness()
                 json_response(exchange, 200 if ready else 503, {"ready": ready, **detail})
-        elif path == "/metrics":
-            if self._for_instance(request):
+        elif path == "/metrics" and serves(listener, Route.METRICS):
+            refusal = self._access.metrics_key_refusal(
+                listener, request.headers.get("authorization", "")
+            )
+            if refusal is not None:
+                api_error_response(exchange, ApiError(401, "unauthorized", refusal))
+            elif self._for_instance(request):
                 self._tasks.spawn(self._instance_metrics(exchange), name="metrics")
             else:
                 body = generate_latest(self._metrics.registry)
                 exchange.respond(200, body, [], CONTENT_TYPE_LATEST)
-        elif path == "/api/v1/publish":
+        elif path == "/api/v1/publish" and serves(listener, Route.API):
             self._publish_api(request, exchange)
-        elif self.server_api is not None and self.server_api.serves(path):
+        elif (
+            self.server_api is not None
+            and self.server_api.serves(path)
+            and serves(listener, Route.API)
+        ):
             self.server_api.handle(request, exchange)
         else:
             api_error_response(exchange, ApiError(404, "not_found", f"no route for {path[:80]}"))
@@ -168,6 +202,11 @@ class Router:
     async def _do_publish(self, request: PublishRequest, exchange: Exchange) -> None:
         try:
             result = await self._publish(request)
+        except InvalidPayloadError as exc:
+            self._metrics.invalid_payloads.labels("api_publish", request.event).inc()
+            log.info("publish to %s refused: %s", request.room, exc)
+            api_error_response(exchange, ApiError.invalid_payload(exc))
+            return
         except BrokerUnavailableError as exc:
             self._metrics.dropped.labels("broker_unavailable").inc()
             log.warning("publish to %s refused: %s", request.room, exc)

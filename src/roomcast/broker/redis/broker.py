@@ -44,6 +44,7 @@ from roomcast.broker.base import (
     ControlHandler,
     DeliveryHandler,
     History,
+    PayloadCheck,
     Publication,
     PublishRequest,
     PublishResult,
@@ -111,6 +112,7 @@ class RedisBroker:
         backoff_max: float = 5.0,
         ping_interval: float = 5.0,
         fetch_count: int = 1000,
+        payload_check: PayloadCheck | None = None,
     ) -> None:
         for name, value in (
             ("history_size", history_size),
@@ -144,7 +146,10 @@ class RedisBroker:
         self._conn = RedisConnection(url, cluster=cluster, socket_timeout=socket_timeout)
         self._lane = PublishLane(self._conn.ensure, self._conn.deadline, self._conn.running_loop)
         self._entries = EntryFilter(
-            self._keys, idempotency_window_ms=idempotency_window_ms, dropped=self.dropped
+            self._keys,
+            idempotency_window_ms=idempotency_window_ms,
+            dropped=self.dropped,
+            check=payload_check,
         )
         self._notifications = Notifications(
             self._conn, self._keys, instance_id=self.instance_id, ping_interval=ping_interval

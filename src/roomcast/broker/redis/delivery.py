@@ -214,6 +214,9 @@ class Delivery:
             logger.warning("bad feed message for room %r (%s); reading the stream", room.name, exc)
             self.mark_dirty((room,))
             return
+        if self._entries.refuses(publication):
+            self.mark_dirty((room,))  # the fetch reads it, then drops, counts and logs it
+            return
         room.last_id = publication.offset
         self._dirty.discard(room.name)
         if not self._fed:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import logging
 
-from roomcast.broker.base import Publication
+from roomcast.broker.base import PayloadCheck, Publication
 from roomcast.broker.envelope import EnvelopeError, decode_envelope
 from roomcast.broker.keys import Keys
 from roomcast.broker.redis.connection import Client, Entry, text
@@ -24,11 +24,22 @@ class EntryFilter:
     """Decodes entries and settles idempotency keys; counts what it drops in ``dropped``."""
 
     def __init__(
-        self, keys: Keys, *, idempotency_window_ms: int, dropped: collections.Counter[str]
+        self,
+        keys: Keys,
+        *,
+        idempotency_window_ms: int,
+        dropped: collections.Counter[str],
+        check: PayloadCheck | None = None,
     ) -> None:
         self._keys = keys
         self._window_ms = idempotency_window_ms
         self._dropped = dropped
+        self._check = check
+
+    def refuses(self, publication: Publication) -> bool:
+        """Whether the payload check refuses ``publication`` (not counted: :meth:`decode`,
+        which reads it from the stream again, counts and logs it)."""
+        return self._check is not None and self._check(publication) is not None
 
     def decode(
         self, room: str, entries: list[Entry], *, reason_prefix: str
@@ -43,12 +54,23 @@ class EntryFilter:
         for raw_id, fields in entries:
             entry_id = text(raw_id)
             try:
-                decoded.append((entry_id, decode_envelope(entry_id, fields, room=room)))
+                publication = decode_envelope(entry_id, fields, room=room)
             except EnvelopeError as exc:
                 reason = f"{reason_prefix}malformed_envelope"
                 self._dropped[reason] += 1
                 logger.warning("dropped entry %s of room %r: %s (%s)", entry_id, room, reason, exc)
                 decoded.append((entry_id, None))
+                continue
+            refusal = None if self._check is None else self._check(publication)
+            if refusal is not None:
+                reason = f"{reason_prefix}invalid_payload"
+                self._dropped[reason] += 1
+                logger.warning(
+                    "dropped entry %s of room %r: %s (%s)", entry_id, room, reason, refusal
+                )
+                decoded.append((entry_id, None))
+                continue
+            decoded.append((entry_id, publication))
         return decoded
 
     async def duplicates(
