@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--idempotency-key", default=None)
     publish.add_argument("--namespace", default="/", help="the room's namespace (default /)")
     publish.add_argument(
+        "--traceparent", default=None, help="W3C trace context the publication continues"
+    )
+    publish.add_argument(
         "--url", default=None, help="gateway URL (default http://OPS_LISTEN or http://HOST:PORT)"
     )
     config.add_arguments(
@@ -74,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
             "redis_url",
             "redis_prefix",
             "event_schemas",
+            "tracing",
         ),
     )
 
@@ -119,8 +123,11 @@ def main(argv: list[str] | None = None) -> None:
 def _check_config(args: argparse.Namespace, settings: Settings) -> int:
     from roomcast.node import load_schemas, make_authenticator
 
+    from roomcast.tracing import check
+
     make_authenticator(settings)
     load_schemas(settings)
+    check(settings.tracing)
     print(json.dumps(settings.redacted(), indent=2, default=list))
     return 0
 
@@ -144,7 +151,13 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--data is not valid JSON: {exc}") from exc
     if settings.redis_url:
-        result = asyncio.run(_publish_redis(settings, args, data))
+        from roomcast import tracing
+
+        tracing.setup(settings.tracing)  # the Publisher's span, when the OTEL_* variables ask
+        try:
+            result = asyncio.run(_publish_redis(settings, args, data))
+        finally:
+            tracing.shutdown()
         print(json.dumps(result))
         return 0
     body: dict[str, Any] = {"room": args.room, "event": args.event, "data": data}
@@ -152,6 +165,8 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
         body["namespace"] = args.namespace
     if args.idempotency_key:
         body["idempotency_key"] = args.idempotency_key
+    if args.traceparent:
+        body["traceparent"] = args.traceparent
     return _api(args, settings, "POST", "/api/v1/publish", body)
 
 
@@ -205,6 +220,7 @@ async def _publish_redis(settings: Settings, args: argparse.Namespace, data: Any
             args.event,
             data,
             idempotency_key=args.idempotency_key,
+            traceparent=args.traceparent,
             namespace=args.namespace,
         )
     finally:
@@ -233,6 +249,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     make_authenticator(settings)  # fail fast on bad key settings
     load_schemas(settings, app)  # and on a bad schema file
+    from roomcast.tracing import check
+
+    check(settings.tracing)  # and on tracing asked for without the otel extra
     if settings.workers > 1:
         from roomcast.workers import run_workers
 

@@ -19,6 +19,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 ENV_PREFIX = "ROOMCAST_"
+TRACING_MODES = ("auto", "on", "off")
+"""Values of the ``tracing`` setting (see :mod:`roomcast.tracing`)."""
 
 
 class ConfigError(ValueError):
@@ -131,6 +133,12 @@ class Settings:
         "", "Redis stream for upstream client events (default <prefix>:upstream)"
     )
     drain_seconds: float = _setting(10.0, "time given to clients to leave on SIGTERM")
+    tracing: str = _setting(
+        "auto",
+        "OpenTelemetry traces (needs roomcast[otel]): on, off, or auto: on when "
+        "OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+        "OTEL_TRACES_EXPORTER=otlp is set",
+    )
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad setting."""
@@ -184,6 +192,10 @@ class Settings:
                     f"ops_listen {self.ops_listen!r} must differ from host:port "
                     f"{self.host}:{self.port}"
                 )
+        if self.tracing not in TRACING_MODES:
+            raise ConfigError(
+                f"tracing must be one of {', '.join(TRACING_MODES)}, got {self.tracing!r}"
+            )
         if self.app and ":" not in self.app:
             raise ConfigError(f"app must be module:attribute, got {self.app!r}")
         if self.production:

@@ -12,6 +12,7 @@ from roomcast.auth import Authenticator, AuthSettings
 from roomcast.broker.base import (
     Broker,
     BrokerError,
+    DeliveryHandler,
     PayloadCheck,
     Publication,
     PublishRequest,
@@ -36,6 +37,7 @@ from roomcast.schemas import EventSchemas, InvalidPayloadError, SchemaError
 from roomcast.sockets import SocketOptions, SocketServer
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
+from roomcast.tracing import setup as setup_tracing
 from roomcast.transport.http import HttpConnection
 from roomcast.transport.limits import ClientAddresses, HttpLimits
 
@@ -115,6 +117,8 @@ class Node:
             settings, self._check_publication if self.schemas else None
         )
         self.auth = make_authenticator(settings)
+        self.tracing = setup_tracing(settings.tracing)
+        """OpenTelemetry spans, or None when tracing is off (see :mod:`roomcast.tracing`)."""
         self.metrics.registry.register(BrokerCollector(self.broker))
         self.subscriptions = Subscriptions(self.broker, self.tasks)
         self.flusher = Flusher()
@@ -138,6 +142,7 @@ class Node:
             self.subscriptions,
         )
         self.sockets.builtins = BUILTINS
+        self.sockets.tracing = self.tracing
         self.cluster = Cluster(
             self.broker,
             self.sockets,
@@ -231,7 +236,11 @@ class Node:
 
         Raise :class:`InvalidPayloadError` if the event has a schema that ``data`` fails."""
         self.schemas.check(request.event, request.data)
-        return await self.broker.publish(request)
+        if self.tracing is None:
+            return await self.broker.publish(request)
+        return await self.tracing.publish(
+            self.broker.publish, request, source="http", instance=self.broker.instance_id
+        )
 
     def _check_publication(self, publication: Publication) -> str | None:
         """The broker's :data:`PayloadCheck`: a stream entry whose data fails its schema."""
@@ -249,7 +258,10 @@ class Node:
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self, sock: socketlib.socket | None = None) -> None:
-        await self.broker.start(self.sockets.deliver, batch=self.flusher.batch)
+        deliver: DeliveryHandler = self.sockets.deliver  # off: nothing between broker and hub
+        if self.tracing is not None:
+            deliver = self.tracing.delivery(self.sockets.deliver, self.broker.instance_id)
+        await self.broker.start(deliver, batch=self.flusher.batch)
         try:
             self.sockets.revocations.load(await self.broker.revocations())
         except BrokerError as exc:  # the sync task tries again

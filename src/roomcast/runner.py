@@ -16,6 +16,7 @@ from typing import Any
 
 from roomcast.app import Application
 from roomcast.config import Settings
+from roomcast.tracing import shutdown as shutdown_tracing
 
 log = logging.getLogger("roomcast")
 
@@ -37,7 +38,10 @@ def run(
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(_run(settings, app, sock, mounts or {}, worker))
+    try:
+        asyncio.run(_run(settings, app, sock, mounts or {}, worker))
+    finally:
+        shutdown_tracing()  # export the spans still queued
 
 
 async def _run(

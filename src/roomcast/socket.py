@@ -14,7 +14,7 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -33,6 +33,9 @@ from roomcast.sessions import session_key
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
 from roomcast.types import SocketId
+
+if TYPE_CHECKING:
+    from roomcast.tracing import Tracing
 
 log = logging.getLogger("roomcast.sockets")
 
@@ -93,6 +96,8 @@ class SocketHost(Protocol):
     def auth(self) -> Authenticator | None: ...
     @property
     def revocations(self) -> Revocations: ...
+    @property
+    def tracing(self) -> Tracing | None: ...
 
     def drop(self, reason: str, detail: str) -> None: ...
 
@@ -470,8 +475,18 @@ class Socket:
         }
         if self.namespace.name != "/":
             fields["namespace"] = self.namespace.name
+        tracing = server.tracing
         try:
-            entry_id = await server.broker.append_upstream(fields)
+            if tracing is None:
+                entry_id = await server.broker.append_upstream(fields)
+            else:
+                entry_id = await tracing.upstream(
+                    server.broker.append_upstream,
+                    fields,
+                    socket=self.id,
+                    user=self.user_id,
+                    instance=server.broker.instance_id,
+                )
         except BrokerUnavailableError as exc:
             server.drop("upstream_unavailable", f"event {name!r} from {self.id}: {exc}")
             if ack_id is not None:

@@ -29,6 +29,7 @@ from roomcast.sessions import PID_RE, SessionWriter, session_key
 from roomcast.socket import ANONYMOUS, BuiltinEvent, Mover, Socket, SocketOptions
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
+from roomcast.tracing import Tracing
 from roomcast.types import SocketId
 
 __all__ = ["Client", "Mover", "SocketOptions", "SocketServer"]
@@ -66,6 +67,8 @@ class SocketServer:
         """With several workers: moves a socket to the worker that owns its first room."""
         self.builtins: Mapping[Any, BuiltinEvent] = {}
         """The built-in events of the main namespace (``events.BUILTINS``, set by the node)."""
+        self.tracing: Tracing | None = None
+        """OpenTelemetry spans when tracing is on (set by the node)."""
 
     def client(self, conn: Connection) -> Client:
         return Client(self, conn)
@@ -75,7 +78,8 @@ class SocketServer:
         log.info("dropped message (%s): %s", reason, detail)
 
     # -- broker delivery: the hot path -----------------------------------------------------------
-    def deliver(self, publication: Publication) -> None:
+    def deliver(self, publication: Publication) -> int:
+        """Send ``publication`` to its room's local members; return how many it was sent to."""
         sent = self.hub.broadcast(
             (publication.namespace, publication.room),
             publication.event,
@@ -89,6 +93,7 @@ class SocketServer:
         if publication.published_at_ms:
             lag = time.time() - publication.published_at_ms / 1000
             self.metrics.publish_latency.observe(max(lag, 0.0))
+        return sent
 
     # -- recovery state ----------------------------------------------------------------------------
     def save_session(self, socket: Socket, ttl_ms: int, *, final: bool = False) -> None:

@@ -109,8 +109,9 @@ class BrokerUnavailableError(BrokerError):
     """
 
 
-DeliveryHandler = Callable[[Publication], None]
-"""Called by the broker, in the event loop, for every publication of a subscribed room."""
+DeliveryHandler = Callable[[Publication], object]
+"""Called by the broker, in the event loop, for every publication of a subscribed room (what it
+returns is ignored)."""
 
 ControlHandler = Callable[[bytes], None]
 """Called by the broker, in the event loop, for every control message sent to this instance."""

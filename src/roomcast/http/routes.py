@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import re
@@ -180,6 +181,10 @@ class Router:
                 raise ApiError(405, "method_not_allowed", "use POST")
             self.check_key(request)
             publish = parse_publish_body(request.body, self._max_payload)
+            if publish.traceparent is None and "traceparent" in request.headers:
+                traceparent = header_traceparent(request.headers["traceparent"])
+                if traceparent is not None:
+                    publish = dataclasses.replace(publish, traceparent=traceparent)
             if publish.namespace not in self._namespaces:
                 raise ApiError(
                     400,
@@ -230,6 +235,22 @@ class Router:
             body["duplicate"] = True
         if not exchange.aborted:
             json_response(exchange, 200 if result.duplicate else 202, body)
+
+
+def header_traceparent(value: str) -> str | None:
+    """A W3C ``traceparent`` header's value, or None (logged) when it is not a valid one: as
+    the W3C recommendation asks, a bad header is ignored (the publication starts no trace
+    from it), never a reason to refuse the publication. A ``traceparent`` body field wins."""
+    value = value.strip()
+    if (
+        _TRACEPARENT.fullmatch(value) is None
+        or value.startswith("ff")
+        or value[3:35] == "0" * 32
+        or value[36:52] == "0" * 16
+    ):
+        log.info("ignored an invalid traceparent header: %r", value[:80])
+        return None
+    return value
 
 
 def parse_publish_body(body: bytes, max_payload: int) -> PublishRequest:
