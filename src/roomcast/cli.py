@@ -122,7 +122,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def _check_config(args: argparse.Namespace, settings: Settings) -> int:
     from roomcast.node import load_schemas, make_authenticator
-
     from roomcast.tracing import check
 
     make_authenticator(settings)
