@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from conftest import http_json
 
+import redis_fixtures
 from redis_fixtures import free_port, require_binary, wait_until
 from roomcast.auth import Authenticator, AuthSettings
 
@@ -41,6 +42,8 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
 IMAGE_USER = "10001:10001"
 ORIGIN = "https://app.example"
+
+redis_url = redis_fixtures.redis_url
 
 
 def _require_root() -> None:
@@ -121,9 +124,9 @@ def image_secrets() -> Secrets:
 
 @pytest.fixture(scope="module")
 def container(
-    image: Image, image_secrets: Secrets, tmp_path_factory: pytest.TempPathFactory
+    image: Image, image_secrets: Secrets, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Container]:
-    """The image started by run.sh in production mode on a free port, once /readyz says 200."""
+    """The image started by run.sh in production mode on Redis, once /readyz says 200."""
     port = free_port()
     name = f"roomcast-test-{uuid.uuid4().hex[:8]}"
     log_path = tmp_path_factory.mktemp("container") / "podman.log"
@@ -136,6 +139,8 @@ def container(
     command = [str(RUN), "--name", name]
     command += ["-e", "ROOMCAST_JWT_SECRET", "-e", "ROOMCAST_API_KEY"]
     command += ["-e", f"ROOMCAST_ALLOWED_ORIGINS={ORIGIN}", "-e", f"ROOMCAST_PORT={port}"]
+    # The host's network: the container reaches the test's redis-server on the loopback.
+    command += ["-e", f"ROOMCAST_REDIS_URL={redis_url}", "-e", f"ROOMCAST_REDIS_PREFIX={name}"]
     command += [image.ref]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -203,6 +208,7 @@ def test_container_serves_the_official_client(
     status, ready = http_json("GET", f"{container.url}/readyz")
     assert status == 200
     assert ready["ready"] is True
+    assert ready["broker"] == "connected"
     token = Authenticator(AuthSettings(secret=image_secrets.jwt_secret)).mint(
         "alice", ["doc:*"], [], ttl_seconds=600
     )
