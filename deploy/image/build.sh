@@ -119,6 +119,20 @@ else
   echo "image $image_ref cached" >&2
 fi
 
+# Earlier builds of this script (tags that are input hashes) go, so the storage does not grow
+# with every change of src/; an image still used by a container stays.
+prune() {
+  local ref
+  podman images --noheading --format '{{.Repository}}:{{.Tag}}' --filter "reference=$1" \
+    | grep -E ':([a-z]+-)?[0-9a-f]{16}$' | while read -r ref; do
+      if [ "$ref" != "$2" ]; then
+        podman rmi "$ref" >/dev/null 2>&1 || echo "kept $ref (in use)" >&2
+      fi
+    done
+}
+prune localhost/roomcast "$image_ref"
+prune localhost/roomcast-base "$base_ref"
+
 size="$(podman image inspect --format '{{.Size}}' "$image_ref")"
 base_size="$(podman image inspect --format '{{.Size}}' "$base_ref")"
 echo "size: $((size / 1024 / 1024)) MiB uncompressed (base $((base_size / 1024 / 1024)) MiB)" >&2
