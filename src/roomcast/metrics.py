@@ -50,6 +50,12 @@ class Metrics:
         self.dropped = Counter(
             "roomcast_dropped_messages", "Messages not delivered, by reason", ["reason"], registry=r
         )
+        self.invalid_payloads = Counter(
+            "roomcast_invalid_payloads",
+            "Payloads refused by their event's schema, by source and event",
+            ["source", "event"],
+            registry=r,
+        )
         self.published = Counter(
             "roomcast_published", "Publications accepted, by source", ["source"], registry=r
         )
@@ -69,6 +75,19 @@ class Metrics:
             "roomcast_task_failures",
             "Background tasks that ended with an error, by kind",
             ["kind"],
+            registry=r,
+        )
+        self.refreshes = Counter(
+            "roomcast_token_refreshes",
+            "Token refreshes on live sockets, by result (ok, or the refusal's code)",
+            ["result"],
+            registry=r,
+        )
+        self.cluster_requests = Counter(
+            "roomcast_cluster_requests",
+            "Server API requests to every instance, by operation and result (complete: every "
+            "live instance answered in time; incomplete: some did not)",
+            ["op", "result"],
             registry=r,
         )
         self.handoffs = Counter(
