@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,12 +92,17 @@ def image() -> Image:
 class Container:
     name: str
     port: int
+    ops_port: int
     process: subprocess.Popen[bytes]
     log_path: Path
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ops_url(self) -> str:
+        return f"http://127.0.0.1:{self.ops_port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-8000:]
@@ -126,8 +133,8 @@ def image_secrets() -> Secrets:
 def container(
     image: Image, image_secrets: Secrets, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Container]:
-    """The image started by run.sh in production mode on Redis, once /readyz says 200."""
-    port = free_port()
+    """The image started by run.sh as the manifests run it (production, Redis, ops listener)."""
+    port, ops_port = free_port(), free_port()
     name = f"roomcast-test-{uuid.uuid4().hex[:8]}"
     log_path = tmp_path_factory.mktemp("container") / "podman.log"
     # The secrets reach podman through its environment ("-e NAME" passes the value on).
@@ -139,6 +146,7 @@ def container(
     command = [str(RUN), "--name", name]
     command += ["-e", "ROOMCAST_JWT_SECRET", "-e", "ROOMCAST_API_KEY"]
     command += ["-e", f"ROOMCAST_ALLOWED_ORIGINS={ORIGIN}", "-e", f"ROOMCAST_PORT={port}"]
+    command += ["-e", f"ROOMCAST_OPS_LISTEN=127.0.0.1:{ops_port}"]
     # The host's network: the container reaches the test's redis-server on the loopback.
     command += ["-e", f"ROOMCAST_REDIS_URL={redis_url}", "-e", f"ROOMCAST_REDIS_PREFIX={name}"]
     command += [image.ref]
@@ -146,7 +154,7 @@ def container(
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
         )
-    started = Container(name=name, port=port, process=process, log_path=log_path)
+    started = Container(name=name, port=port, ops_port=ops_port, process=process, log_path=log_path)
 
     def ready() -> bool:
         if process.poll() is not None:
@@ -214,6 +222,7 @@ def test_container_serves_the_official_client(
     )
     config = {
         "url": container.url,
+        "opsUrl": container.ops_url,
         "token": token,
         "apiKey": image_secrets.api_key,
         "room": "doc:image",
@@ -226,6 +235,15 @@ def test_container_serves_the_official_client(
     expected = [{"from": "image", "n": 1}, offset]
     assert result["news"] == [expected, expected]
     assert result["transports"] == ["websocket", "polling"]
+
+
+def test_container_serves_metrics_on_the_ops_listener_only(container: Container) -> None:
+    """/metrics, with the HPA's roomcast_connections, is on the ops port and 404 on the main one."""
+    with urllib.request.urlopen(f"{container.ops_url}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert re.search(r"^roomcast_connections [0-9.e+]+$", text, re.M), text[:2000]
+    status, _body = http_json("GET", f"{container.url}/metrics")
+    assert status == 404
 
 
 def test_container_process_is_non_root(container: Container) -> None:

@@ -28,7 +28,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from redis_fixtures import require_binary
-from roomcast.config import ENV_PREFIX, Settings, load
+from roomcast.config import ENV_PREFIX, Settings, load, ops_address
 from roomcast.metrics import Metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -264,6 +264,32 @@ def test_probes_use_the_health_endpoints_on_the_served_port(objects: list[Object
         liveness["periodSeconds"] * liveness["failureThreshold"]
         > 4 * readiness["periodSeconds"] * readiness["failureThreshold"]
     )
+
+
+def test_metrics_and_server_apis_are_served_to_the_cluster_only(objects: list[Object]) -> None:
+    """ROOMCAST_OPS_LISTEN is the container's "ops" port, which Prometheus scrapes."""
+    container = _container(objects)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    host, port = ops_address(_settings_env(objects)[ENV_PREFIX + "OPS_LISTEN"])
+    assert (host, port) == ("0.0.0.0", ports["ops"])
+    annotations = _one(objects, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(ports["ops"])
+    assert annotations["prometheus.io/path"] == "/metrics"
+    service = _one(objects, "Service")
+    targets = {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}
+    assert targets == {"http": "http", "ops": "ops"}
+    monitors = [o for o in objects if o["kind"] == "ServiceMonitor"]
+    for monitor in monitors:
+        assert {targets[e["port"]] for e in monitor["spec"]["endpoints"]} == {"ops"}
+    # Clients come through the Ingress: it must not reach /metrics or the server APIs.
+    for ingress in (o for o in objects if o["kind"] == "Ingress"):
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                assert targets[path["backend"]["service"]["port"]["name"]] == "http"
+    policy = _one(objects, "NetworkPolicy")
+    for rule in policy["spec"]["ingress"]:
+        if any(p["port"] == "ops" for p in rule["ports"]):
+            assert rule.get("from"), "the ops port is open to every source"
 
 
 def test_grace_period_exceeds_prestop_and_drain(objects: list[Object]) -> None:

@@ -1,6 +1,6 @@
 // Two clients against the container image: one that starts on polling and upgrades, one that
 // stays on polling; both send the allowed Origin, join one room and receive one publication.
-// Config: {url, token, apiKey, room, origin}
+// Config: {url, opsUrl (the listener of the publish API), token, apiKey, room, origin}
 import { call, config, connected, describe, io, once, options, run, step } from "./lib.mjs";
 
 const cfg = config();
@@ -26,7 +26,7 @@ run(
     const joins = [await call(upgrading, "join", cfg.room), await call(polling, "join", cfg.room)];
     const received = Promise.all([once(upgrading, "news"), once(polling, "news")]);
     step("publishing");
-    const response = await fetch(`${cfg.url}/api/v1/publish`, {
+    const response = await fetch(`${cfg.opsUrl}/api/v1/publish`, {
       method: "POST",
       headers: {
         Authorization: `Bearer ${cfg.apiKey}`,
