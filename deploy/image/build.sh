@@ -53,10 +53,12 @@ make_base() {
     >"$work/debootstrap.log" 2>&1 || { tail -30 "$work/debootstrap.log" >&2; return 1; }
   # What no container needs: package caches and lists, documentation, translations, device
   # nodes and files the runtime provides.
-  rm -rf "$rootfs"/var/cache/apt/* "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/log/* \
-    "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* \
-    "$rootfs"/usr/share/locale/* "$rootfs"/dev/* "$rootfs"/tmp/* "$rootfs"/var/tmp/* \
-    "$rootfs"/etc/hostname "$rootfs"/etc/resolv.conf "$rootfs"/etc/machine-id
+  local dir
+  for dir in var/cache/apt var/lib/apt/lists var/log usr/share/doc usr/share/man usr/share/info \
+    usr/share/locale dev tmp var/tmp; do
+    find "${rootfs:?}/$dir" -mindepth 1 -delete
+  done
+  rm -f "${rootfs:?}"/etc/hostname "${rootfs:?}"/etc/resolv.conf "${rootfs:?}"/etc/machine-id
   cat >"$rootfs"/etc/dpkg/dpkg.cfg.d/01-container <<'DPKG'
 path-exclude=/usr/share/doc/*
 path-exclude=/usr/share/man/*
