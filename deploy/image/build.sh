@@ -9,9 +9,10 @@
 # Needs root, debootstrap, buildah and podman (apt-get install debootstrap buildah podman runc).
 # Both images are cached in the containers storage, tagged by a hash of their inputs:
 #   localhost/roomcast-base:<hash>  Debian bookworm minbase + python3, python3-venv, ca-certificates
-#   localhost/roomcast:<hash>       the Containerfile on that base (hash of Containerfile, this
-#                                   script, pyproject.toml, README.md and src/), also :latest
-# Environment: DEBIAN_MIRROR (default: debootstrap's own), ROOMCAST_OCI_RUNTIME (see run.sh).
+#   localhost/roomcast:<hash>       the Containerfile on that base (hash of Containerfile,
+#                                   .dockerignore, this script, pyproject.toml, README.md and
+#                                   src/), also tagged :latest
+# Earlier builds (other hashes) are removed. Environment: DEBIAN_MIRROR (debootstrap's default).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -92,7 +93,7 @@ image_key="$(
   cd "$repo"
   {
     echo "$base_ref"
-    sha256sum Containerfile deploy/image/build.sh pyproject.toml README.md
+    sha256sum Containerfile .dockerignore deploy/image/build.sh pyproject.toml README.md
     find src -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | LC_ALL=C sort -z \
       | xargs -0 sha256sum
   } | sha256sum | cut -c1-16

@@ -9,7 +9,7 @@
 # It uses the host's network (the server listens on the host's ROOMCAST_PORT; no bridge, no
 # port mapping), and works around what this sandbox refuses:
 # - crun fails with "cgroups in hybrid mode not supported" (cgroup v1 with a v2 mount beside),
-#   so runc runs the container when it is installed (ROOMCAST_OCI_RUNTIME overrides);
+#   so runc runs the container when it is installed (OCI_RUNTIME overrides);
 # - podman asks for RLIMIT_NOFILE 1048576 and RLIMIT_NPROC above the process's hard limit,
 #   which needs CAP_SYS_RESOURCE ("setrlimit RLIMIT_NPROC: Operation not permitted"), so both
 #   limits are set to what this shell already has;
@@ -18,7 +18,7 @@
 set -euo pipefail
 
 command -v podman >/dev/null || { echo "run.sh needs podman (apt-get install podman runc)" >&2; exit 1; }
-runtime="${ROOMCAST_OCI_RUNTIME:-}"
+runtime="${OCI_RUNTIME:-}"
 if [ -z "$runtime" ] && command -v runc >/dev/null; then
   runtime="$(command -v runc)"
 fi
