@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import yaml
 from conftest import http_json
 
 import redis_fixtures
@@ -263,6 +264,21 @@ def test_container_healthcheck_passes(container: Container) -> None:
         capture_output=True,
         text=True,
         timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_prestop_hook_of_the_manifests_runs_in_the_image(container: Container) -> None:
+    """The Deployment's preStop command exists in the image and runs as its user."""
+    deployment = yaml.safe_load((REPO / "deploy" / "k8s" / "base" / "deployment.yaml").read_text())
+    [roomcast] = deployment["spec"]["template"]["spec"]["containers"]
+    command = roomcast["lifecycle"]["preStop"]["exec"]["command"]
+    result = subprocess.run(
+        ["podman", "exec", container.name, *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
