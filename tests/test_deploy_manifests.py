@@ -42,7 +42,7 @@ CRD_KINDS = {"ServiceMonitor"}
 EXIT_MARGIN_S = 5.0
 """Seconds after the drain for the process to close the listener, flush state and exit."""
 PROCESS_BASELINE_MIB = 80
-"""RSS of roomcast with its libraries and a Redis link, rounded up (test_container_image prints 40-63)."""
+"""RSS of roomcast with its libraries and a Redis link, rounded up (test_container_image prints 40-64)."""
 LABELS = {"app.kubernetes.io/name": "roomcast", "app.kubernetes.io/component": "gateway"}
 
 Object = dict[str, Any]
