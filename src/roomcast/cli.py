@@ -234,8 +234,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     make_authenticator(settings)  # fail fast on bad key settings
     load_schemas(settings, app)  # and on a bad schema file
     if settings.workers > 1:
+        from roomcast.logs import configure as configure_logs
         from roomcast.workers import run_workers
 
+        configure_logs(settings.log_level, settings.log_format, settings.secret_values())
         code: int = run_workers(settings, app)
         return code
     run(settings, app)
