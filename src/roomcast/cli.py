@@ -252,8 +252,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     check(settings.tracing)  # and on tracing asked for without the otel extra
     if settings.workers > 1:
+        from roomcast.logs import configure as configure_logs
         from roomcast.workers import run_workers
 
+        configure_logs(settings.log_level, settings.log_format, settings.secret_values())
         code: int = run_workers(settings, app)
         return code
     run(settings, app)

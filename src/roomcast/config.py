@@ -44,6 +44,7 @@ class Settings:
     )
     app: str = _setting("", "load server-side handlers from module:attribute")
     log_level: str = _setting("info", "debug, info, warning or error")
+    log_format: str = _setting("text", "text, or json: one JSON object per line")
 
     jwt_secret: str = _setting("", "HS256/384/512 secret for client tokens", secret=True)
     jwt_public_key_file: str = _setting("", "PEM public key file for RS256/ES256 tokens")
@@ -179,6 +180,8 @@ class Settings:
             raise ConfigError(f"port must be at most 65535, got {self.port!r}")
         if any(a.lower() == "none" for a in self.jwt_algorithms):
             raise ConfigError("jwt_algorithms must not contain 'none'")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json, got {self.log_format!r}")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError(
                 f"log_level must be debug, info, warning or error, got {self.log_level!r}"
@@ -222,6 +225,20 @@ class Settings:
                 raise ConfigError(
                     "production mode does not accept allowed_origins '*': list the origins"
                 )
+
+    def secret_values(self) -> list[str]:
+        """Every secret setting's value, and the password of every URL setting: what no log
+        line may contain (``roomcast.logs.Redactor``)."""
+        values: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["secret"] and isinstance(value, str) and value:
+                values.append(value)
+            elif isinstance(value, str) and "://" in value and "@" in value:
+                password = urlsplit(value).password
+                if password:
+                    values.append(password)
+        return values
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with secrets masked, for logs and ``check-config``."""

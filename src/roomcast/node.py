@@ -120,6 +120,7 @@ class Node:
         self.tracing = setup_tracing(settings.tracing)
         """OpenTelemetry spans, or None when tracing is off (see :mod:`roomcast.tracing`)."""
         self.metrics.registry.register(BrokerCollector(self.broker))
+        self.metrics.ready.set_function(lambda: 1.0 if self.readiness()[0] else 0.0)
         self.subscriptions = Subscriptions(self.broker, self.tasks)
         self.flusher = Flusher()
         self.hub = Hub(self._first_member, self._last_member, self.flusher)

@@ -16,6 +16,7 @@ from typing import Any
 
 from roomcast.app import Application
 from roomcast.config import Settings
+from roomcast.logs import configure as configure_logs
 from roomcast.tracing import shutdown as shutdown_tracing
 
 log = logging.getLogger("roomcast")
@@ -29,9 +30,7 @@ def run(
     worker: tuple[int, tuple[str, ...]] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain.  ``mounts`` adds raw Engine.IO apps by path."""
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logs(settings.log_level, settings.log_format, settings.secret_values())
     try:
         import uvloop
 

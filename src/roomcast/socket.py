@@ -283,6 +283,13 @@ class Socket:
         if not self.connected:
             return
         self.client.server.metrics.disconnects.labels(code).inc()
+        log.info(
+            "ending socket %s of %r: %s",
+            self.id,
+            self.principal.user_id,
+            code,
+            extra={"socket": self.id, "user": self.principal.user_id, "reason": code},
+        )
         self.emit("roomcast:disconnect", {"code": code, "message": message})
         self.disconnect()
 

@@ -297,7 +297,13 @@ class Client:
 
     def _refuse(self, nsp: str, payload: dict[str, Any], code: str) -> None:
         self.server.metrics.auth_failures.labels(code).inc()
-        log.info("refused namespace %s on %s: %s", nsp[:40], self.conn.sid, payload.get("message"))
+        log.info(
+            "refused namespace %s on %s: %s",
+            nsp[:40],
+            self.conn.sid,
+            payload.get("message"),
+            extra={"sid": self.conn.sid, "namespace": nsp[:40], "reason": code},
+        )
         self.send(Packet(PacketType.CONNECT_ERROR, nsp, payload))
 
     async def _recover(self, nsp: str, auth: dict[str, Any], principal: Principal) -> Socket | None:
