@@ -35,7 +35,7 @@ import importlib.util
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from roomcast.broker.base import DeliveryHandler, Publication, PublishRequest, PublishResult
 from roomcast.config import TRACING_MODES, ConfigError
@@ -215,7 +215,6 @@ class Tracing:
         (or the current span) its parent, and this span's ``traceparent`` in the envelope."""
         attributes = {
             "messaging.system": _SYSTEM,
-            "messaging.operation.name": "publish",
             "messaging.operation.type": "send",
             "messaging.destination.name": request.topic,
             "roomcast.room": request.room,
@@ -224,7 +223,7 @@ class Tracing:
             "roomcast.source": source,
             "roomcast.instance": instance,
         }
-        with self._tracer.start_as_current_span(
+        with self._tracer.start_span(
             "roomcast publish",
             context=self._parent(request.traceparent),
             kind=self._producer,
@@ -257,35 +256,29 @@ class Tracing:
                 return
             now = time.time_ns()
             published = publication.published_at_ms * 1_000_000
-            common: dict[str, Any] = {
-                "messaging.system": _SYSTEM,
-                "messaging.destination.name": publication.topic,
-                "messaging.message.id": publication.id,
-                "roomcast.room": publication.room,
-                "roomcast.namespace": publication.namespace,
-                "roomcast.instance": instance,
-            }
+            # Few attributes: validating them is most of a span's cost in the SDK.
             receive = tracer.start_span(
                 "roomcast receive",
                 context=extract({"traceparent": traceparent}),
                 kind=consumer,
                 start_time=min(published, now) if published else now,
                 attributes={
-                    **common,
-                    "messaging.operation.name": "receive",
+                    "messaging.system": _SYSTEM,
                     "messaging.operation.type": "receive",
-                    "roomcast.event": publication.event,
+                    "messaging.destination.name": publication.topic,
+                    "messaging.message.id": publication.id,
                     "roomcast.offset": publication.offset,
+                    "roomcast.instance": instance,
                 },
             )
             receive.end(end_time=now)
-            with tracer.start_as_current_span(
+            with tracer.start_span(
                 "roomcast fanout",
                 context=in_span(receive),
                 attributes={
-                    **common,
-                    "messaging.operation.name": "fanout",
-                    "messaging.operation.type": "process",
+                    "roomcast.room": publication.room,
+                    "roomcast.namespace": publication.namespace,
+                    "roomcast.instance": instance,
                 },
             ) as span:
                 span.set_attribute("roomcast.members", fanout(publication))
@@ -306,7 +299,6 @@ class Tracing:
         no parent), with the span's ``traceparent`` added to ``fields``; return the entry id."""
         attributes = {
             "messaging.system": _SYSTEM,
-            "messaging.operation.name": "upstream",
             "messaging.operation.type": "send",
             "roomcast.event": fields.get("event", ""),
             "roomcast.namespace": fields.get("namespace", "/"),
@@ -314,7 +306,7 @@ class Tracing:
             "roomcast.user": user,
             "roomcast.instance": instance,
         }
-        with self._tracer.start_as_current_span(
+        with self._tracer.start_span(
             "roomcast upstream", context=self._root, kind=self._producer, attributes=attributes
         ) as span:
             traceparent = self.traceparent(span)
