@@ -42,10 +42,10 @@ otlp_receiver_fixture = otlp_receiver.otlp_receiver
 ROOMS = ("tr:**",)
 
 
-def _traceparent() -> tuple[str, str, str]:
-    """A fresh sampled W3C traceparent: (header value, trace id, parent span id)."""
+def _traceparent(*, sampled: bool = True) -> tuple[str, str, str]:
+    """A fresh W3C traceparent: (header value, trace id, parent span id)."""
     trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
-    return f"00-{trace_id}-{span_id}-01", trace_id, span_id
+    return f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}", trace_id, span_id
 
 
 def _named(spans: list[ReceivedSpan], name: str) -> list[ReceivedSpan]:
@@ -101,7 +101,7 @@ def test_spans_link_a_publisher_to_the_fan_out_on_two_instances(
     redis_prefix: str,
     otlp_receiver_fixture: OtlpReceiver,
 ) -> None:
-    """A traceparent header on the publish API, or a traceparent field of a raw XADD, continues as spans on both instances (publish, then a receive and a fan-out per instance, each the parent of the next), and an upstream client event is a span whose context its stream entry carries."""
+    """A traceparent header on the publish API, or a traceparent field of a raw XADD, continues as spans on both instances (publish, then a receive and a fan-out per instance, each the parent of the next), one not sampled makes none, and an upstream client event is a span whose context its stream entry carries."""
     receiver = otlp_receiver_fixture
     servers = gateways(2, *redis_args(redis_url, redis_prefix, "--upstream-events", "note"))
     room = "tr:room:1"
@@ -113,18 +113,31 @@ def test_spans_link_a_publisher_to_the_fan_out_on_two_instances(
     assert set(instances) == set(ids.values()) and len(set(instances.values())) == 2, instances
     both = set(instances.values())
 
+    api = {"Authorization": f"Bearer {servers[0].credentials.api_key}"}
+    # 0. not sampled: no spans anywhere (the next publication is the marker: each instance
+    # delivers, and exports, a room's publications in order)
+    header, quiet_trace, _ = _traceparent(sampled=False)
+    status, body = http_json(
+        "POST",
+        f"{servers[0].url}/api/v1/publish",
+        {"room": room, "event": "quiet", "data": {"n": 0}},
+        {**api, "traceparent": header},
+    )
+    assert status == 202, (status, body)
+
     # 1. the publish API, with a W3C traceparent header
     header, trace_id, caller = _traceparent()
     status, body = http_json(
         "POST",
         f"{servers[0].url}/api/v1/publish",
         {"room": room, "event": "hello", "data": {"n": 1}},
-        {"Authorization": f"Bearer {servers[0].credentials.api_key}", "traceparent": header},
+        {**api, "traceparent": header},
     )
     assert status == 202, (status, body)
     for name in ("a", "b"):
-        assert [e["data"] for e in node_clients.wait_events(name, 1)] == [{"n": 1}]
+        assert [e["data"] for e in node_clients.wait_events(name, 2)] == [{"n": 0}, {"n": 1}]
     spans = receiver.wait(_fanned_out(2), trace_id=trace_id, what="two fan-out spans")
+    assert receiver.trace(quiet_trace) == []
     [publish] = _named(spans, "roomcast publish")
     assert publish.parent == caller, publish
     assert publish.kind == "SPAN_KIND_PRODUCER", publish
@@ -150,7 +163,7 @@ def test_spans_link_a_publisher_to_the_fan_out_on_two_instances(
             {"room": room, "event": "hello", "data": '{"n": 2}', "traceparent": header},
         )
         for name in ("a", "b"):
-            assert [e["data"] for e in node_clients.wait_events(name, 2)][1] == {"n": 2}
+            assert [e["data"] for e in node_clients.wait_events(name, 3)][2] == {"n": 2}
         spans = receiver.wait(_fanned_out(2), trace_id=trace_id, what="two fan-out spans")
         assert _named(spans, "roomcast publish") == [], spans
         _check_delivery(spans, caller, room, both, members=1)

@@ -271,7 +271,11 @@ class Tracing:
                     "roomcast.instance": instance,
                 },
             )
+            sampled = receive.is_recording()  # (until it ends)
             receive.end(end_time=now)
+            if not sampled:  # a fan-out span would be the child of a span nobody sees
+                fanout(publication)
+                return
             with tracer.start_span(
                 "roomcast fanout",
                 context=in_span(receive),
