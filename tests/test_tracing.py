@@ -20,12 +20,20 @@ import pytest
 import redis
 from conftest import http_json
 from multi_fixtures import redis_args, room_key
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 
 import redis_fixtures
+import roomcast.tracing
+from roomcast.broker.base import BrokerUnavailableError, Publication, PublishRequest, PublishResult
+from roomcast.broker.memory import MemoryBroker
 from roomcast.config import ConfigError
 from roomcast.http.routes import header_traceparent
-from roomcast.tracing import wanted
+from roomcast.publisher import Publisher
+from roomcast.tracing import Tracing, wanted
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -364,3 +372,101 @@ def test_check_config_refuses_an_exporter_it_does_not_have() -> None:
     )
     assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
     assert "OTEL_TRACES_EXPORTER" in done.stderr, done.stderr
+
+
+# --------------------------------------------------------------------------- in one process
+# The spans themselves, with the real SDK and its in-memory exporter (no global provider).
+
+
+def _sdk() -> tuple[Tracing, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return Tracing(provider), exporter
+
+
+async def test_a_publish_span_is_the_parent_the_envelope_carries() -> None:
+    """The publish span is a child of the request's traceparent, the publication carries the publish span's own context, and the delivery spans hang under it."""
+    tracing, exporter = _sdk()
+    broker = MemoryBroker()
+    got: list[Publication] = []
+    await broker.start(tracing.delivery(lambda p: got.append(p) or 3, "inst-1"))
+    await broker.subscribe("r")
+    header, trace_id, caller = _traceparent()
+    result = await tracing.publish(
+        broker.publish,
+        PublishRequest(room="r", event="e", data=1, traceparent=header),
+        source="http",
+        instance="inst-1",
+    )
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    assert sorted(spans) == ["roomcast fanout", "roomcast publish", "roomcast receive"]
+    publish, receive = spans["roomcast publish"], spans["roomcast receive"]
+    fanout = spans["roomcast fanout"]
+    assert publish.parent is not None and f"{publish.parent.span_id:016x}" == caller
+    assert f"{publish.context.trace_id:032x}" == trace_id
+    assert got[0].traceparent == f"00-{trace_id}-{publish.context.span_id:016x}-01"
+    assert receive.parent is not None and receive.parent.span_id == publish.context.span_id
+    assert fanout.parent is not None and fanout.parent.span_id == receive.context.span_id
+    assert publish.attributes is not None and fanout.attributes is not None
+    assert publish.attributes["messaging.message.id"] == result.id
+    assert fanout.attributes["roomcast.members"] == 3
+    await broker.stop()
+
+
+async def test_a_failed_publish_is_an_error_span() -> None:
+    """A publish the broker refuses reaches the caller unchanged, and its span ends with an error status and the exception recorded."""
+    tracing, exporter = _sdk()
+
+    async def refuse(request: PublishRequest) -> PublishResult:
+        raise BrokerUnavailableError("redis is down")
+
+    with pytest.raises(BrokerUnavailableError, match="redis is down"):
+        await tracing.publish(
+            refuse, PublishRequest(room="r", event="e", data=1), source="http", instance="i"
+        )
+    [span] = exporter.get_finished_spans()
+    assert span.parent is None  # no traceparent, no current span: a new trace
+    assert span.status.status_code is StatusCode.ERROR
+    assert [event.name for event in span.events] == ["exception"]
+
+
+def test_a_publication_without_traceparent_makes_no_span() -> None:
+    """A publication with no traceparent (a plain XADD without one) is delivered with no span."""
+    tracing, exporter = _sdk()
+    sent: list[Publication] = []
+    deliver = tracing.delivery(lambda p: sent.append(p) or 1, "inst-1")
+    publication = Publication(room="r", event="e", data=1, id="p1", offset="1-0")
+    deliver(publication)
+    assert sent == [publication]
+    assert exporter.get_finished_spans() == ()
+
+
+async def test_a_publisher_in_a_traced_service_continues_its_current_span(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After roomcast.tracing.enable(provider), a Publisher's publish is a span under the caller's current span, and its envelope carries it."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(roomcast.tracing, "active", None)  # restored after the test
+    roomcast.tracing.enable(provider)
+    broker = MemoryBroker()
+    got: list[Publication] = []
+    await broker.start(got.append)
+    await broker.subscribe("r")
+    with provider.get_tracer("service").start_as_current_span("handle request") as caller:
+        await Publisher(broker).publish("r", "e", {"n": 1})
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    publish = spans["roomcast publish"]
+    assert publish.parent is not None
+    assert publish.parent.span_id == caller.get_span_context().span_id
+    assert publish.attributes is not None and publish.attributes["roomcast.source"] == "publisher"
+    assert got[0].traceparent is not None
+    _, trace_id, span_id, flags = got[0].traceparent.split("-")
+    assert (trace_id, span_id) == (
+        f"{publish.context.trace_id:032x}",
+        f"{publish.context.span_id:016x}",
+    )
+    assert int(flags, 16) & 1, "sampled"
+    await broker.stop()

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Final
 
 from roomcast.broker.base import DeliveryHandler, Publication, PublishRequest, PublishResult
-from roomcast.config import TRACING_MODES, ConfigError
+from roomcast.config import TRACING_MODES, ConfigError, redact_url
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider as ApiTracerProvider
 
 __all__ = ["Tracing", "active", "check", "enable", "setup", "shutdown", "wanted"]
+
+log = logging.getLogger("roomcast.tracing")
 
 _ENDPOINTS: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 _PROTOCOLS: Final = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
@@ -111,8 +114,9 @@ def _missing(mode: str, module: str | None) -> ConfigError:
     )
 
 
-def setup(mode: str, environ: Mapping[str, str] | None = None) -> Tracing | None:
-    """Switch tracing on if :func:`wanted`, once per process; return it, or None when off.
+def setup(mode: str) -> Tracing | None:
+    """Switch tracing on if :func:`wanted` (by ``mode`` and this process's environment), once
+    per process; return it, or None when off.
 
     Installs an SDK tracer provider exporting with OTLP/HTTP as the global provider, unless
     the process already has one (an ``--app`` that set OpenTelemetry up itself): Roomcast's
@@ -121,7 +125,7 @@ def setup(mode: str, environ: Mapping[str, str] | None = None) -> Tracing | None
     global _installed
     if active is not None:
         return active
-    environ = os.environ if environ is None else environ
+    environ = os.environ
     if not wanted(mode, environ):
         return None
     try:
@@ -134,6 +138,7 @@ def setup(mode: str, environ: Mapping[str, str] | None = None) -> Tracing | None
         raise _missing(mode, exc.name) from None
     current = trace.get_tracer_provider()
     if not isinstance(current, trace.ProxyTracerProvider):
+        log.info("tracing on, with the tracer provider the process set up")
         return enable(current)
     resource = Resource.create()
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
@@ -141,6 +146,13 @@ def setup(mode: str, environ: Mapping[str, str] | None = None) -> Tracing | None
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     if _flag(environ, "OTEL_TRACES_EXPORTER") != "none":
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        log.info(
+            "tracing on: spans of service %r exported with OTLP/HTTP to %s",
+            resource.attributes.get(SERVICE_NAME),
+            redact_url(_endpoint(environ)),
+        )
+    else:
+        log.info("tracing on, exporting nothing (OTEL_TRACES_EXPORTER=none)")
     trace.set_tracer_provider(provider)
     _installed = provider
     return enable(provider)
@@ -170,6 +182,15 @@ def shutdown() -> None:
 
 def _flag(environ: Mapping[str, str], name: str) -> str:
     return environ.get(name, "").strip().lower()
+
+
+def _endpoint(environ: Mapping[str, str]) -> str:
+    """Where the OTLP/HTTP exporter sends traces (its own rules, for the log)."""
+    traces = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    if traces:
+        return traces
+    base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or "http://localhost:4318"
+    return base.rstrip("/") + "/v1/traces"
 
 
 class Tracing:
