@@ -8,6 +8,7 @@ drained for as long as the process writes to it.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import IO
 
@@ -15,6 +16,8 @@ from typing import IO
 class ProcessOutput:
     def __init__(self, stream: IO[str]) -> None:
         self.lines: list[str] = []
+        self.times: list[float] = []
+        """``time.monotonic()`` when each line was read."""
         self._ended = False
         self._changed = threading.Condition()
         threading.Thread(target=self._read, args=(stream,), daemon=True).start()
@@ -22,6 +25,7 @@ class ProcessOutput:
     def _read(self, stream: IO[str]) -> None:
         for line in iter(stream.readline, ""):
             with self._changed:
+                self.times.append(time.monotonic())
                 self.lines.append(line)
                 self._changed.notify_all()
         with self._changed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket as socketlib
 from typing import Any
@@ -27,6 +28,8 @@ from roomcast.transport.http import HttpConnection
 from roomcast.transport.limits import ClientAddresses, HttpLimits
 
 log = logging.getLogger("roomcast.node")
+
+SHUTDOWN_REASON = "server shutting down"
 
 
 def make_broker(settings: Settings) -> Broker:
@@ -239,25 +242,78 @@ class Node:
                     self.metrics.recoveries.labels("touch_failed").inc()
                     log.warning("could not refresh recovery state: %s", exc)
 
-    async def drain(self) -> None:
-        """Stop accepting, tell clients to go (they reconnect elsewhere and recover), wait."""
+    async def drain(self, hurry: asyncio.Event | None = None) -> None:
+        """SIGTERM: let balancers and kubelets see it, then send clients elsewhere, gradually.
+
+        1. ``/readyz`` answers 503 at once, while everyone is still served (new sessions too)
+           for ``drain_delay_s``: health checks see it and stop sending new clients here.
+        2. Clients are told to leave at a steady rate over ``drain_window_s`` (they reconnect
+           through the balancer to the other instances and recover there); new sessions are
+           refused with 503 from here on.
+        3. Within ``drain_seconds``, the last clients leave (a polling one collects its CLOSE
+           packet with its next poll) and their recovery states are written; then the listener
+           closes.
+
+        ``hurry`` set (a second signal) skips what is left of the delay and the window.
+        """
         self.draining = True
+        hurry = hurry or asyncio.Event()
+        settings = self.settings
+        log.info(
+            "draining: not ready; clients are told to leave in %.1f s, over %.1f s",
+            settings.drain_delay_s,
+            settings.drain_window_s,
+        )
+        await _wait(hurry, settings.drain_delay_s)
         for engine in self.engines:
             engine.accepting = False
-        for engine in self.engines:
-            for conn in list(engine.sessions.values()):
-                conn.close("server shutting down")
+        told = await self._dismiss(settings.drain_window_s, hurry)
+        log.info("draining: %d clients told to leave", told)
         try:
-            async with asyncio.timeout(self.settings.drain_seconds):
+            async with asyncio.timeout(settings.drain_seconds):
+                while any(e.sessions or e.farewells for e in self.engines):
+                    if hurry.is_set():
+                        for engine in self.engines:
+                            engine.close_all(SHUTDOWN_REASON)
+                    await _wait(hurry, 0.05)
                 # the recovery states of the sockets just closed, so clients recover elsewhere
                 await self.sockets.session_writer.flush()
-                # polling clients collect their CLOSE packet with their next poll
-                while any(e.farewells for e in self.engines):  # noqa: ASYNC110 - a bounded drain
-                    await asyncio.sleep(0.05)
         except TimeoutError:
-            log.warning("drain: not finished within %ss", self.settings.drain_seconds)
+            log.warning("drain: not finished within %ss", settings.drain_seconds)
         if self._server is not None:
             self._server.close()
+
+    async def _dismiss(self, window: float, hurry: asyncio.Event) -> int:
+        """Tell every client to leave (:meth:`Connection.dismiss`), at a steady rate over
+        ``window`` seconds (at once when it is 0 or ``hurry`` is set); return how many."""
+        loop = asyncio.get_running_loop()
+        queue = [(engine, conn) for engine in self.engines for conn in engine.sessions.values()]
+        total = len(queue)
+        started = loop.time()
+        done = told = 0
+        # One tick per close, but at most 100 ticks a second (a timer per close would cost more
+        # than the closes) and at least 4: the rate stays steady over the window.
+        tick = min(max(window / max(total, 1), 0.01), 0.25)
+        while done < total:
+            elapsed = loop.time() - started
+            due = total
+            if window > 0 and elapsed < window and not hurry.is_set():
+                due = min(total, int(total * elapsed / window) + 1)
+            while done < due:
+                engine, conn = queue[done]
+                done += 1
+                if engine.sessions.get(conn.sid) is conn:  # not closed, nor moved to a worker
+                    conn.dismiss(SHUTDOWN_REASON)
+                    told += 1
+            if done < total:
+                await _wait(hurry, tick)
+        # sessions that arrived meanwhile (handed over by another worker before it saw the drain)
+        for engine in self.engines:
+            for conn in list(engine.sessions.values()):
+                if not conn.dismissing:
+                    conn.dismiss(SHUTDOWN_REASON)
+                    told += 1
+        return told
 
     async def stop(self) -> None:
         if not self.draining:
@@ -277,3 +333,12 @@ class Node:
         if self._server is not None:
             await self._server.wait_closed()
         self.started = False
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Wait ``seconds``, or less if ``event`` is or gets set."""
+    if seconds <= 0 or event.is_set():
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()

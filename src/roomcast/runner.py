@@ -27,7 +27,8 @@ def run(
     mounts: dict[str, Any] | None = None,
     worker: tuple[int, tuple[str, ...]] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then drain.  ``mounts`` adds raw Engine.IO apps by path."""
+    """Serve until SIGTERM/SIGINT, then drain (a second signal hurries the drain).  ``mounts``
+    adds raw Engine.IO apps by path."""
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -55,16 +56,23 @@ async def _run(
     _tune_gc()
     await node.start(sock)
     stop = asyncio.Event()
+    hurry = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set() and not hurry.is_set():
+            log.info("second signal: clients are told to leave now")
+            hurry.set()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     # One write() even with an unbuffered stdout (PYTHONUNBUFFERED), where print() writes the
     # text and its newline separately: the workers share the pipe, and their lines interleaved.
     sys.stdout.write(f"roomcast ready on {settings.host}:{node.port} (pid {os.getpid()})\n")
     sys.stdout.flush()
     await stop.wait()
-    log.info("draining")
-    await node.drain()
+    await node.drain(hurry)
     await node.stop()
 
 
