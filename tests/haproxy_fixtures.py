@@ -201,6 +201,7 @@ class HAProxy:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.output.close()
 
 
 def _listening(port: int) -> bool:

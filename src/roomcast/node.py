@@ -24,12 +24,16 @@ from roomcast.protocol.socketio import Limits
 from roomcast.sockets import SocketOptions, SocketServer
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
+from roomcast.transport import listener
+from roomcast.transport.admission import Admission
 from roomcast.transport.http import HttpConnection
 from roomcast.transport.limits import ClientAddresses, HttpLimits
 
 log = logging.getLogger("roomcast.node")
 
 SHUTDOWN_REASON = "server shutting down"
+BACKLOG = 4096
+"""The kernel's accept queue (capped by net.core.somaxconn)."""
 
 
 def make_broker(settings: Settings) -> Broker:
@@ -117,8 +121,9 @@ class Node:
             worker_index=worker[0] if worker else 0,
             worker_sockets=worker[1] if worker else (),
         )
+        self.admission = Admission()
         self.engine = EngineServer(
-            self.engine_options, self.sockets.client, self.metrics, self.flusher
+            self.engine_options, self.sockets.client, self.metrics, self.flusher, self.admission
         )
         self.engines = [self.engine]
         self.router = Router(
@@ -142,7 +147,7 @@ class Node:
                 worker[0], worker[1], self.engine, self.sockets.session_writer, self.metrics
             )
             self.sockets.handoff = self.handoff
-        self._server: asyncio.Server | None = None
+        self._listeners: list[listener.Listener] = []
         self._unix: asyncio.Server | None = None
         self._addresses: ClientAddresses | None = None
         self.started = False
@@ -165,7 +170,9 @@ class Node:
 
     def mount_engine(self, path: str, factory: Any) -> EngineServer:
         """Serve a raw Engine.IO application (``factory(conn) -> EngineHandler``) at ``path``."""
-        engine = EngineServer(self.engine_options, factory, self.metrics, self.flusher)
+        engine = EngineServer(
+            self.engine_options, factory, self.metrics, self.flusher, self.admission
+        )
         self.engines.append(engine)
         self.router.mount(path, engine)
         return engine
@@ -205,15 +212,16 @@ class Node:
             return HttpConnection(self.router, addresses)
 
         if sock is not None:
-            self._server = await loop.create_server(factory, sock=sock, backlog=4096)
+            sock.listen(BACKLOG)
+            sockets = [sock]
         else:
-            self._server = await loop.create_server(
-                factory,
-                self.settings.host,
-                self.settings.port,
-                backlog=4096,
-                reuse_port=self.settings.workers > 1,
+            sockets = listener.bind(
+                settings.host, settings.port, backlog=BACKLOG, reuse_port=settings.workers > 1
             )
+        self._listeners = [
+            listener.Listener(s, factory, self.tasks, lambda reason: refused.labels(reason).inc())
+            for s in sockets
+        ]
         if self.worker is not None:
             self._unix = await loop.create_unix_server(factory, self.worker[1][self.worker[0]])
         if self.handoff is not None:
@@ -221,12 +229,12 @@ class Node:
         if self.settings.recovery_max_disconnection_ms:
             self.tasks.spawn(self._touch_sessions(), name="touch-sessions")
         self.started = True
-        log.info("listening on %s", ", ".join(str(s.getsockname()) for s in self._server.sockets))
+        log.info("listening on %s", ", ".join(str(s.socket.getsockname()) for s in self._listeners))
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        port: int = self._server.sockets[0].getsockname()[1]
+        assert self._listeners
+        port: int = self._listeners[0].socket.getsockname()[1]
         return port
 
     async def _touch_sessions(self) -> None:
@@ -280,8 +288,8 @@ class Node:
                 await self.sockets.session_writer.flush()
         except TimeoutError:
             log.warning("drain: not finished within %ss", settings.drain_seconds)
-        if self._server is not None:
-            self._server.close()
+        for each in self._listeners:
+            each.close()
 
     async def _dismiss(self, window: float, hurry: asyncio.Event) -> int:
         """Tell every client to leave (:meth:`Connection.dismiss`), at a steady rate over
@@ -320,8 +328,8 @@ class Node:
             self.draining = True
             for engine in self.engines:
                 engine.close_all("server stopped")
-        if self._server is not None:
-            self._server.close()
+        for each in self._listeners:
+            each.close()
         if self._unix is not None:
             self._unix.close()
         if self._addresses is not None:
@@ -330,8 +338,6 @@ class Node:
             self.handoff.close()
         await self.tasks.close()
         await self.broker.stop()
-        if self._server is not None:
-            await self._server.wait_closed()
         self.started = False
 
 
