@@ -78,11 +78,7 @@ class SocketOptions:
     """Rooms one socket may be in: each costs the hub and the recovery state."""
     limits: Limits = field(default_factory=Limits)
     ack_timeout_s: float = 30.0
-    connects_in_flight: int = 16
-    """Namespace connects (token check, recovery) in progress at once; the others wait in
-    order. A reconnection storm otherwise starts thousands of recoveries together: they queue
-    for the broker's connections, their commands time out, and the clients lose their
-    sessions (3,000 clients at once: 154 did)."""
+    connects_in_flight: int = 16  # namespace connects at once; see docs/operations.md
 
 
 class SocketServer:
