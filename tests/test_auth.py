@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -560,24 +561,104 @@ def _principal(rooms: tuple[str, ...], publish: tuple[str, ...] = ()) -> Princip
     return Principal(user_id="u", rooms=rooms, publish=publish, expires_at=None, claims={})
 
 
-@pytest.mark.parametrize(
-    ("room", "allowed"),
-    [
-        ("doc:42", True),
-        ("doc:420", False),
-        ("doc:4", False),
-        ("team:7:general", True),
-        ("team:7:a:b", True),
-        ("team:7:", True),
-        ("team:70:general", False),
-        ("Team:7:general", False),
-        ("team:7:bad room", False),
-        ("", False),
-    ],
-)
-def test_may_join_globs(room: str, allowed: bool) -> None:
-    """may_join matches exact names and fnmatch globs, case-sensitively, and never bad names."""
-    assert _principal(("doc:42", "team:7:*")).may_join(room) is allowed
+# (pattern, room, granted): one table for the whole pattern language.
+PATTERN_TABLE = [
+    # exact names
+    ("doc:42", "doc:42", True),
+    ("doc:42", "doc:420", False),
+    ("doc:42", "doc:4", False),
+    ("doc:42", "Doc:42", False),
+    # '*' is exactly one non-empty segment
+    ("team:7:*", "team:7:general", True),
+    ("team:7:*", "team:7:a:b", False),
+    ("team:7:*", "team:7", False),
+    ("team:7:*", "team:7:", False),
+    ("team:7:*", "team:70:general", False),
+    ("team:7:*", "Team:7:general", False),
+    ("*", "lobby", True),
+    ("*", "doc:1", False),
+    ("*:1", "doc:1", True),
+    ("*:1", "doc:2", False),
+    ("doc:*:edit", "doc:9:edit", True),
+    ("doc:*:edit", "doc:9:x:edit", False),
+    ("*:*", "a:b", True),
+    ("*:*", "a:b:c", False),
+    # '**' is one or more non-empty segments, never zero
+    ("team:7:**", "team:7:general", True),
+    ("team:7:**", "team:7:a:b", True),
+    ("team:7:**", "team:7:a:b:c:d", True),
+    ("team:7:**", "team:7", False),
+    ("team:7:**", "team:7:", False),
+    ("team:7:**", "team:7::b", False),
+    ("team:7:**", "team:8:a", False),
+    ("**", "lobby", True),
+    ("**", "a:b:c", True),
+    ("**", "a::c", False),
+    ("org:**:admin", "org:1:admin", True),
+    ("org:**:admin", "org:1:2:3:admin", True),
+    ("org:**:admin", "org:admin", False),
+    ("org:**:admin", "org:1:admin:x", False),
+    ("**:**", "a", False),
+    ("**:**", "a:b", True),
+    ("**:x:**", "a:x:b", True),
+    ("**:x:**", "a:b:x:c:d", True),
+    ("**:x:**", "x:a", False),
+    # nothing else is special: these are literal characters no room name can hold
+    ("doc:4*", "doc:42", False),
+    ("doc*", "doc:1", False),
+    ("doc:?", "doc:1", False),
+    ("doc:[0-9]", "doc:1", False),
+    ("doc:***", "doc:1", False),
+    # literal segments, empty ones included, match exactly
+    ("a::b", "a::b", True),
+    ("a:*:b", "a::b", False),
+    # a room that is not a valid name is never granted
+    ("**", "bad room", False),
+    ("**", "", False),
+    ("*", "x" * 257, False),
+]
+
+
+@pytest.mark.parametrize(("pattern", "room", "granted"), PATTERN_TABLE)
+def test_room_patterns(pattern: str, room: str, granted: bool) -> None:
+    """A pattern grants a room when its segments match: '*' one, '**' one or more."""
+    principal = _principal((pattern,), (pattern,))
+    assert principal.may_join(room) is granted
+    assert principal.may_publish(room) is granted
+
+
+def test_room_patterns_with_many_double_stars() -> None:
+    """Forty '**' against a room of 128 segments is decided by segments (no backtracking)."""
+    room = ":".join(["a"] * 128)[:255]
+    pattern = ":".join(["**"] * 40 + ["b"])
+    assert not _principal((pattern,)).may_join(room)
+    assert _principal((pattern.removesuffix(":b"),)).may_join(room)
+
+
+NOTHING_GRANTED = {
+    "doc:4*": "only as a whole",
+    "doc*": "only as a whole",
+    "doc:***": "only as a whole",
+    "doc:[0-9]": "'[' cannot appear",
+    "doc:?": "'?' cannot appear",
+    "": "grants nothing",
+}
+
+
+@pytest.mark.parametrize(("pattern", "problem"), NOTHING_GRANTED.items())
+def test_mint_refuses_patterns_that_grant_nothing(pattern: str, problem: str) -> None:
+    """A pattern that can match no room name is refused where a token is minted."""
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        _hs_auth().mint("u", rooms=["doc:1", pattern])
+    with pytest.raises(ValueError, match="publish: pattern"):
+        _hs_auth().mint("u", rooms=[], publish=[pattern])
+
+
+def test_mint_accepts_every_other_pattern_in_the_table() -> None:
+    """Every pattern of the table except those that grant nothing is one that mint accepts."""
+    writable = {pattern for pattern, _, _ in PATTERN_TABLE} - set(NOTHING_GRANTED)
+    for pattern in sorted(writable):
+        assert _hs_auth().mint("u", rooms=[pattern])
 
 
 def test_may_publish_uses_publish_patterns() -> None:

@@ -43,7 +43,7 @@ def test_token_prints_only_the_jwt() -> None:
         "u1",
         "--rooms",
         "doc:42",
-        "team:7:*",
+        "team:7:**",
         "--ttl",
         "60",
         "--jwt-secret",
@@ -52,7 +52,7 @@ def test_token_prints_only_the_jwt() -> None:
     assert out.returncode == 0, out.stderr
     claims = jwt.decode(out.stdout.strip(), SECRET, algorithms=["HS256"])
     assert out.stdout.count("\n") == 1
-    assert claims["sub"] == "u1" and claims["rooms"] == ["doc:42", "team:7:*"]
+    assert claims["sub"] == "u1" and claims["rooms"] == ["doc:42", "team:7:**"]
     assert 50 < claims["exp"] - time.time() <= 60
 
 
@@ -60,6 +60,13 @@ def test_token_reads_the_secret_from_env_like_serve() -> None:
     """The secret comes from ROOMCAST_JWT_SECRET exactly as for serve."""
     out = cli("token", "--sub", "u1", env={"ROOMCAST_JWT_SECRET": SECRET})
     assert jwt.decode(out.stdout.strip(), SECRET, algorithms=["HS256"])["sub"] == "u1"
+
+
+def test_token_refuses_a_pattern_that_grants_nothing() -> None:
+    """A '*' inside a segment is no wildcard: token exits 2 naming the pattern, prints no JWT."""
+    out = cli("token", "--sub", "u1", "--rooms", "doc-*", "--jwt-secret", SECRET)
+    assert out.returncode == 2 and out.stdout == ""
+    assert "rooms: pattern 'doc-*'" in out.stderr and "whole" in out.stderr
 
 
 def test_token_without_secret_fails_clearly() -> None:

@@ -124,8 +124,8 @@ def test_schema_matches_the_codec() -> None:
         ({"room": None}, "room"),
         ({"event": None}, "event"),
         ({"data": None}, "data"),
-        ({"id": None}, "id"),
-        ({"published_at": None}, "published_at"),
+        ({"namespace": "docs"}, "namespace"),
+        ({"namespace": "/a#b"}, "namespace"),
         ({"event": ""}, "event"),
         ({"event": "e" * 257}, "event"),
         ({"data": "{not json"}, "data"),
@@ -157,7 +157,9 @@ def test_decode_rejects_non_utf8_and_a_foreign_room() -> None:
     raw = {k.encode(): v.encode() for k, v in valid_fields().items()}
     with pytest.raises(EnvelopeError, match=r"^data: not utf-8"):
         decode_envelope("1-0", {**raw, b"data": b"\xff"})
-    with pytest.raises(EnvelopeError, match=r"^room: entry names 'chat:1', stream is 'other'"):
+    with pytest.raises(
+        EnvelopeError, match=r"^room: entry names 'chat:1' of namespace '/', stream is 'other'"
+    ):
         decode_envelope("1-0", valid_fields(), room="other")
 
 
@@ -229,3 +231,30 @@ def test_feed_body_round_trips_and_rejects_what_is_not_an_object() -> None:
         decode_feed("7-1", b"[1]", room="r")
     with pytest.raises(EnvelopeError, match="room: entry names"):
         decode_feed("7-1", body, room="other")
+
+
+def test_plain_xadd_fields_are_a_whole_envelope() -> None:
+    """Without id and published_at, the entry id gives both (a domain service's plain XADD)."""
+    publication = decode_envelope(
+        "1700000000123-7", {b"room": b"r", b"event": b"e", b"data": b"{}"}, room="r"
+    )
+    assert publication.id == "1700000000123-7"
+    assert publication.published_at_ms == 1700000000123
+    assert publication.namespace == "/" and publication.topic == "r"
+
+
+def test_namespace_round_trip_and_topic_check() -> None:
+    """A namespaced publication keeps its namespace, and must come from its own topic's stream."""
+    publication = Publication(
+        room="1", namespace="/docs", event="e", data={"a": 1}, id="x", published_at_ms=5
+    )
+    fields = encode_envelope(publication)
+    assert fields["namespace"] == "/docs"
+    back = decode_envelope("5-0", fields, room="/docs#1")
+    assert (back.namespace, back.room, back.topic) == ("/docs", "1", "/docs#1")
+    with pytest.raises(EnvelopeError, match=r"^room: "):
+        decode_envelope("5-0", fields, room="1")  # the main namespace's room 1 is another room
+    main = encode_envelope(Publication(room="1", event="e", data=1, id="y"))
+    assert "namespace" not in main
+    with pytest.raises(EnvelopeError, match=r"^room: "):
+        decode_envelope("5-0", main, room="/docs#1")

@@ -107,8 +107,8 @@ def test_namespaces(node_scripts: NodeScripts, server: RoomcastServer, token: st
     assert result["unknownError"]["message"] == "Invalid namespace"
     assert result["stillConnected"] == {"main": True, "admin": True}
     assert result["mainEcho"] == ["still here"]
-    # join is a built-in of the main namespace only.
-    _assert_refused(result["adminJoin"][0], "unknown_event")
+    # join is a built-in of every namespace.
+    assert result["adminJoin"][0] == OK, result["adminJoin"]
     anonymous = result["anonymousError"]
     assert anonymous["data"]["code"] == "token_missing", anonymous
 
@@ -117,14 +117,18 @@ def test_namespaces(node_scripts: NodeScripts, server: RoomcastServer, token: st
 
 
 @pytest.mark.interop
-def test_join_and_leave(node_scripts: NodeScripts, server: RoomcastServer, token: str) -> None:
-    """Joins are acked ok, forbidden or invalid_room by claim and name; a left room goes quiet."""
+def test_join_and_leave(node_scripts: NodeScripts, server: RoomcastServer, mint: Mint) -> None:
+    """Joins are acked ok, forbidden or invalid_room by claim and name (``*`` one segment,
+    ``**`` one or more); a left room goes quiet."""
+    token = mint("alice", rooms=("doc:*", "team:7:*", "org:**"))
     config = {"url": server.url, "token": token, "apiKey": server.credentials.api_key}
     result = node_scripts.run("rooms.mjs", config)
     joins = result["joins"]
-    for name in ("allowed", "allowedDeep", "longest", "again", "second"):
+    allowed = ("allowed", "allowedOneSegment", "allowedDeep", "allowedDeepOne", "longest")
+    for name in (*allowed, "again", "second"):
         assert joins[name] == OK, (name, joins[name])
-    for name in ("forbidden", "forbiddenSibling"):
+    forbidden = ("forbiddenDeep", "forbiddenBelowDoc", "forbiddenZeroSegments")
+    for name in ("forbidden", "forbiddenSibling", *forbidden, "forbiddenEmptySegment"):
         _assert_refused(joins[name], "forbidden")
     for name in ("space", "empty", "tooLong", "notString"):
         _assert_refused(joins[name], "invalid_room")

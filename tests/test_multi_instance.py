@@ -49,7 +49,7 @@ gateways = multi_fixtures.gateways
 node_clients = multi_fixtures.node_clients
 tcp_proxy = multi_fixtures.tcp_proxy
 
-ROOMS = ("mi:*",)
+ROOMS = ("mi:**",)
 """What every test token may join."""
 
 

@@ -10,20 +10,39 @@
     async def echo(socket: Socket, text: str) -> str:
         return text            # becomes the client's ack
 
+    @app.on("review", namespace="/docs")
+    async def review(socket: Socket, doc: str) -> dict[str, Any]:
+        # every socket in room doc of /docs, on every instance, within 5 s
+        result = await app.of("/docs").to(doc).timeout(5).emit_with_ack("approve?", doc)
+        return {"yes": result.responses.count(True), "silent": len(result.missing)}
+    @app.on("comment", schema={"type": "object", "required": ["text"],
+                               "properties": {"text": {"type": "string", "maxLength": 500}}})
+    async def comment(socket: Socket, data: dict[str, Any]) -> None:
+        ...                    # only called with a payload that matches the schema
+
 Handlers are checked when they are registered: they must be ``async def`` and take the socket
 first; the number of event arguments they accept is recorded, and an event that does not fit is
 refused with a counted error instead of calling the handler and catching ``TypeError``.
+
+A handler registered with ``schema=`` (JSON Schema draft-07, compiled when registered) is
+called only with a payload that matches it: the one argument, or the array of arguments when
+there are none or several (:func:`roomcast.schemas.payload_of`). Otherwise the client's ack
+gets ``{"ok": false, "error": {"code": "invalid_payload", "message", "details"}}``, and an
+event without an ack is dropped, counted and logged. The same schema describes the event in
+the AsyncAPI document (``roomcast asyncapi``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-if TYPE_CHECKING:
-    pass
+from roomcast.broker.topics import validate_namespace
+from roomcast.operator import BroadcastOperator, Selector, ServerApi
+from roomcast.schemas import EventSchema
 
 EventHandler = Callable[..., Coroutine[Any, Any, Any]]
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -48,6 +67,8 @@ class Registered:
     min_args: int
     max_args: int | None
     """``None`` when the handler takes ``*args``."""
+    schema: EventSchema | None = None
+    """What the event's payload must match before the handler is called."""
 
     def accepts(self, count: int) -> bool:
         return count >= self.min_args and (self.max_args is None or count <= self.max_args)
@@ -97,21 +118,68 @@ class Namespace:
 
 
 class Application:
-    """Handlers per namespace.  The main namespace ``/`` always exists."""
+    """Handlers per namespace, and the server-side API.  The main namespace ``/`` always exists.
+
+    An application serves one node: the node attaches itself when it starts, and from then on
+    :meth:`of` and :meth:`to` reach every instance (from handlers, and from tasks started by
+    :meth:`on_startup` hooks).
+    """
 
     def __init__(self) -> None:
         self.namespaces: dict[str, Namespace] = {"/": Namespace("/")}
+        self.startup: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self._api: ServerApi | None = None
+
+    # -- the server-side API --------------------------------------------------------------------
+    def attach(self, api: ServerApi | None) -> None:
+        """Called by the node: the server API to act through (``None`` once it stops)."""
+        self._api = api
+
+    def _server_api(self) -> ServerApi:
+        if self._api is None:
+            raise RuntimeError("the application is not served by a started node")
+        return self._api
+
+    def of(self, namespace: str) -> BroadcastOperator:
+        """Every socket of ``namespace``, on every instance; narrow with ``.to(room)`` etc.
+
+        The namespace must be one the application defines (a handler or :meth:`namespace`)."""
+        if validate_namespace(namespace) not in self.namespaces:
+            raise ValueError(f"namespace {namespace!r}: not defined by the application")
+        return BroadcastOperator(self._server_api, Selector(namespace))
+
+    def to(self, *rooms: str) -> BroadcastOperator:
+        """``of("/").to(*rooms)``."""
+        return self.of("/").to(*rooms)
+
+    in_ = to
+
+    def on_startup(
+        self, handler: Callable[[], Coroutine[Any, Any, None]]
+    ) -> Callable[[], Coroutine[Any, Any, None]]:
+        """Register ``async () -> None``, run as a task once the node serves (cancelled when it
+        stops): the place for the application's own background work."""
+        self.startup.append(handler)
+        return handler
 
     def namespace(self, name: str) -> Namespace:
-        if not name.startswith("/"):
-            raise ValueError(f"namespace must start with '/', got {name!r}")
-        return self.namespaces.setdefault(name, Namespace(name))
+        """The namespace ``name``, defined now if new (see :func:`validate_namespace`)."""
+        return self.namespaces.setdefault(validate_namespace(name), Namespace(name))
 
-    def on(self, event: str, namespace: str = "/") -> Callable[[F], F]:
-        """Register the handler of a client event; its return value is the ack."""
+    def on(
+        self, event: str, namespace: str = "/", *, schema: dict[str, Any] | bool | None = None
+    ) -> Callable[[F], F]:
+        """Register the handler of a client event; its return value is the ack.
+
+        With ``schema`` (JSON Schema draft-07), the handler is called only with a payload that
+        matches it; a bad schema raises :class:`roomcast.schemas.SchemaError` here."""
+        compiled = None if schema is None else EventSchema(event, schema)
 
         def decorator(handler: F) -> F:
-            self.namespace(namespace).events[event] = _register(handler, f"event {event!r}")
+            registered = _register(handler, f"event {event!r}")
+            if compiled is not None:
+                registered = dataclasses.replace(registered, schema=compiled)
+            self.namespace(namespace).events[event] = registered
             return handler
 
         return decorator

@@ -16,12 +16,13 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from fnmatch import fnmatchcase
 from typing import Any, ClassVar
 
 import jwt
 from jwt.algorithms import get_default_algorithms
 from jwt.exceptions import InvalidJTIError, InvalidSubjectError
+
+from roomcast.patterns import matches, pattern_problem
 
 VERIFIED_CACHE_SIZE = 10_000
 VERIFIED_CACHE_SECONDS = 60.0
@@ -143,11 +144,11 @@ class Principal:
 
 
 def _matches_any(room: str, patterns: tuple[str, ...]) -> bool:
-    # fnmatch's ``*`` also crosses ``:`` and ``/``: "team:7:*" grants "team:7:a:b".
-    # An invalid name is never granted, whatever the patterns say.
+    # ``*`` is one segment, ``**`` one or more (roomcast.patterns); an invalid name is never
+    # granted, whatever the patterns say.
     if not isinstance(room, str) or ROOM_NAME_RE.match(room) is None:
         return False
-    return any(fnmatchcase(room, pattern) for pattern in patterns)
+    return any(matches(room, pattern) for pattern in patterns)
 
 
 def _pattern_claim(claims: Mapping[str, Any], name: str) -> tuple[str, ...]:
@@ -442,6 +443,10 @@ class Authenticator:
         for name, patterns in (("rooms", rooms), ("publish", publish)):
             if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
                 raise ValueError(f"{name} must be a sequence of strings, got {_show(patterns)}")
+            for pattern in patterns:
+                problem = pattern_problem(pattern)
+                if problem is not None:
+                    raise ValueError(f"{name}: {problem}")
         if ttl_seconds is not None and ttl_seconds <= 0:
             raise ValueError(f"ttl_seconds must be > 0 or None, got {ttl_seconds!r}")
         payload: dict[str, Any] = dict(extra or {})

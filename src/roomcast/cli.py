@@ -9,6 +9,7 @@ import json
 import secrets
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -39,7 +40,12 @@ def _parser() -> argparse.ArgumentParser:
 
     token = sub.add_parser("token", help="print a client JWT signed with the configured secret")
     token.add_argument("--sub", required=True, help="user id")
-    token.add_argument("--rooms", nargs="*", default=[], help="room glob patterns it may join")
+    token.add_argument(
+        "--rooms",
+        nargs="*",
+        default=[],
+        help="room patterns it may join ('*': one segment, '**': one or more)",
+    )
     token.add_argument("--publish", nargs="*", default=[], help="room patterns it may publish to")
     token.add_argument(
         "--ttl",
@@ -54,8 +60,40 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--event", required=True)
     publish.add_argument("--data", required=True, help="JSON value")
     publish.add_argument("--idempotency-key", default=None)
-    publish.add_argument("--url", default=None, help="gateway URL (default http://HOST:PORT)")
-    config.add_arguments(publish, only=("host", "port", "api_key", "redis_url", "redis_prefix"))
+    publish.add_argument("--namespace", default="/", help="the room's namespace (default /)")
+    publish.add_argument(
+        "--url", default=None, help="gateway URL (default http://OPS_LISTEN or http://HOST:PORT)"
+    )
+    config.add_arguments(
+        publish,
+        only=(
+            "host",
+            "port",
+            "ops_listen",
+            "api_key",
+            "redis_url",
+            "redis_prefix",
+            "event_schemas",
+        ),
+    )
+
+    revoke = sub.add_parser(
+        "revoke", help="revoke a user's tokens, or one token: its sockets are disconnected"
+    )
+    who = revoke.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="revoke every token of this user issued until now")
+    who.add_argument("--jti", help="revoke the token with this id (needs --exp)")
+    revoke.add_argument("--exp", type=float, default=None, help="the token's exp (Unix seconds)")
+    revoke.add_argument("--url", default=None, help="gateway URL (default http://HOST:PORT)")
+    config.add_arguments(revoke, only=("host", "port", "ops_listen", "api_key"))
+
+    sockets = sub.add_parser("sockets", help="list the sockets of a room or a user, everywhere")
+    which = sockets.add_mutually_exclusive_group(required=True)
+    which.add_argument("--room")
+    which.add_argument("--user")
+    sockets.add_argument("--namespace", default="/")
+    sockets.add_argument("--url", default=None, help="gateway URL (default http://HOST:PORT)")
+    config.add_arguments(sockets, only=("host", "port", "ops_listen", "api_key"))
     return parser
 
 
@@ -80,9 +118,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _check_config(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
-    from roomcast.node import make_authenticator
+    from roomcast.node import load_schemas, make_authenticator
 
     make_authenticator(settings)
+    load_schemas(settings)
     print(json.dumps(settings.redacted(), indent=2, default=list))
     return 0
 
@@ -109,22 +148,45 @@ def _publish(args: argparse.Namespace, settings: Settings, given: frozenset[str]
         result = asyncio.run(_publish_redis(settings, args, data))
         print(json.dumps(result))
         return 0
-    url = (args.url or f"http://{settings.host}:{settings.port}").rstrip("/") + "/api/v1/publish"
     body: dict[str, Any] = {"room": args.room, "event": args.event, "data": data}
+    if args.namespace != "/":
+        body["namespace"] = args.namespace
     if args.idempotency_key:
         body["idempotency_key"] = args.idempotency_key
+    return _api(args, settings, "POST", "/api/v1/publish", body)
+
+
+def _revoke(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
+    if args.jti is not None and args.exp is None:
+        raise ConfigError("--jti needs --exp, the token's exp claim")
+    body = {"user": args.user} if args.user else {"jti": args.jti, "exp": args.exp}
+    return _api(args, settings, "POST", "/api/v1/revoke", body)
+
+
+def _sockets(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
+    query = {"room": args.room} if args.room else {"user": args.user}
+    query["namespace"] = args.namespace
+    return _api(args, settings, "GET", "/api/v1/sockets?" + urllib.parse.urlencode(query), None)
+
+
+def _api(args: argparse.Namespace, settings: Settings, method: str, path: str, body: Any) -> int:
+    """Call the gateway's HTTP API with the API key; print the answer; 0 on success."""
+    url = (args.url or _api_base(settings)).rstrip("/") + path
     request = urllib.request.Request(
         url,
-        data=json.dumps(body).encode(),
+        data=None if body is None else json.dumps(body).encode(),
         headers={"Authorization": f"Bearer {settings.api_key}", "Content-Type": "application/json"},
-        method="POST",
+        method=method,
     )
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=30) as response:
             print(response.read().decode())
             return 0
     except urllib.error.HTTPError as error:
-        print(f"roomcast: publish failed ({error.code}): {error.read().decode()}", file=sys.stderr)
+        print(
+            f"roomcast: {args.command} failed ({error.code}): {error.read().decode()}",
+            file=sys.stderr,
+        )
         return 1
     except urllib.error.URLError as error:
         print(f"roomcast: cannot reach {url}: {error.reason}", file=sys.stderr)
@@ -132,16 +194,28 @@ def _publish(args: argparse.Namespace, settings: Settings, given: frozenset[str]
 
 
 async def _publish_redis(settings: Settings, args: argparse.Namespace, data: Any) -> dict[str, Any]:
+    from roomcast.node import load_schemas
     from roomcast.publisher import Publisher
 
-    publisher = Publisher.from_url(settings.redis_url, prefix=settings.redis_prefix)
+    publisher = Publisher.from_url(
+        settings.redis_url, prefix=settings.redis_prefix, schemas=load_schemas(settings)
+    )
     try:
         result = await publisher.publish(
-            args.room, args.event, data, idempotency_key=args.idempotency_key
+            args.room,
+            args.event,
+            data,
+            idempotency_key=args.idempotency_key,
+            namespace=args.namespace,
         )
     finally:
         await publisher.close()
     return {"id": result.id, "offset": result.offset, "duplicate": result.duplicate}
+
+
+def _api_base(settings: Settings) -> str:
+    """Where the server APIs are: the ops listener when there is one, else the main port."""
+    return f"http://{settings.ops_listen or f'{settings.host}:{settings.port}'}"
 
 
 def load_app(spec: str) -> Application:
@@ -156,9 +230,10 @@ def load_app(spec: str) -> Application:
 def _serve(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
     app = load_app(settings.app) if settings.app else None
     settings = _dev_defaults(settings, given)
-    from roomcast.node import make_authenticator
+    from roomcast.node import load_schemas, make_authenticator
 
     make_authenticator(settings)  # fail fast on bad key settings
+    load_schemas(settings, app)  # and on a bad schema file
     if settings.workers > 1:
         from roomcast.workers import run_workers
 
@@ -195,8 +270,8 @@ def _dev_defaults(settings: Settings, given: frozenset[str] = frozenset()) -> Se
 
     auth = make_authenticator(settings)
     assert auth is not None
-    token = auth.mint("dev-user", ["*"], ["*"], ttl_seconds=24 * 3600)
-    base = f"http://{settings.host}:{settings.port}"
+    token = auth.mint("dev-user", ["**"], ["**"], ttl_seconds=24 * 3600)
+    base = _api_base(settings)
     print(
         "=== DEVELOPMENT MODE: generated secrets, not for production ===\n"
         f"dev token (sub=dev-user, all rooms, 24 h):\n  {token}\n"
@@ -214,4 +289,6 @@ _COMMANDS = {
     "check-config": _check_config,
     "token": _token,
     "publish": _publish,
+    "revoke": _revoke,
+    "sockets": _sockets,
 }

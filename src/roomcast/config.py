@@ -58,6 +58,17 @@ class Settings:
     )
 
     api_key: str = _setting("", "bearer key for the HTTP publish API", secret=True)
+    ops_listen: str = _setting(
+        "",
+        "host:port of a second listener for /metrics, the probes and the server APIs "
+        "(/api/...); when set, the main port serves neither /metrics nor /api/",
+    )
+    metrics_key: str = _setting(
+        "",
+        "bearer key /metrics requires (default none; in production without --ops-listen, "
+        "/metrics requires the API key)",
+        secret=True,
+    )
     allowed_origins: tuple[str, ...] = _setting(
         (), "CORS / WebSocket Origin allow-list, comma-separated ('*' allows any)"
     )
@@ -91,6 +102,14 @@ class Settings:
     max_rooms_per_socket: int = _setting(
         1000, "rooms one socket may be in; a join beyond it is refused with too_many_rooms"
     )
+    revocation_ttl_s: int = _setting(
+        86_400,
+        "how long a user's revocation refuses that user's older tokens; at least the longest "
+        "token lifetime you issue",
+    )
+    revocation_sync_s: float = _setting(
+        5.0, "how often an instance reloads revocations from the broker (heals missed ones)"
+    )
 
     redis_url: str = _setting("", "Redis URL; empty means the embedded in-memory broker")
     redis_prefix: str = _setting("roomcast", "prefix of every Redis key")
@@ -102,6 +121,11 @@ class Settings:
     idempotency_window_ms: int = _setting(300_000, "window in which an idempotency key repeats")
     upstream_events: tuple[str, ...] = _setting(
         (), "client event names appended to the upstream stream, comma-separated"
+    )
+    event_schemas: str = _setting(
+        "",
+        "JSON file of event payload schemas: one object, event name to JSON Schema (draft-07); "
+        "checks client events and publications of those events",
     )
     upstream_stream: str = _setting(
         "", "Redis stream for upstream client events (default <prefix>:upstream)"
@@ -135,6 +159,8 @@ class Settings:
             "outbound_buffer_limit",
             "max_connections",
             "max_rooms_per_socket",
+            "revocation_ttl_s",
+            "revocation_sync_s",
             "http_head_timeout_s",
             "http_idle_timeout_s",
             "http_max_head_bytes",
@@ -168,6 +194,15 @@ class Settings:
             raise ConfigError(
                 f"log_level must be debug, info, warning or error, got {self.log_level!r}"
             )
+        if self.ops_listen:
+            host, port = ops_address(self.ops_listen)
+            if port == 0 and self.workers > 1:
+                raise ConfigError("ops_listen port 0 needs workers = 1: each would pick its own")
+            if (host, port) == (self.host, self.port):
+                raise ConfigError(
+                    f"ops_listen {self.ops_listen!r} must differ from host:port "
+                    f"{self.host}:{self.port}"
+                )
         if self.app and ":" not in self.app:
             raise ConfigError(f"app must be module:attribute, got {self.app!r}")
         if self.production:
@@ -206,6 +241,16 @@ class Settings:
                 value = redact_url(value)
             out[f.name] = value
         return out
+
+
+def ops_address(value: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for an IPv6 address) as a pair; the key is ops_listen."""
+    host, colon, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"ops_listen must be host:port (port 0-65535), got {value!r}")
+    return host, int(port)
 
 
 def redact_url(value: str) -> str:

@@ -39,7 +39,8 @@ from roomcast.engine import EngineServer
 from roomcast.events import join_event, join_here
 from roomcast.metrics import Metrics
 from roomcast.sessions import SessionWriter
-from roomcast.sockets import Client, Socket
+from roomcast.socket import Socket
+from roomcast.sockets import Client
 from roomcast.transport.http import HttpConnection, Request
 from roomcast.transport.ws_connection import WebSocketConnection
 from roomcast.types import SessionId, SocketId

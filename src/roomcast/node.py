@@ -10,17 +10,30 @@ from typing import Any
 
 from roomcast.app import Application
 from roomcast.auth import Authenticator, AuthSettings
-from roomcast.broker.base import Broker, BrokerError, PublishRequest, PublishResult
+from roomcast.broker.base import (
+    Broker,
+    BrokerError,
+    PayloadCheck,
+    Publication,
+    PublishRequest,
+    PublishResult,
+)
 from roomcast.broker.memory import MemoryBroker
-from roomcast.config import Settings
+from roomcast.broker.topics import topic
+from roomcast.cluster import Cluster
+from roomcast.config import Settings, ops_address
 from roomcast.connection import Flusher
 from roomcast.engine import EngineOptions, EngineServer
 from roomcast.events import BUILTINS
 from roomcast.handoff import Handoff
+from roomcast.http.access import Access
+from roomcast.http.peers import peer_path
 from roomcast.http.routes import Router
+from roomcast.http.server_api import ServerApiRoutes
 from roomcast.hub import Hub, RoomKey
 from roomcast.metrics import BrokerCollector, Metrics
 from roomcast.protocol.socketio import Limits
+from roomcast.schemas import EventSchemas, InvalidPayloadError, SchemaError
 from roomcast.sockets import SocketOptions, SocketServer
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
@@ -36,7 +49,7 @@ BACKLOG = 4096
 """The kernel's accept queue (capped by net.core.somaxconn)."""
 
 
-def make_broker(settings: Settings) -> Broker:
+def make_broker(settings: Settings, payload_check: PayloadCheck | None = None) -> Broker:
     if settings.redis_url:
         from roomcast.broker.redis import RedisBroker
 
@@ -47,12 +60,29 @@ def make_broker(settings: Settings) -> Broker:
             history_ttl_ms=settings.history_ttl_ms,
             idempotency_window_ms=settings.idempotency_window_ms,
             upstream_stream=settings.upstream_stream or None,
+            payload_check=payload_check,
         )
     return MemoryBroker(
         history_size=settings.history_size,
         history_ttl_ms=settings.history_ttl_ms,
         idempotency_window_ms=settings.idempotency_window_ms,
     )
+
+
+def load_schemas(settings: Settings, app: Application | None = None) -> EventSchemas:
+    """The ``--event-schemas`` file, compiled; an event may not also have a schema in the app
+    (which of the two would win is not obvious, so neither does)."""
+    schemas = (
+        EventSchemas.load(settings.event_schemas) if settings.event_schemas else EventSchemas()
+    )
+    for namespace in app.namespaces.values() if app is not None else ():
+        for event, registered in namespace.events.items():
+            if registered.schema is not None and event in schemas:
+                raise SchemaError(
+                    f"event {event!r} has a schema both in event_schemas "
+                    f"{settings.event_schemas!r} and in its app handler; keep one"
+                )
+    return schemas
 
 
 def make_authenticator(settings: Settings) -> Authenticator | None:
@@ -87,9 +117,13 @@ class Node:
         self.app = app or Application()
         self.metrics = metrics or Metrics()
         self.tasks = TaskSet(on_error=self._task_failed)
-        self.broker = broker or make_broker(settings)
+        self.schemas = load_schemas(settings, self.app)
+        self.broker = broker or make_broker(
+            settings, self._check_publication if self.schemas else None
+        )
         self.auth = make_authenticator(settings)
         self.metrics.registry.register(BrokerCollector(self.broker))
+        self.metrics.ready.set_function(lambda: 1.0 if self.readiness()[0] else 0.0)
         self.subscriptions = Subscriptions(self.broker, self.tasks)
         self.flusher = Flusher()
         self.hub = Hub(self._first_member, self._last_member, self.flusher)
@@ -107,10 +141,19 @@ class Node:
                 upstream_events=settings.upstream_events,
                 max_rooms=settings.max_rooms_per_socket,
                 limits=Limits(settings.max_attachments, settings.max_nesting),
+                event_schemas=self.schemas,
             ),
             self.subscriptions,
         )
         self.sockets.builtins = BUILTINS
+        self.cluster = Cluster(
+            self.broker,
+            self.sockets,
+            self.metrics,
+            self.tasks,
+            revocation_ttl_s=settings.revocation_ttl_s,
+        )
+        self.broker.on_control(self.cluster.on_message)
         self.engine_options = EngineOptions(
             ping_interval_ms=settings.ping_interval_ms,
             ping_timeout_ms=settings.ping_timeout_ms,
@@ -134,13 +177,30 @@ class Node:
             readiness=self.readiness,
             max_payload=settings.max_payload,
             worker=f"{worker[0]:02d}" if worker else "",
+            namespaces=self.app.namespaces,
             peer_sockets={
-                f"{index:02d}": path for index, path in enumerate(worker[1]) if index != worker[0]
+                f"{index:02d}": peer_path(path)
+                for index, path in enumerate(worker[1])
+                if index != worker[0]
             }
             if worker
             else None,
+            access=Access.of(
+                ops_listen=settings.ops_listen,
+                metrics_key=settings.metrics_key,
+                production=settings.production,
+                api_key=settings.api_key,
+            ),
         )
         self.router.mount("/socket.io/", self.engine)
+        self.router.server_api = ServerApiRoutes(
+            self.app.of,
+            revoke=self.cluster.revoke,
+            check_key=self.router.check_key,
+            tasks=self.tasks,
+            metrics=self.metrics,
+            max_payload=settings.max_payload,
+        )
         self.handoff: Handoff | None = None
         if worker is not None and len(worker[1]) > 1 and settings.room_affinity:
             self.handoff = Handoff(
@@ -149,6 +209,8 @@ class Node:
             self.sockets.handoff = self.handoff
         self._listeners: list[listener.Listener] = []
         self._unix: asyncio.Server | None = None
+        self._peer: asyncio.Server | None = None
+        self._ops: asyncio.Server | None = None
         self._addresses: ClientAddresses | None = None
         self.started = False
         self.draining = False
@@ -160,13 +222,11 @@ class Node:
     # -- wiring -----------------------------------------------------------------------------------
     def _first_member(self, key: RoomKey) -> None:
         self.metrics.rooms.inc()
-        if key[0] == "/":
-            self.subscriptions.want(key[1])
+        self.subscriptions.want(topic(*key))
 
     def _last_member(self, key: RoomKey) -> None:
         self.metrics.rooms.dec()
-        if key[0] == "/":
-            self.subscriptions.drop(key[1])
+        self.subscriptions.drop(topic(*key))
 
     def mount_engine(self, path: str, factory: Any) -> EngineServer:
         """Serve a raw Engine.IO application (``factory(conn) -> EngineHandler``) at ``path``."""
@@ -178,8 +238,16 @@ class Node:
         return engine
 
     async def publish(self, request: PublishRequest) -> PublishResult:
-        """The one publish path of the HTTP API, the CLI and in-process callers."""
+        """The one publish path of the HTTP API, the CLI and in-process callers.
+
+        Raise :class:`InvalidPayloadError` if the event has a schema that ``data`` fails."""
+        self.schemas.check(request.event, request.data)
         return await self.broker.publish(request)
+
+    def _check_publication(self, publication: Publication) -> str | None:
+        """The broker's :data:`PayloadCheck`: a stream entry whose data fails its schema."""
+        issues = self.schemas.issues(publication.event, publication.data)
+        return None if issues is None else str(InvalidPayloadError(publication.event, issues))
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         state = self.broker.state
@@ -193,6 +261,10 @@ class Node:
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self, sock: socketlib.socket | None = None) -> None:
         await self.broker.start(self.sockets.deliver, batch=self.flusher.batch)
+        try:
+            self.sockets.revocations.load(await self.broker.revocations())
+        except BrokerError as exc:  # the sync task tries again
+            log.warning("could not load revocations: %s", exc)
         loop = asyncio.get_running_loop()
         settings = self.settings
         limits = HttpLimits(
@@ -222,19 +294,61 @@ class Node:
             listener.Listener(s, factory, self.tasks, lambda reason: refused.labels(reason).inc())
             for s in sockets
         ]
+        if self.settings.ops_listen:
+            host, port = ops_address(self.settings.ops_listen)
+            self._ops = await loop.create_server(
+                lambda: HttpConnection(self.router.ops, addresses),
+                host,
+                port,
+                reuse_port=self.settings.workers > 1,
+            )
         if self.worker is not None:
-            self._unix = await loop.create_unix_server(factory, self.worker[1][self.worker[0]])
+            own = self.worker[1][self.worker[0]]
+            self._unix = await loop.create_unix_server(factory, own)
+            self._peer = await loop.create_unix_server(
+                lambda: HttpConnection(self.router.peer), peer_path(own)
+            )
         if self.handoff is not None:
             self.handoff.listen()
         if self.settings.recovery_max_disconnection_ms:
             self.tasks.spawn(self._touch_sessions(), name="touch-sessions")
+        self.tasks.spawn(self._sync_revocations(), name="sync-revocations")
+        self.app.attach(self.cluster)
+        for hook in self.app.startup:
+            self.tasks.spawn(hook(), name=f"startup-{getattr(hook, '__name__', 'hook')}")
         self.started = True
         log.info("listening on %s", ", ".join(str(s.socket.getsockname()) for s in self._listeners))
+        if self._ops is not None:
+            log.info(
+                "operational endpoints on %s",
+                ", ".join(str(s.getsockname()) for s in self._ops.sockets),
+            )
 
     @property
     def port(self) -> int:
         assert self._listeners
         port: int = self._listeners[0].socket.getsockname()[1]
+        return port
+
+    async def _sync_revocations(self) -> None:
+        """Reload revocations from the broker now and then: an instance that missed one (cut
+        from the broker when it was sent) still refuses the token, and ends its sockets."""
+        while True:
+            await asyncio.sleep(self.settings.revocation_sync_s)
+            try:
+                entries = await self.broker.revocations()
+            except BrokerError as exc:
+                log.warning("could not reload revocations: %s", exc)
+                continue
+            self.sockets.revocations.load(entries)
+            self.cluster.kick_revoked()
+
+    @property
+    def ops_port(self) -> int | None:
+        """The ops listener's port (``--ops-listen``), or None without one."""
+        if self._ops is None:
+            return None
+        port: int = self._ops.sockets[0].getsockname()[1]
         return port
 
     async def _touch_sessions(self) -> None:
@@ -324,14 +438,16 @@ class Node:
         return told
 
     async def stop(self) -> None:
+        self.app.attach(None)
         if not self.draining:
             self.draining = True
             for engine in self.engines:
                 engine.close_all("server stopped")
         for each in self._listeners:
             each.close()
-        if self._unix is not None:
-            self._unix.close()
+        for server in (self._unix, self._peer, self._ops):
+            if server is not None:
+                server.close()
         if self._addresses is not None:
             self._addresses.close_lingering()
         if self.handoff is not None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from roomcast.auth import validate_room
 from roomcast.broker.base import Broker, JSONValue, PublishRequest, PublishResult
+from roomcast.broker.topics import validate_namespace
 from roomcast.protocol.socketio import check_event_name
+from roomcast.schemas import EventSchemas
 
 __all__ = ["Publisher"]
 
@@ -24,16 +26,24 @@ class Publisher:
     one given a broker leaves it to its owner.
     """
 
-    def __init__(self, broker: Broker, *, owns_broker: bool = False) -> None:
+    def __init__(
+        self, broker: Broker, *, owns_broker: bool = False, schemas: EventSchemas | None = None
+    ) -> None:
         self._broker = broker
         self._owns_broker = owns_broker
+        self._schemas = schemas if schemas is not None else EventSchemas()
 
     @classmethod
-    def from_url(cls, redis_url: str, *, prefix: str = "roomcast") -> Publisher:
-        """A publisher on its own :class:`~roomcast.broker.redis.RedisBroker` (connects lazily)."""
+    def from_url(
+        cls, redis_url: str, *, prefix: str = "roomcast", schemas: EventSchemas | None = None
+    ) -> Publisher:
+        """A publisher on its own :class:`~roomcast.broker.redis.RedisBroker` (connects lazily).
+
+        With ``schemas`` (the gateway's ``--event-schemas``), data is checked before it is
+        stored; without, a gateway that has a schema for the event drops what fails it."""
         from roomcast.broker.redis import RedisBroker
 
-        return cls(RedisBroker(redis_url, prefix=prefix), owns_broker=True)
+        return cls(RedisBroker(redis_url, prefix=prefix), owns_broker=True, schemas=schemas)
 
     @property
     def broker(self) -> Broker:
@@ -47,21 +57,28 @@ class Publisher:
         *,
         idempotency_key: str | None = None,
         traceparent: str | None = None,
+        namespace: str = "/",
     ) -> PublishResult:
-        """Publish ``event`` with ``data`` to ``room``.
+        """Publish ``event`` with ``data`` to ``room`` of ``namespace`` (every namespace has
+        its own rooms; a namespace no gateway application defines reaches nobody).
 
         Raise :class:`~roomcast.auth.InvalidRoomError` for a bad room name,
         :class:`~roomcast.broker.envelope.EnvelopeError` for data that is not JSON or a bad
         field, :class:`~roomcast.protocol.errors.EventNameError` for an event name clients may
         not be sent (socket.io's own, or ``roomcast:...``), and
         :class:`~roomcast.broker.base.BrokerUnavailableError` when nothing was stored
-        (retrying with the same ``idempotency_key`` is then safe).
+        (retrying with the same ``idempotency_key`` is then safe), and
+        :class:`~roomcast.schemas.InvalidPayloadError` when the event has a schema that
+        ``data`` fails (its ``details`` name the failing path).
         """
         validate_room(room)
+        validate_namespace(namespace)
         check_event_name(event)
+        self._schemas.check(event, data)
         return await self._broker.publish(
             PublishRequest(
                 room=room,
+                namespace=namespace,
                 event=event,
                 data=data,
                 idempotency_key=idempotency_key,

@@ -69,6 +69,9 @@ async def _run(
         loop.add_signal_handler(sig, on_signal)
     # One write() even with an unbuffered stdout (PYTHONUNBUFFERED), where print() writes the
     # text and its newline separately: the workers share the pipe, and their lines interleaved.
+    if node.ops_port is not None:
+        host = settings.ops_listen.rpartition(":")[0]
+        sys.stdout.write(f"roomcast ops on {host}:{node.ops_port} (pid {os.getpid()})\n")
     sys.stdout.write(f"roomcast ready on {settings.host}:{node.port} (pid {os.getpid()})\n")
     sys.stdout.flush()
     await stop.wait()

@@ -24,6 +24,7 @@ from pathlib import Path
 from roomcast.app import Application
 from roomcast.config import ConfigError, Settings
 from roomcast.handoff import datagram_path
+from roomcast.http.peers import peer_path
 from roomcast.runner import run
 
 log = logging.getLogger("roomcast.workers")
@@ -57,6 +58,7 @@ def run_workers(settings: Settings, app: Application | None) -> int:
         for path in sockets:
             Path(path).unlink(missing_ok=True)
             Path(datagram_path(path)).unlink(missing_ok=True)
+            Path(peer_path(path)).unlink(missing_ok=True)
         runtime.rmdir()
 
 

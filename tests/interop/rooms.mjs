@@ -1,5 +1,5 @@
 // Join and leave: allowed, forbidden and invalid rooms; a left room delivers nothing more.
-// Config: {url, token, apiKey}; the token's rooms claim is ["doc:*", "team:7:*"].
+// Config: {url, token, apiKey}; the token's rooms claim is ["doc:*", "team:7:*", "org:**"].
 import { call, config, connected, io, once, options, run, step } from "./lib.mjs";
 
 const cfg = config();
@@ -25,7 +25,13 @@ run(async () => {
   const joins = {};
   const rooms = {
     allowed: "doc:1",
-    allowedDeep: "team:7:a:b",
+    allowedOneSegment: "team:7:a",
+    allowedDeep: "org:1:a:b",
+    allowedDeepOne: "org:1",
+    forbiddenDeep: "team:7:a:b",
+    forbiddenBelowDoc: "doc:1:x",
+    forbiddenZeroSegments: "org",
+    forbiddenEmptySegment: "team:7:",
     longest: `doc:${"a".repeat(252)}`,
     forbidden: "secret:1",
     forbiddenSibling: "team:8:a",

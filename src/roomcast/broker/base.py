@@ -3,6 +3,11 @@
 A broker moves :class:`Publication` values.  It never knows about sockets or rooms' members:
 the node registers one delivery handler with :meth:`Broker.start`, and the broker calls it for
 every publication of a room this instance subscribed to, in publish order per room.
+
+Rooms are named by *topic* (:mod:`roomcast.broker.topics`): a room of the main namespace by its
+own name, room ``r`` of namespace ``/n`` as ``/n#r``.  The ``room`` argument of
+:meth:`Broker.subscribe`, :meth:`Broker.unsubscribe` and :meth:`Broker.history` is a topic; a
+:class:`Publication` carries its namespace and room apart, and its :attr:`Publication.topic`.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from roomcast.broker.topics import topic
 
 JSONValue = Any
 """Any value orjson can encode."""
@@ -39,6 +46,13 @@ class Publication:
     """A Socket.IO socket id that must not receive this publication (client publishing)."""
     origin: str | None = None
     """Broker-private tag (for example the instance that produced it)."""
+    namespace: str = "/"
+    """The Socket.IO namespace whose room this is (every namespace has its own rooms)."""
+
+    @property
+    def topic(self) -> str:
+        """What the broker calls this room (see :mod:`roomcast.broker.topics`)."""
+        return topic(self.namespace, self.room)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +63,11 @@ class PublishRequest:
     idempotency_key: str | None = None
     traceparent: str | None = None
     exclude_sid: str | None = None
+    namespace: str = "/"
+
+    @property
+    def topic(self) -> str:
+        return topic(self.namespace, self.room)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +111,13 @@ class BrokerUnavailableError(BrokerError):
 
 DeliveryHandler = Callable[[Publication], None]
 """Called by the broker, in the event loop, for every publication of a subscribed room."""
+
+ControlHandler = Callable[[bytes], None]
+"""Called by the broker, in the event loop, for every control message sent to this instance."""
+
+PayloadCheck = Callable[[Publication], str | None]
+"""Why a publication read from the broker may not be delivered (its data fails its event's
+schema), or None; given by the node, so a broker refuses what a raw ``XADD`` got wrong."""
 
 BatchScope = Callable[[], AbstractContextManager[None]]
 """Entered by a broker around publications it delivers back to back (one fetch's worth), so the
@@ -139,6 +165,29 @@ class Broker(Protocol):
 
     async def touch_sessions(self, pids: list[str], ttl_ms: int) -> None:
         """Extend the lifetime of stored recovery states of live sockets (one batch)."""
+
+    @property
+    def instance_id(self) -> str:
+        """This instance's id among the instances on the same broker."""
+
+    def on_control(self, handler: ControlHandler) -> None:
+        """Receive control messages (call before :meth:`start`): the server API's requests
+        and answers between instances.  Without a handler, none are received."""
+
+    async def send_control(self, message: bytes, instance: str | None = None) -> None:
+        """Send a control message to one instance, or (``None``) to every live instance,
+        this one included.  At most once: a message sent while an instance is disconnected
+        from the broker is lost for it (callers time out)."""
+
+    async def instances(self) -> list[str]:
+        """The ids of the instances that were alive in the last few seconds, this one
+        included once started."""
+
+    async def revoke(self, entry: str, until_ms: int) -> None:
+        """Store a revocation entry (``roomcast.revocation``) until ``until_ms`` (Unix ms)."""
+
+    async def revocations(self) -> list[str]:
+        """Every revocation entry not yet expired."""
 
     async def append_upstream(self, fields: dict[str, str]) -> str:
         """Append a client event to the upstream stream; return its id once stored.

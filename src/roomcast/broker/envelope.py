@@ -8,6 +8,10 @@ publishers written in other languages.
 
 Stream fields are strings, so ``data`` is a JSON text and ``published_at`` a decimal number of
 milliseconds.  Fields this version does not know are ignored, so publishers may add their own.
+
+A plain ``XADD <stream> * room r event e data '{}'`` is a whole envelope: without ``id`` the
+publication id is the stream entry id, and without ``published_at`` its time is the entry id's
+milliseconds.  Without ``namespace`` the room is one of the main namespace ``/``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import orjson
 
 from roomcast.auth import InvalidRoomError, validate_room
 from roomcast.broker.base import Publication
+from roomcast.broker.topics import MAIN, InvalidNamespaceError, topic, validate_namespace
 from roomcast.protocol.errors import EventNameError
 from roomcast.protocol.socketio import MAX_EVENT_NAME, check_event_name
 
@@ -37,8 +42,16 @@ __all__ = [
     "encode_feed",
 ]
 
-REQUIRED_FIELDS: Final = ("room", "event", "data", "id", "published_at")
-OPTIONAL_FIELDS: Final = ("idempotency_key", "traceparent", "exclude_sid", "origin")
+REQUIRED_FIELDS: Final = ("room", "event", "data")
+OPTIONAL_FIELDS: Final = (
+    "id",
+    "published_at",
+    "namespace",
+    "idempotency_key",
+    "traceparent",
+    "exclude_sid",
+    "origin",
+)
 FIELDS: Final = REQUIRED_FIELDS + OPTIONAL_FIELDS
 
 MAX_EVENT_LENGTH: Final = MAX_EVENT_NAME
@@ -87,6 +100,11 @@ def encode_envelope(publication: Publication) -> dict[str, str]:
         "id": publication.id,
         "published_at": str(publication.published_at_ms),
     }
+    if publication.namespace != MAIN:
+        try:
+            fields["namespace"] = validate_namespace(publication.namespace)
+        except InvalidNamespaceError as exc:
+            raise EnvelopeError(f"namespace: {exc}") from None
     if publication.idempotency_key is not None:
         _check_text("idempotency_key", publication.idempotency_key, MAX_IDEMPOTENCY_KEY_LENGTH)
         fields["idempotency_key"] = publication.idempotency_key
@@ -110,17 +128,26 @@ def decode_envelope(
 ) -> Publication:
     """Return the publication stored as stream entry ``entry_id`` with ``fields``.
 
-    ``room``, when given, is the room whose stream the entry was read from: the entry's
-    ``room`` field must name it.  Raise :class:`EnvelopeError` naming the first bad field.
+    ``room``, when given, is the topic (see :mod:`roomcast.broker.topics`) whose stream the
+    entry was read from: the entry's ``namespace`` and ``room`` fields must name it.  Raise
+    :class:`EnvelopeError` naming the first bad field.
     """
     text = _as_text(fields)
     for name in REQUIRED_FIELDS:
         if name not in text:
             raise EnvelopeError(f"{name}: missing")
     entry_room = text["room"]
+    namespace = text.get("namespace", MAIN)
+    try:
+        validate_namespace(namespace)
+    except InvalidNamespaceError as exc:
+        raise EnvelopeError(f"namespace: {exc}") from None
     if room is not None:
-        if entry_room != room:
-            raise EnvelopeError(f"room: entry names {_show(entry_room)}, stream is {_show(room)}")
+        if topic(namespace, entry_room) != room:
+            raise EnvelopeError(
+                f"room: entry names {_show(entry_room)} of namespace {_show(namespace)}, "
+                f"stream is {_show(room)}"
+            )
     else:
         try:
             validate_room(entry_room)
@@ -131,8 +158,10 @@ def decode_envelope(
         data = orjson.loads(text["data"])
     except orjson.JSONDecodeError:
         raise EnvelopeError(f"data: invalid json {_show(text['data'])}") from None
-    publication_id = _check_text("id", text["id"], MAX_ID_LENGTH)
-    published_at = text["published_at"]
+    publication_id = _check_text("id", text.get("id", entry_id), MAX_ID_LENGTH)
+    published_at = text.get("published_at")
+    if published_at is None:  # a plain XADD: the entry id holds the time
+        published_at = entry_id.partition("-")[0]
     if _MS_RE.match(published_at) is None:
         raise EnvelopeError(f"published_at: not a number of milliseconds: {_show(published_at)}")
     idempotency_key = _optional(text, "idempotency_key", MAX_IDEMPOTENCY_KEY_LENGTH)
@@ -141,6 +170,7 @@ def decode_envelope(
         _check_traceparent(traceparent)
     return Publication(
         room=entry_room,
+        namespace=namespace,
         event=event,
         data=data,
         id=publication_id,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
+import uuid
 from collections import OrderedDict, deque
 
 from roomcast.broker.base import (
     BatchScope,
     BrokerState,
+    ControlHandler,
     DeliveryHandler,
     History,
     Publication,
@@ -17,6 +20,7 @@ from roomcast.broker.base import (
     PublishResult,
 )
 from roomcast.broker.offsets import OffsetClock, parse_offset
+from roomcast.broker.topics import validate_topic
 
 log = logging.getLogger("roomcast.broker")
 
@@ -52,6 +56,9 @@ class MemoryBroker:
         self._next_history_sweep_ms = 0
         self.dropped: collections.Counter[str] = collections.Counter()
         self.upstream: deque[tuple[str, dict[str, str]]] = deque(maxlen=10_000)
+        self.instance_id = uuid.uuid4().hex[:16]
+        self._revocations: dict[str, int] = {}
+        self._control: ControlHandler | None = None
 
     @property
     def state(self) -> BrokerState:
@@ -70,17 +77,42 @@ class MemoryBroker:
         self._handler = None
         self._state = BrokerState.STOPPED
 
+    async def revoke(self, entry: str, until_ms: int) -> None:
+        self._revocations[entry] = max(until_ms, self._revocations.get(entry, 0))
+
+    async def revocations(self) -> list[str]:
+        now_ms = int(time.time() * 1000)
+        for entry in [e for e, until in self._revocations.items() if until <= now_ms]:
+            del self._revocations[entry]
+        return list(self._revocations)
+
+    def on_control(self, handler: ControlHandler) -> None:
+        self._control = handler
+
+    async def send_control(self, message: bytes, instance: str | None = None) -> None:
+        """The only instance is this one: the message is handled once the caller yields."""
+        if instance not in (None, self.instance_id):
+            return  # no such instance: lost, as on Redis
+        handler = self._control
+        if handler is not None and self._state is BrokerState.CONNECTED:
+            asyncio.get_running_loop().call_soon(handler, message)
+
+    async def instances(self) -> list[str]:
+        return [self.instance_id] if self._state is BrokerState.CONNECTED else []
+
     async def publish(self, request: PublishRequest) -> PublishResult:
+        validate_topic(request.topic)
         now_ms = int(time.time() * 1000)
         key = request.idempotency_key
         if key is not None:
             self._expire_idempotency(now_ms)
-            seen = self._idempotency.get((request.room, key))
+            seen = self._idempotency.get((request.topic, key))
             if seen is not None:
                 return PublishResult(id=seen[1].id, offset=seen[1].offset, duplicate=True)
         offset = self._clock.next(now_ms)
         publication = Publication(
             room=request.room,
+            namespace=request.namespace,
             event=request.event,
             data=request.data,
             id=offset,
@@ -93,13 +125,15 @@ class MemoryBroker:
         self._remember(publication, now_ms)
         result = PublishResult(id=publication.id, offset=offset)
         if key is not None:
-            self._idempotency[(request.room, key)] = (now_ms, result)
-        if self._handler is not None and request.room in self._subscribed:
+            self._idempotency[(request.topic, key)] = (now_ms, result)
+        if self._handler is not None and request.topic in self._subscribed:
             try:
                 self._handler(publication)
             except Exception:  # a delivery boundary: the publication is stored; log and count
                 self.dropped["delivery_failed"] += 1
-                log.exception("local delivery of %s to %s failed", publication.id, publication.room)
+                log.exception(
+                    "local delivery of %s to %s failed", publication.id, publication.topic
+                )
         return result
 
     async def subscribe(self, room: str) -> None:
@@ -161,9 +195,9 @@ class MemoryBroker:
         return offset
 
     def _remember(self, publication: Publication, now_ms: int) -> None:
-        kept = self._history.setdefault(publication.room, deque())
+        kept = self._history.setdefault(publication.topic, deque())
         kept.append(publication)
-        self._trim(publication.room, kept, now_ms)
+        self._trim(publication.topic, kept, now_ms)
         if now_ms >= self._next_history_sweep_ms:
             # Rooms nobody publishes to any more: drop their expired history (at most 1/s).
             self._next_history_sweep_ms = now_ms + 1000

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Final
+
+CLOCK_MARGIN_MS: Final = 5_000
+"""Allowed disagreement between the gateway's clock and Redis's (offsets carry Redis time)."""
+
 
 class OffsetError(ValueError):
     """An offset that is not ``<ms>-<seq>``."""

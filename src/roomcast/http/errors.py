@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from roomcast.schemas import InvalidPayloadError
 from roomcast.transport.http import Exchange
 
 
@@ -45,15 +46,26 @@ def engine_error_response(
 class ApiError(Exception):
     """A refused API request; ``code`` is a stable machine-readable label."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, details: list[dict[str, str]] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.details = details
+
+    @classmethod
+    def invalid_payload(cls, error: InvalidPayloadError) -> ApiError:
+        """400 ``invalid_payload`` with the failing paths in ``details``."""
+        return cls(400, error.code, str(error), error.detail_dicts())
 
 
 def api_error_response(exchange: Exchange, error: ApiError) -> None:
-    body = orjson.dumps({"error": {"code": error.code, "message": error.message}})
+    value: dict[str, Any] = {"code": error.code, "message": error.message}
+    if error.details is not None:
+        value["details"] = error.details
+    body = orjson.dumps({"error": value})
     headers = [("WWW-Authenticate", "Bearer")] if error.status == 401 else []
     exchange.respond(error.status, body, headers, content_type="application/json")
 
@@ -69,6 +81,13 @@ def connect_error_payload(code: str, message: str) -> dict[str, Any]:
 
 def ack_error(code: str, message: str) -> dict[str, Any]:
     return {"ok": False, "error": {"code": code, "message": message}}
+
+
+def ack_invalid_payload(error: InvalidPayloadError) -> dict[str, Any]:
+    """The ack of an event whose payload its schema refused: the failing paths in ``details``."""
+    answer = ack_error(error.code, str(error))
+    answer["error"]["details"] = error.detail_dicts()
+    return answer
 
 
 ACK_OK: dict[str, Any] = {"ok": True}

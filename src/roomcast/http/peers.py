@@ -3,9 +3,10 @@
 The kernel gives each scrape or probe to any worker (``SO_REUSEPORT``), so a worker answering
 alone would report only its own share: counters would jump between workers' values from one
 scrape to the next, and a worker whose broker is down would fail one probe in N.  The worker
-that gets the request asks every other worker for its own view over that worker's unix socket
-(each worker serves the same HTTP app there, see ``roomcast.workers``), with ``?scope=worker``
-so the question is not passed on again, and merges the answers:
+that gets the request asks every other worker for its own view over that worker's peer unix
+socket (:func:`peer_path`; it serves only ``/metrics``, ``/readyz`` and ``/healthz``, without
+a key, see ``roomcast.http.access``), with ``?scope=worker`` so the question is not passed on
+again, and merges the answers:
 
 - metrics: every sample gets a ``worker`` label (``"00"``, ``"01"``, ...), and
   ``roomcast_worker_up{worker=...}`` says which workers answered this scrape;
@@ -37,6 +38,14 @@ PEER_TIMEOUT: Final = 0.5
 """Seconds a worker waits for another's view; a Kubernetes probe times out after 1 s by default."""
 
 _MAX_RESPONSE: Final = 16 * 1024 * 1024
+
+
+def peer_path(worker_socket: str) -> str:
+    """The peer unix socket of the worker whose piping socket is ``worker_socket``.
+
+    Apart from the piping socket because that one carries client connections piped from
+    other workers, which must meet the public listener's rules."""
+    return worker_socket + ".peer"
 
 
 class PeerError(Exception):
