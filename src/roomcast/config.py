@@ -131,7 +131,22 @@ class Settings:
     upstream_stream: str = _setting(
         "", "Redis stream for upstream client events (default <prefix>:upstream)"
     )
-    drain_seconds: float = _setting(10.0, "time given to clients to leave on SIGTERM")
+    drain_delay_s: float = _setting(
+        5.0,
+        "on SIGTERM, /readyz answers 503 for this long while everyone is still served, so "
+        "balancers and endpoints stop sending new clients before any is told to leave "
+        "(development mode: 0 unless set)",
+    )
+    drain_window_s: float = _setting(
+        10.0,
+        "after the drain delay, clients are told to leave at a steady rate over this long, "
+        "so the remaining instances take them gradually (development mode: 0 unless set)",
+    )
+    drain_seconds: float = _setting(
+        10.0,
+        "after the last client was told to leave, time for polling clients to collect their "
+        "close and for recovery states to be written, before the listener closes",
+    )
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad setting."""
@@ -157,6 +172,10 @@ class Settings:
             value = getattr(self, name)
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value!r}")
+        for name in ("drain_delay_s", "drain_window_s", "drain_seconds"):
+            value = getattr(self, name)
+            if not value >= 0:  # also refuses nan
+                raise ConfigError(f"{name} must be 0 or more, got {value!r}")
         if self.max_connections_per_ip < 0:
             raise ConfigError(
                 f"max_connections_per_ip must be 0 or more, got {self.max_connections_per_ip!r}"
@@ -327,6 +346,15 @@ def load(
     config_file: str | None = None,
 ) -> Settings:
     """Build :class:`Settings` from flags > env > file > defaults, then validate."""
+    return load_given(flags, environ, config_file)[0]
+
+
+def load_given(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> tuple[Settings, frozenset[str]]:
+    """:func:`load`, and the names of the settings that were given (not defaults)."""
     flags = flags or {}
     environ = os.environ if environ is None else environ
     path = config_file or flags.get("config") or environ.get(ENV_PREFIX + "CONFIG")
@@ -352,4 +380,4 @@ def load(
             values[name] = _coerce(name, f.type, from_file[name])
     settings = Settings(**values)
     settings.validate()
-    return settings
+    return settings, frozenset(values)
