@@ -1,4 +1,5 @@
-"""``roomcast serve | publish | token | check-config`` - the only module that exits the process."""
+"""``roomcast serve | publish | token | check-config | asyncapi`` - the only module that exits
+the process."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import secrets
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from roomcast import config
@@ -54,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     config.add_arguments(token, only=_AUTH_SETTINGS)
 
+    asyncapi = sub.add_parser(
+        "asyncapi", help="write the AsyncAPI 3.0 document of the gateway's events (JSON)"
+    )
+    asyncapi.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
+    config.add_arguments(asyncapi, only=("host", "port", "app", "event_schemas", "upstream_events"))
+
     publish = sub.add_parser("publish", help="publish an event to a room")
     publish.add_argument("--room", required=True)
     publish.add_argument("--event", required=True)
@@ -94,6 +102,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"roomcast: {error}", file=sys.stderr)
         code = 2
     sys.exit(code)
+
+
+def _asyncapi(args: argparse.Namespace, settings: Settings) -> int:
+    from roomcast.asyncapi import document
+    from roomcast.node import load_schemas
+
+    app = load_app(settings.app) if settings.app else None
+    text = json.dumps(document(settings, app, load_schemas(settings, app)), indent=2) + "\n"
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+    return 0
 
 
 def _check_config(args: argparse.Namespace, settings: Settings) -> int:
@@ -231,6 +252,7 @@ def _dev_defaults(settings: Settings) -> Settings:
 
 _COMMANDS = {
     "serve": _serve,
+    "asyncapi": _asyncapi,
     "check-config": _check_config,
     "token": _token,
     "publish": _publish,
