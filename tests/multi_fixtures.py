@@ -229,6 +229,10 @@ class NodeClients:
         )
         return answer
 
+    def answer(self, name: str, event: str, value: Any) -> None:
+        """From now on, ``name`` acks the server's ``event`` with ``value``."""
+        self.call("answer", name=name, event=event, value=value)
+
     def join(self, name: str, room: str) -> None:
         """Join ``room`` and fail the test unless the ack is ``{ok: true}``."""
         answer = self.emit(name, "join", room)

@@ -110,11 +110,12 @@ def test_the_document_of_a_configured_gateway_is_valid_asyncapi_3(
     code, summary = _validate(checker, path)
     assert code == 0 and summary["errors"] == [], summary["errors"]
     assert summary["version"] == "3.0.0"
-    assert summary["channels"] == ["namespace_main", "namespace_admin"]
+    assert summary["channels"] == ["namespace_main", "namespace_admin", "namespace_docs"]
     main = _operations(summary, "namespace_main")
     assert main["receive join"] == ("receive", ["roomAck"])
     assert main["receive leave"] == ("receive", ["roomAck"])
     assert main["receive publish"] == ("receive", ["storedAck"])
+    assert main["receive refresh"] == ("receive", ["refreshAck"])
     assert main["receive chat"] == ("receive", ["storedAck"])
     assert main["receive typing"] == ("receive", ["storedAck"])
     for handler in ("echo", "ping-me", "rename"):
@@ -123,6 +124,7 @@ def test_the_document_of_a_configured_gateway_is_valid_asyncapi_3(
         assert main[f"send {sent}"] == ("send", [])
     admin = _operations(summary, "namespace_admin")
     assert "receive join" in admin and "receive rename" not in admin
+    assert "receive shout" in _operations(summary, "namespace_docs")
 
     components = document["components"]
     chat = components["messages"]["upstream_chat"]["payload"]["$ref"].rsplit("/", 1)[1]
@@ -147,6 +149,7 @@ def test_the_document_of_a_bare_gateway_is_valid(tmp_path: Path, checker: Path) 
         "receive join",
         "receive leave",
         "receive publish",
+        "receive refresh",
         "send publication",
         "send roomcast:disconnect",
     ]

@@ -243,3 +243,22 @@ async def test_a_room_of_the_wrong_type_fails_alone(
         assert got == [0, 1, 2]
         other = await Raw.connect(node.port)
         await other.close()
+
+
+async def test_an_upstream_stream_of_the_wrong_type_is_refused_not_unavailable(
+    proxied: tuple[RedisServer, Proxy],
+) -> None:
+    """An upstream event Redis refuses (its stream key holds a string) is acked
+    broker_refused, which a retry would not mend, not 'unavailable, retry'."""
+    server, proxy = proxied
+    direct = aioredis.Redis.from_url(server.url)
+    await direct.set(Keys("upwrong").upstream(), "not a stream")
+    await direct.aclose()
+    async with running(
+        redis_url=proxy.url, redis_prefix="upwrong", upstream_events=("typing",)
+    ) as node:
+        raw = await connect_sio(node.port, {"token": token_for("doc:*")})
+        assert str(await raw.recv()).startswith("40")
+        await raw.send('421["typing",{"doc":1}]')
+        ack = json.loads(str(await raw.recv(timeout=10))[3:])[0]
+        assert ack["ok"] is False and ack["error"]["code"] == "broker_refused", ack

@@ -252,9 +252,9 @@ def test_namespace_round_trip_and_topic_check() -> None:
     assert fields["namespace"] == "/docs"
     back = decode_envelope("5-0", fields, room="/docs#1")
     assert (back.namespace, back.room, back.topic) == ("/docs", "1", "/docs#1")
-    with pytest.raises(EnvelopeError, match="^room: "):
+    with pytest.raises(EnvelopeError, match=r"^room: "):
         decode_envelope("5-0", fields, room="1")  # the main namespace's room 1 is another room
     main = encode_envelope(Publication(room="1", event="e", data=1, id="y"))
     assert "namespace" not in main
-    with pytest.raises(EnvelopeError, match="^room: "):
+    with pytest.raises(EnvelopeError, match=r"^room: "):
         decode_envelope("5-0", main, room="/docs#1")

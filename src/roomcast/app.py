@@ -15,6 +15,12 @@
     async def comment(socket: Socket, data: dict[str, Any]) -> None:
         ...                    # only called with a payload that matches the schema
 
+    @app.on("review", namespace="/docs")
+    async def review(socket: Socket, doc: str) -> dict[str, Any]:
+        # every socket in room doc of /docs, on every instance, within 5 s
+        result = await app.of("/docs").to(doc).timeout(5).emit_with_ack("approve?", doc)
+        return {"yes": result.responses.count(True), "silent": len(result.missing)}
+
 Handlers are checked when they are registered: they must be ``async def`` and take the socket
 first; the number of event arguments they accept is recorded, and an event that does not fit is
 refused with a counted error instead of calling the handler and catching ``TypeError``.
@@ -36,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from roomcast.broker.topics import validate_namespace
+from roomcast.operator import BroadcastOperator, Selector, ServerApi
 from roomcast.schemas import EventSchema
 
 EventHandler = Callable[..., Coroutine[Any, Any, Any]]
@@ -112,10 +119,49 @@ class Namespace:
 
 
 class Application:
-    """Handlers per namespace.  The main namespace ``/`` always exists."""
+    """Handlers per namespace, and the server-side API.  The main namespace ``/`` always exists.
+
+    An application serves one node: the node attaches itself when it starts, and from then on
+    :meth:`of` and :meth:`to` reach every instance (from handlers, and from tasks started by
+    :meth:`on_startup` hooks).
+    """
 
     def __init__(self) -> None:
         self.namespaces: dict[str, Namespace] = {"/": Namespace("/")}
+        self.startup: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self._api: ServerApi | None = None
+
+    # -- the server-side API --------------------------------------------------------------------
+    def attach(self, api: ServerApi | None) -> None:
+        """Called by the node: the server API to act through (``None`` once it stops)."""
+        self._api = api
+
+    def _server_api(self) -> ServerApi:
+        if self._api is None:
+            raise RuntimeError("the application is not served by a started node")
+        return self._api
+
+    def of(self, namespace: str) -> BroadcastOperator:
+        """Every socket of ``namespace``, on every instance; narrow with ``.to(room)`` etc.
+
+        The namespace must be one the application defines (a handler or :meth:`namespace`)."""
+        if validate_namespace(namespace) not in self.namespaces:
+            raise ValueError(f"namespace {namespace!r}: not defined by the application")
+        return BroadcastOperator(self._server_api, Selector(namespace))
+
+    def to(self, *rooms: str) -> BroadcastOperator:
+        """``of("/").to(*rooms)``."""
+        return self.of("/").to(*rooms)
+
+    in_ = to
+
+    def on_startup(
+        self, handler: Callable[[], Coroutine[Any, Any, None]]
+    ) -> Callable[[], Coroutine[Any, Any, None]]:
+        """Register ``async () -> None``, run as a task once the node serves (cancelled when it
+        stops): the place for the application's own background work."""
+        self.startup.append(handler)
+        return handler
 
     def namespace(self, name: str) -> Namespace:
         """The namespace ``name``, defined now if new (see :func:`validate_namespace`)."""

@@ -5,9 +5,9 @@ a client may emit, with the ack it gets as the operation's reply, and a ``send``
 every event the gateway emits. Each Socket.IO namespace is a channel whose address is the
 namespace. What it lists comes from the same settings and app a ``serve`` would use:
 
-- client to server: the built-ins ``join``, ``leave`` and ``publish`` with their acks, the
-  ``--upstream-events`` (payload: their schema from ``--event-schemas``, else any JSON) with
-  theirs, and the app's handlers (payload: their ``schema=``, else any JSON);
+- client to server: the built-ins ``join``, ``leave``, ``publish`` and ``refresh`` with their
+  acks, the ``--upstream-events`` (payload: their schema from ``--event-schemas``, else any
+  JSON) with theirs, and the app's handlers (payload: their ``schema=``, else any JSON);
 - server to client: every event of ``--event-schemas`` (what a publication of it carries),
   any other publication, and ``roomcast:disconnect``.
 
@@ -50,6 +50,13 @@ _ACK_ERROR_CODES: Final = (
     "unknown_event",
     "bad_arguments",
     "internal_error",
+    "invalid_refresh",
+    "auth_disabled",
+    "token_missing",
+    "token_invalid",
+    "token_expired",
+    "token_revoked",
+    "user_mismatch",
 )
 
 
@@ -107,6 +114,29 @@ def _components_schemas() -> dict[str, Any]:
         "StoredAck": {
             "oneOf": [stored, _ref(*_ERROR)],
             "description": "ok with the id of the stored entry, or an error",
+        },
+        "RefreshRequest": {
+            "type": "object",
+            "required": ["token"],
+            "properties": {"token": {"type": "string", "description": "a fresh JWT"}},
+        },
+        "RefreshAck": {
+            "oneOf": [
+                {
+                    "type": "object",
+                    "required": ["ok", "left"],
+                    "properties": {
+                        "ok": {"const": True},
+                        "left": {
+                            "type": "array",
+                            "items": _ref("components", "schemas", "RoomName"),
+                            "description": "rooms the new claims no longer allow, now left",
+                        },
+                    },
+                },
+                _ref(*_ERROR),
+            ],
+            "description": "refused: the socket keeps its old token",
         },
         "PublishRequest": {
             "type": "object",
@@ -248,7 +278,18 @@ def document(
         summary="needs the token's publish claim; members other than the sender receive it",
         payload=_ref("components", "schemas", "PublishRequest"),
     )
+    b.message(
+        "refresh",
+        name="refresh",
+        title="hand over a fresh token",
+        summary="same user; the socket keeps its id and rooms, and leaves those the new claims "
+        "do not allow",
+        payload=_ref("components", "schemas", "RefreshRequest"),
+    )
     b.message("roomAck", title="ack of join / leave", payload=room_ack)
+    b.message(
+        "refreshAck", title="ack of refresh", payload=_ref("components", "schemas", "RefreshAck")
+    )
     b.message("storedAck", title="ack of a stored event", payload=stored_ack)
     b.message(
         "handlerAck",
@@ -261,7 +302,7 @@ def document(
         "disconnect",
         name="roomcast:disconnect",
         title="the gateway ends the socket",
-        summary="sent before a server disconnect, e.g. code token_expired",
+        summary="sent before a server disconnect: code token_expired, token_revoked, ...",
         payload=_ref("components", "schemas", "Disconnect"),
     )
     b.message(
@@ -302,6 +343,7 @@ def document(
         b.operation(channel, "receive", "join", reply="roomAck", summary="join a room")
         b.operation(channel, "receive", "leave", reply="roomAck", summary="leave a room")
         b.operation(channel, "receive", "publish", reply="storedAck", summary="publish")
+        b.operation(channel, "receive", "refresh", reply="refreshAck", summary="refresh")
         for event, key in upstream:
             if event not in handlers:
                 b.operation(

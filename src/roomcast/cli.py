@@ -10,6 +10,7 @@ import json
 import secrets
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ _AUTH_SETTINGS = (
     "jwt_issuer",
     "jwt_audience",
 )
+
+
+_URL_HELP = "gateway URL (default http://OPS_LISTEN, else http://HOST:PORT)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,9 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--event", required=True)
     publish.add_argument("--data", required=True, help="JSON value")
     publish.add_argument("--idempotency-key", default=None)
-    publish.add_argument(
-        "--url", default=None, help="gateway URL (default http://OPS_LISTEN or http://HOST:PORT)"
-    )
+    publish.add_argument("--namespace", default="/", help="the room's namespace (default /)")
+    publish.add_argument("--url", default=None, help=_URL_HELP)
     config.add_arguments(
         publish,
         only=(
@@ -82,6 +85,24 @@ def _parser() -> argparse.ArgumentParser:
             "event_schemas",
         ),
     )
+
+    revoke = sub.add_parser(
+        "revoke", help="revoke a user's tokens, or one token: its sockets are disconnected"
+    )
+    who = revoke.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="revoke every token of this user issued until now")
+    who.add_argument("--jti", help="revoke the token with this id (needs --exp)")
+    revoke.add_argument("--exp", type=float, default=None, help="the token's exp (Unix seconds)")
+    revoke.add_argument("--url", default=None, help=_URL_HELP)
+    config.add_arguments(revoke, only=("host", "port", "ops_listen", "api_key"))
+
+    sockets = sub.add_parser("sockets", help="list the sockets of a room or a user, everywhere")
+    which = sockets.add_mutually_exclusive_group(required=True)
+    which.add_argument("--room")
+    which.add_argument("--user")
+    sockets.add_argument("--namespace", default="/")
+    sockets.add_argument("--url", default=None, help=_URL_HELP)
+    config.add_arguments(sockets, only=("host", "port", "ops_listen", "api_key"))
     return parser
 
 
@@ -148,22 +169,45 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
         result = asyncio.run(_publish_redis(settings, args, data))
         print(json.dumps(result))
         return 0
-    url = (args.url or _api_base(settings)).rstrip("/") + "/api/v1/publish"
     body: dict[str, Any] = {"room": args.room, "event": args.event, "data": data}
+    if args.namespace != "/":
+        body["namespace"] = args.namespace
     if args.idempotency_key:
         body["idempotency_key"] = args.idempotency_key
+    return _api(args, settings, "POST", "/api/v1/publish", body)
+
+
+def _revoke(args: argparse.Namespace, settings: Settings) -> int:
+    if args.jti is not None and args.exp is None:
+        raise ConfigError("--jti needs --exp, the token's exp claim")
+    body = {"user": args.user} if args.user else {"jti": args.jti, "exp": args.exp}
+    return _api(args, settings, "POST", "/api/v1/revoke", body)
+
+
+def _sockets(args: argparse.Namespace, settings: Settings) -> int:
+    query = {"room": args.room} if args.room else {"user": args.user}
+    query["namespace"] = args.namespace
+    return _api(args, settings, "GET", "/api/v1/sockets?" + urllib.parse.urlencode(query), None)
+
+
+def _api(args: argparse.Namespace, settings: Settings, method: str, path: str, body: Any) -> int:
+    """Call the gateway's HTTP API with the API key; print the answer; 0 on success."""
+    url = (args.url or _api_base(settings)).rstrip("/") + path
     request = urllib.request.Request(
         url,
-        data=json.dumps(body).encode(),
+        data=None if body is None else json.dumps(body).encode(),
         headers={"Authorization": f"Bearer {settings.api_key}", "Content-Type": "application/json"},
-        method="POST",
+        method=method,
     )
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=30) as response:
             print(response.read().decode())
             return 0
     except urllib.error.HTTPError as error:
-        print(f"roomcast: publish failed ({error.code}): {error.read().decode()}", file=sys.stderr)
+        print(
+            f"roomcast: {args.command} failed ({error.code}): {error.read().decode()}",
+            file=sys.stderr,
+        )
         return 1
     except urllib.error.URLError as error:
         print(f"roomcast: cannot reach {url}: {error.reason}", file=sys.stderr)
@@ -179,7 +223,11 @@ async def _publish_redis(settings: Settings, args: argparse.Namespace, data: Any
     )
     try:
         result = await publisher.publish(
-            args.room, args.event, data, idempotency_key=args.idempotency_key
+            args.room,
+            args.event,
+            data,
+            idempotency_key=args.idempotency_key,
+            namespace=args.namespace,
         )
     finally:
         await publisher.close()
@@ -256,4 +304,6 @@ _COMMANDS = {
     "check-config": _check_config,
     "token": _token,
     "publish": _publish,
+    "revoke": _revoke,
+    "sockets": _sockets,
 }

@@ -102,6 +102,14 @@ class Settings:
     max_rooms_per_socket: int = _setting(
         1000, "rooms one socket may be in; a join beyond it is refused with too_many_rooms"
     )
+    revocation_ttl_s: int = _setting(
+        86_400,
+        "how long a user's revocation refuses that user's older tokens; at least the longest "
+        "token lifetime you issue",
+    )
+    revocation_sync_s: float = _setting(
+        5.0, "how often an instance reloads revocations from the broker (heals missed ones)"
+    )
 
     redis_url: str = _setting("", "Redis URL; empty means the embedded in-memory broker")
     redis_prefix: str = _setting("roomcast", "prefix of every Redis key")
@@ -136,6 +144,8 @@ class Settings:
             "outbound_buffer_limit",
             "max_connections",
             "max_rooms_per_socket",
+            "revocation_ttl_s",
+            "revocation_sync_s",
             "http_head_timeout_s",
             "http_idle_timeout_s",
             "http_max_head_bytes",

@@ -1,4 +1,4 @@
-"""The built-in events of every namespace: ``join``, ``leave`` and ``publish``.
+"""The built-in events of every namespace: ``join``, ``leave``, ``publish`` and ``refresh``.
 
 Rooms are authorized by the token's ``rooms`` / ``publish`` claims.  The node hands
 :data:`BUILTINS` to the socket server, which looks an event up there when no handler of the
@@ -8,9 +8,9 @@ application takes it.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
-from roomcast.auth import InvalidRoomError, validate_room
+from roomcast.auth import AuthError, InvalidRoomError, validate_room
 from roomcast.broker.base import BrokerError, BrokerUnavailableError, PublishRequest
 from roomcast.broker.topics import topic
 from roomcast.http.errors import ACK_OK, ack_error
@@ -147,8 +147,55 @@ async def _do_publish(socket: Socket, request: PublishRequest, ack_id: int | Non
         socket.ack(ack_id, {"ok": True, "id": result.id})
 
 
+def _refresh(socket: Socket, args: list[Any], ack_id: int | None) -> None:
+    body = args[0] if args else None
+    token = body.get("token") if isinstance(body, dict) else None
+    if not isinstance(token, str) or not token:
+        if ack_id is not None:
+            socket.ack(ack_id, ack_error("invalid_refresh", "expected {token: <a fresh jwt>}"))
+        return
+    if socket.client.server.auth is None:
+        if ack_id is not None:
+            socket.ack(ack_id, ack_error("auth_disabled", "this gateway checks no tokens"))
+        return
+    socket.answer_later(_do_refresh(socket, token, ack_id), "refresh")
+
+
+async def _do_refresh(socket: Socket, token: str, ack_id: int | None) -> None:
+    """Verify a fresh token for the same user; on success the socket takes its claims and
+    leaves the rooms they no longer allow; on failure it keeps its old token."""
+    server = socket.client.server
+    assert server.auth is not None  # checked by _refresh
+    try:
+        principal = await server.auth.authenticate(token)
+        server.revocations.check(principal)
+        if principal.user_id != socket.user_id:
+            raise TokenUserError(
+                f"the token is for user {principal.user_id[:40]!r}, not {socket.user_id[:40]!r}"
+            )
+    except AuthError as error:
+        server.metrics.refreshes.labels(error.code).inc()
+        log.info("refresh refused on %s: %s", socket.id, error)
+        if ack_id is not None:
+            socket.ack(ack_id, ack_error(error.code, str(error)))
+        return
+    if not socket.connected:
+        return
+    left = socket.refresh(principal)
+    server.metrics.refreshes.labels("ok").inc()
+    if ack_id is not None:
+        socket.ack(ack_id, {"ok": True, "left": left})
+
+
+class TokenUserError(AuthError):
+    """A refresh token for another user than the socket's."""
+
+    code: ClassVar[str] = "user_mismatch"
+
+
 BUILTINS: dict[Any, BuiltinEvent] = {
     "join": _join,
     "leave": _leave,
     "publish": _publish,
+    "refresh": _refresh,
 }

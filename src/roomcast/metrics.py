@@ -77,6 +77,19 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.refreshes = Counter(
+            "roomcast_token_refreshes",
+            "Token refreshes on live sockets, by result (ok, or the refusal's code)",
+            ["result"],
+            registry=r,
+        )
+        self.cluster_requests = Counter(
+            "roomcast_cluster_requests",
+            "Server API requests to every instance, by operation and result (complete: every "
+            "live instance answered in time; incomplete: some did not)",
+            ["op", "result"],
+            registry=r,
+        )
         self.handoffs = Counter(
             "roomcast_handoffs",
             "WebSocket sessions moved to the worker that owns their first room, by result "

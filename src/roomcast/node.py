@@ -19,6 +19,7 @@ from roomcast.broker.base import (
 )
 from roomcast.broker.memory import MemoryBroker
 from roomcast.broker.topics import topic
+from roomcast.cluster import Cluster
 from roomcast.config import Settings, ops_address
 from roomcast.connection import Flusher
 from roomcast.engine import EngineOptions, EngineServer
@@ -27,6 +28,7 @@ from roomcast.handoff import Handoff
 from roomcast.http.access import Access
 from roomcast.http.peers import peer_path
 from roomcast.http.routes import Router
+from roomcast.http.server_api import ServerApiRoutes
 from roomcast.hub import Hub, RoomKey
 from roomcast.metrics import BrokerCollector, Metrics
 from roomcast.protocol.socketio import Limits
@@ -136,6 +138,14 @@ class Node:
             self.subscriptions,
         )
         self.sockets.builtins = BUILTINS
+        self.cluster = Cluster(
+            self.broker,
+            self.sockets,
+            self.metrics,
+            self.tasks,
+            revocation_ttl_s=settings.revocation_ttl_s,
+        )
+        self.broker.on_control(self.cluster.on_message)
         self.engine_options = EngineOptions(
             ping_interval_ms=settings.ping_interval_ms,
             ping_timeout_ms=settings.ping_timeout_ms,
@@ -158,6 +168,7 @@ class Node:
             readiness=self.readiness,
             max_payload=settings.max_payload,
             worker=f"{worker[0]:02d}" if worker else "",
+            namespaces=self.app.namespaces,
             peer_sockets={
                 f"{index:02d}": peer_path(path)
                 for index, path in enumerate(worker[1])
@@ -173,6 +184,15 @@ class Node:
             ),
         )
         self.router.mount("/socket.io/", self.engine)
+        self.router.server_api = ServerApiRoutes(
+            self.app.of,
+            revoke=self.cluster.revoke,
+            check_key=self.router.check_key,
+            tasks=self.tasks,
+            metrics=self.metrics,
+            max_payload=settings.max_payload,
+            schemas=self.schemas,
+        )
         self.handoff: Handoff | None = None
         if worker is not None and len(worker[1]) > 1 and settings.room_affinity:
             self.handoff = Handoff(
@@ -231,6 +251,10 @@ class Node:
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self, sock: socketlib.socket | None = None) -> None:
         await self.broker.start(self.sockets.deliver, batch=self.flusher.batch)
+        try:
+            self.sockets.revocations.load(await self.broker.revocations())
+        except BrokerError as exc:  # the sync task tries again
+            log.warning("could not load revocations: %s", exc)
         loop = asyncio.get_running_loop()
         settings = self.settings
         limits = HttpLimits(
@@ -277,6 +301,10 @@ class Node:
             self.handoff.listen()
         if self.settings.recovery_max_disconnection_ms:
             self.tasks.spawn(self._touch_sessions(), name="touch-sessions")
+        self.tasks.spawn(self._sync_revocations(), name="sync-revocations")
+        self.app.attach(self.cluster)
+        for hook in self.app.startup:
+            self.tasks.spawn(hook(), name=f"startup-{getattr(hook, '__name__', 'hook')}")
         self.started = True
         log.info("listening on %s", ", ".join(str(s.getsockname()) for s in self._server.sockets))
         if self._ops is not None:
@@ -298,6 +326,19 @@ class Node:
             return None
         port: int = self._ops.sockets[0].getsockname()[1]
         return port
+
+    async def _sync_revocations(self) -> None:
+        """Reload revocations from the broker now and then: an instance that missed one (cut
+        from the broker when it was sent) still refuses the token, and ends its sockets."""
+        while True:
+            await asyncio.sleep(self.settings.revocation_sync_s)
+            try:
+                entries = await self.broker.revocations()
+            except BrokerError as exc:
+                log.warning("could not reload revocations: %s", exc)
+                continue
+            self.sockets.revocations.load(entries)
+            self.cluster.kick_revoked()
 
     async def _touch_sessions(self) -> None:
         """Keep live sockets' recovery state alive, so it survives an instance that is killed."""
@@ -333,6 +374,7 @@ class Node:
             self._server.close()
 
     async def stop(self) -> None:
+        self.app.attach(None)
         if not self.draining:
             self.draining = True
             for engine in self.engines:

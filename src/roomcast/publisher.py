@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from roomcast.auth import validate_room
 from roomcast.broker.base import Broker, JSONValue, PublishRequest, PublishResult
+from roomcast.broker.topics import validate_namespace
 from roomcast.protocol.socketio import check_event_name
 from roomcast.schemas import EventSchemas
 
@@ -56,8 +57,10 @@ class Publisher:
         *,
         idempotency_key: str | None = None,
         traceparent: str | None = None,
+        namespace: str = "/",
     ) -> PublishResult:
-        """Publish ``event`` with ``data`` to ``room``.
+        """Publish ``event`` with ``data`` to ``room`` of ``namespace`` (every namespace has
+        its own rooms; a namespace no gateway application defines reaches nobody).
 
         Raise :class:`~roomcast.auth.InvalidRoomError` for a bad room name,
         :class:`~roomcast.broker.envelope.EnvelopeError` for data that is not JSON or a bad
@@ -69,11 +72,13 @@ class Publisher:
         ``data`` fails (its ``details`` name the failing path).
         """
         validate_room(room)
+        validate_namespace(namespace)
         check_event_name(event)
         self._schemas.check(event, data)
         return await self._broker.publish(
             PublishRequest(
                 room=room,
+                namespace=namespace,
                 event=event,
                 data=data,
                 idempotency_key=idempotency_key,

@@ -19,14 +19,15 @@ from typing import Any, Protocol
 import orjson
 
 from roomcast.app import Namespace, Registered
-from roomcast.auth import Principal, validate_room
-from roomcast.broker.base import Broker, BrokerError, Publication
+from roomcast.auth import Authenticator, Principal, validate_room
+from roomcast.broker.base import Broker, BrokerError, BrokerUnavailableError, Publication
 from roomcast.broker.offsets import parse_offset
 from roomcast.connection import Connection
 from roomcast.http.errors import ack_error, ack_invalid_payload
 from roomcast.hub import Hub
 from roomcast.metrics import Metrics
 from roomcast.protocol.socketio import Limits, Packet, PacketType
+from roomcast.revocation import Revocations
 from roomcast.schemas import EventSchema, InvalidPayloadError, payload_of
 from roomcast.sessions import session_key
 from roomcast.subscriptions import Subscriptions
@@ -88,6 +89,10 @@ class SocketHost(Protocol):
     def builtins(self) -> Mapping[Any, BuiltinEvent]: ...
     @property
     def handoff(self) -> Mover | None: ...
+    @property
+    def auth(self) -> Authenticator | None: ...
+    @property
+    def revocations(self) -> Revocations: ...
 
     def drop(self, reason: str, detail: str) -> None: ...
 
@@ -133,6 +138,7 @@ class Socket:
         "principal",
         "recovering",
         "rooms",
+        "since",
     )
 
     def __init__(
@@ -161,6 +167,8 @@ class Socket:
         self._expiry: asyncio.TimerHandle | None = None
         self.owed = 0
         """Tasks running that will answer the client (an ack): the socket must not move."""
+        self.since = 0.0
+        """When the socket connected (seconds since the Unix epoch)."""
 
     @property
     def user_id(self) -> str:
@@ -193,6 +201,7 @@ class Socket:
     def connected_at(self, *, save: bool = True) -> None:
         server = self.client.server
         self.connected = True
+        self.since = time.time()
         self.client.sockets[self.namespace.name] = self
         server.sockets[self.id] = self
         server.metrics.sockets.inc()
@@ -260,9 +269,32 @@ class Socket:
 
     def _token_expired(self) -> None:
         self._expiry = None
-        self.client.server.metrics.disconnects.labels("token_expired").inc()
-        self.emit("roomcast:disconnect", {"code": "token_expired", "message": "token expired"})
+        self.kick("token_expired", "token expired")
+
+    def kick(self, code: str, message: str) -> None:
+        """End this socket for a reason the client sees: a ``roomcast:disconnect`` event
+        ``{code, message}``, then a server disconnect (the client does not reconnect by
+        itself).  Counted in ``roomcast_disconnects_total{reason=code}``."""
+        if not self.connected:
+            return
+        self.client.server.metrics.disconnects.labels(code).inc()
+        self.emit("roomcast:disconnect", {"code": code, "message": message})
         self.disconnect()
+
+    def refresh(self, principal: Principal) -> list[str]:
+        """Take a fresh token's claims (same user); leave the rooms they no longer allow and
+        return them.  The socket keeps its id and its other rooms."""
+        self.principal = principal
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if principal.expires_at is not None:
+            delay = max(principal.expires_at - time.time(), 0.0)
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
+        left = sorted(room for room in self.rooms if not principal.may_join(room))
+        for room in left:
+            self.leave(room)
+        return left
 
     def disconnect(self) -> None:
         """Server-side disconnect of this namespace (the client will not reconnect by itself)."""
@@ -440,10 +472,15 @@ class Socket:
             fields["namespace"] = self.namespace.name
         try:
             entry_id = await server.broker.append_upstream(fields)
-        except BrokerError as exc:
+        except BrokerUnavailableError as exc:
             server.drop("upstream_unavailable", f"event {name!r} from {self.id}: {exc}")
             if ack_id is not None:
                 self.ack(ack_id, ack_error("unavailable", "upstream stream unavailable, retry"))
+            return
+        except BrokerError as exc:  # refused by the broker itself: a retry would not help
+            server.drop("upstream_refused", f"event {name!r} from {self.id}: {exc}")
+            if ack_id is not None:
+                self.ack(ack_id, ack_error("broker_refused", "the broker refused the event"))
             return
         if ack_id is not None:
             self.ack(ack_id, {"ok": True, "id": entry_id})

@@ -24,6 +24,7 @@ from roomcast.hub import Hub
 from roomcast.metrics import Metrics
 from roomcast.protocol.errors import ProtocolError, SocketIOError
 from roomcast.protocol.socketio import Decoder, Packet, PacketType
+from roomcast.revocation import Revocations
 from roomcast.sessions import PID_RE, SessionWriter, session_key
 from roomcast.socket import ANONYMOUS, BuiltinEvent, Mover, Socket, SocketOptions
 from roomcast.subscriptions import Subscriptions
@@ -59,6 +60,8 @@ class SocketServer:
         self.options = options
         self.sockets: dict[SocketId, Socket] = {}
         self.session_writer = SessionWriter(broker, metrics, tasks)
+        self.revocations = Revocations()
+        """Revoked users and token ids (kept in step by the node and the cluster)."""
         self.handoff: Mover | None = None
         """With several workers: moves a socket to the worker that owns its first room."""
         self.builtins: Mapping[Any, BuiltinEvent] = {}
@@ -248,6 +251,7 @@ class Client:
                 principal = await server.auth.authenticate(
                     token_from_request(auth, req.headers, req.query)
                 )
+                server.revocations.check(principal)
             except AuthError as error:
                 self._refuse(nsp, connect_error_payload(error.code, str(error)), error.code)
                 return None

@@ -17,6 +17,8 @@
 //                                            once there are >= count (and one named untilEvent)
 //   waitConnects {count, timeoutMs}       -> every connect so far, once there are >= count
 //   waitDisconnects {count, timeoutMs}    -> every disconnect reason so far, once >= count
+//   answer {event, value}                 -> {}; from now on the client acks the server's
+//                                            `event` (when the server asks) with `value`
 //   state {}                              -> {connected, id, recovered, events, connects, ...}
 //   close {}                              -> {}
 // The process ends when stdin closes.
@@ -37,6 +39,7 @@ class Client {
     this.disconnects = [];
     this.connectErrors = [];
     this.waiters = new Set();
+    this.answers = new Map();
     this.socket = io(url, {
       forceNew: true,
       reconnection: false,
@@ -45,6 +48,12 @@ class Client {
       auth: { token },
     });
     this.socket.onAny((event, ...args) => {
+      if (typeof args.at(-1) === "function") {
+        const ack = args.pop();
+        if (this.answers.has(event)) {
+          ack(this.answers.get(event));
+        }
+      }
       this.events.push({
         event,
         data: args[0] ?? null,
@@ -180,6 +189,11 @@ const commands = {
       timeoutMs,
       `disconnect number ${count}`,
     );
+  },
+
+  async answer({ name, event, value }) {
+    client(name).answers.set(event, value);
+    return {};
   },
 
   async state({ name }) {

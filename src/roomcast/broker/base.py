@@ -116,6 +116,9 @@ PayloadCheck = Callable[[Publication], str | None]
 """Why a publication read from the broker may not be delivered (its data fails its event's
 schema), or None; given by the node, so a broker refuses what a raw ``XADD`` got wrong."""
 
+ControlHandler = Callable[[bytes], None]
+"""Called by the broker, in the event loop, for every control message sent to this instance."""
+
 BatchScope = Callable[[], AbstractContextManager[None]]
 """Entered by a broker around publications it delivers back to back (one fetch's worth), so the
 node can send what each client gets from them as one write."""
@@ -162,6 +165,29 @@ class Broker(Protocol):
 
     async def touch_sessions(self, pids: list[str], ttl_ms: int) -> None:
         """Extend the lifetime of stored recovery states of live sockets (one batch)."""
+
+    @property
+    def instance_id(self) -> str:
+        """This instance's id among the instances on the same broker."""
+
+    def on_control(self, handler: ControlHandler) -> None:
+        """Receive control messages (call before :meth:`start`): the server API's requests
+        and answers between instances.  Without a handler, none are received."""
+
+    async def send_control(self, message: bytes, instance: str | None = None) -> None:
+        """Send a control message to one instance, or (``None``) to every live instance,
+        this one included.  At most once: a message sent while an instance is disconnected
+        from the broker is lost for it (callers time out)."""
+
+    async def instances(self) -> list[str]:
+        """The ids of the instances that were alive in the last few seconds, this one
+        included once started."""
+
+    async def revoke(self, entry: str, until_ms: int) -> None:
+        """Store a revocation entry (``roomcast.revocation``) until ``until_ms`` (Unix ms)."""
+
+    async def revocations(self) -> list[str]:
+        """Every revocation entry not yet expired."""
 
     async def append_upstream(self, fields: dict[str, str]) -> str:
         """Append a client event to the upstream stream; return its id once stored.

@@ -72,6 +72,20 @@ class Keys:
         """The stream of client events for backend services (``<prefix>:upstream``)."""
         return self._upstream if self._upstream is not None else f"{self.prefix}:upstream"
 
+    def control(self, instance: str | None = None) -> str:
+        """The pub/sub channel of control messages to every instance (``<prefix>:control``),
+        or to one instance (``<prefix>:control:<instance>``)."""
+        base = f"{self.prefix}:control"
+        return base if instance is None else f"{base}:{instance}"
+
+    def revocations(self) -> str:
+        """The sorted set of revocation entries, scored by when each may be forgotten (ms)."""
+        return f"{self.prefix}:revocations"
+
+    def instances(self) -> str:
+        """The sorted set of live instances, scored by when each last said so (ms)."""
+        return f"{self.prefix}:instances"
+
     def probe(self, tag: str) -> str:
         """A short-lived stream used to check that keyspace notifications reach us."""
         return f"{self.prefix}:probe:{{{tag}}}"

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
+import uuid
 from collections import OrderedDict, deque
 
 from roomcast.broker.base import (
     BatchScope,
     BrokerState,
+    ControlHandler,
     DeliveryHandler,
     History,
     Publication,
@@ -53,6 +56,9 @@ class MemoryBroker:
         self._next_history_sweep_ms = 0
         self.dropped: collections.Counter[str] = collections.Counter()
         self.upstream: deque[tuple[str, dict[str, str]]] = deque(maxlen=10_000)
+        self.instance_id = uuid.uuid4().hex[:16]
+        self._revocations: dict[str, int] = {}
+        self._control: ControlHandler | None = None
 
     @property
     def state(self) -> BrokerState:
@@ -70,6 +76,29 @@ class MemoryBroker:
     async def stop(self) -> None:
         self._handler = None
         self._state = BrokerState.STOPPED
+
+    async def revoke(self, entry: str, until_ms: int) -> None:
+        self._revocations[entry] = max(until_ms, self._revocations.get(entry, 0))
+
+    async def revocations(self) -> list[str]:
+        now_ms = int(time.time() * 1000)
+        for entry in [e for e, until in self._revocations.items() if until <= now_ms]:
+            del self._revocations[entry]
+        return list(self._revocations)
+
+    def on_control(self, handler: ControlHandler) -> None:
+        self._control = handler
+
+    async def send_control(self, message: bytes, instance: str | None = None) -> None:
+        """The only instance is this one: the message is handled once the caller yields."""
+        if instance not in (None, self.instance_id):
+            return  # no such instance: lost, as on Redis
+        handler = self._control
+        if handler is not None and self._state is BrokerState.CONNECTED:
+            asyncio.get_running_loop().call_soon(handler, message)
+
+    async def instances(self) -> list[str]:
+        return [self.instance_id] if self._state is BrokerState.CONNECTED else []
 
     async def publish(self, request: PublishRequest) -> PublishResult:
         validate_topic(request.topic)

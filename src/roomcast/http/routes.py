@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -18,9 +18,11 @@ from roomcast.broker.base import (
     PublishRequest,
     PublishResult,
 )
+from roomcast.broker.topics import MAIN, InvalidNamespaceError, validate_namespace
 from roomcast.http import peers
 from roomcast.http.access import Access, Listener, Route
 from roomcast.http.errors import ApiError, api_error_response, json_response
+from roomcast.http.server_api import ServerApiRoutes
 from roomcast.protocol.errors import EventNameError
 from roomcast.protocol.socketio import check_event_name
 from roomcast.schemas import InvalidPayloadError
@@ -34,6 +36,9 @@ log = logging.getLogger("roomcast.api")
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 Publish = Callable[[PublishRequest], Awaitable[PublishResult]]
+_PUBLISH_FIELDS = frozenset(
+    {"room", "namespace", "event", "data", "idempotency_key", "traceparent"}
+)
 
 
 class _ListenerView:
@@ -64,6 +69,7 @@ class Router:
         max_payload: int,
         worker: str = "",
         peer_sockets: dict[str, str] | None = None,
+        namespaces: Container[str] = ("/",),
         access: Access | None = None,
     ) -> None:
         """With ``--workers``: ``worker`` names this worker (``"00"``), ``peer_sockets`` maps the
@@ -78,6 +84,10 @@ class Router:
         self._max_payload = max_payload
         self._worker = worker
         self._peers = peer_sockets or {}
+        self._namespaces = namespaces
+        """The namespaces the application defines (publications to others are refused)."""
+        self.server_api: ServerApiRoutes | None = None
+        """The server API routes (set by the node once it has a cluster)."""
         self._access = access or Access()
         self.ops: HttpHandler = _ListenerView(self, Listener.OPS)
         self.peer: HttpHandler = _ListenerView(self, Listener.PEER)
@@ -115,6 +125,12 @@ class Router:
                 exchange.respond(200, body, [], CONTENT_TYPE_LATEST)
         elif path == "/api/v1/publish" and serves(listener, Route.API):
             self._publish_api(request, exchange)
+        elif (
+            self.server_api is not None
+            and self.server_api.serves(path)
+            and serves(listener, Route.API)
+        ):
+            self.server_api.handle(request, exchange)
         else:
             api_error_response(exchange, ApiError(404, "not_found", f"no route for {path[:80]}"))
 
@@ -162,14 +178,21 @@ class Router:
         try:
             if request.method != "POST":
                 raise ApiError(405, "method_not_allowed", "use POST")
-            self._check_key(request)
+            self.check_key(request)
             publish = parse_publish_body(request.body, self._max_payload)
+            if publish.namespace not in self._namespaces:
+                raise ApiError(
+                    400,
+                    "unknown_namespace",
+                    f"namespace {publish.namespace!r} is not defined by the application",
+                )
         except ApiError as error:
             api_error_response(exchange, error)
             return
         self._tasks.spawn(self._do_publish(publish, exchange), name="api-publish")
 
-    def _check_key(self, request: Request) -> None:
+    def check_key(self, request: Request) -> None:
+        """Raise a 401 :class:`ApiError` unless the request carries the API key."""
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not key:
             raise ApiError(401, "unauthorized", "missing Authorization: Bearer <api key>")
@@ -201,6 +224,8 @@ class Router:
             return
         self._metrics.published.labels("http").inc()
         body: dict[str, Any] = {"id": result.id, "offset": result.offset, "room": request.room}
+        if request.namespace != MAIN:
+            body["namespace"] = request.namespace
         if result.duplicate:
             body["duplicate"] = True
         if not exchange.aborted:
@@ -217,7 +242,7 @@ def parse_publish_body(body: bytes, max_payload: int) -> PublishRequest:
         raise ApiError(400, "invalid_json", f"body is not valid json: {exc}") from exc
     if not isinstance(value, dict):
         raise ApiError(400, "invalid_body", "body must be a json object")
-    unknown = sorted(set(value) - {"room", "event", "data", "idempotency_key", "traceparent"})
+    unknown = sorted(set(value) - _PUBLISH_FIELDS)
     if unknown:
         raise ApiError(400, "invalid_body", f"unknown field {unknown[0]!r}")
     try:
@@ -241,6 +266,15 @@ def parse_publish_body(body: bytes, max_payload: int) -> PublishRequest:
         check_event_name(event)
     except EventNameError as exc:
         raise ApiError(400, "invalid_event", str(exc)) from None
+    try:
+        namespace = validate_namespace(value.get("namespace", MAIN))
+    except InvalidNamespaceError as exc:
+        raise ApiError(400, "invalid_namespace", str(exc)) from None
     return PublishRequest(
-        room=room, event=event, data=value["data"], idempotency_key=key, traceparent=traceparent
+        room=room,
+        namespace=namespace,
+        event=event,
+        data=value["data"],
+        idempotency_key=key,
+        traceparent=traceparent,
     )

@@ -41,6 +41,7 @@ from roomcast.broker.base import (
     BrokerError,
     BrokerState,
     BrokerUnavailableError,
+    ControlHandler,
     DeliveryHandler,
     History,
     PayloadCheck,
@@ -60,6 +61,7 @@ from roomcast.broker.redis.connection import (
     node_connection,
     text,
 )
+from roomcast.broker.redis.control import Control
 from roomcast.broker.redis.delivery import Delivery, Room
 from roomcast.broker.redis.entries import EntryFilter
 from roomcast.broker.redis.errors import (
@@ -152,11 +154,14 @@ class RedisBroker:
         self._notifications = Notifications(
             self._conn, self._keys, instance_id=self.instance_id, ping_interval=ping_interval
         )
+        self._control = Control(
+            self._conn, self._keys, instance_id=self.instance_id, ping_interval=ping_interval
+        )
         self._delivery = Delivery(
             self._entries,
             fetch_count=fetch_count,
             running_loop=self._conn.running_loop,
-            other_message=self._notifications.on_message,
+            other_message=self._other_message,
             dropped=self.dropped,
             errors=self.errors,
         )
@@ -233,6 +238,7 @@ class RedisBroker:
         self._supervisor = asyncio.create_task(self._supervise(), name="roomcast-redis-broker")
 
     async def stop(self) -> None:
+        await self._control.withdraw()
         self._stopped = True
         supervisor, self._supervisor = self._supervisor, None
         self._state = BrokerState.STOPPED
@@ -377,6 +383,23 @@ class RedisBroker:
     async def touch_sessions(self, pids: list[str], ttl_ms: int) -> None:
         await self._sessions.touch(pids, ttl_ms)
 
+    def on_control(self, handler: ControlHandler) -> None:
+        self._control.handler = handler
+
+    async def send_control(self, message: bytes, instance: str | None = None) -> None:
+        if self._stopped:
+            raise BrokerUnavailableError("redis broker stopped")
+        await self._control.send(message, instance)
+
+    async def instances(self) -> list[str]:
+        return await self._control.instances()
+
+    async def revoke(self, entry: str, until_ms: int) -> None:
+        await self._control.revoke(entry, until_ms)
+
+    async def revocations(self) -> list[str]:
+        return await self._control.revocations()
+
     async def append_upstream(self, fields: dict[str, str]) -> str:
         """``XADD <prefix>:upstream [MAXLEN ~ upstream_maxlen] * <fields>``; return the entry id."""
         return await append_upstream(self._conn, self._keys, fields, maxlen=self._upstream_maxlen)
@@ -444,6 +467,10 @@ class RedisBroker:
         by_node: dict[str, list[bytes]] = collections.defaultdict(list)
         for room in list(rooms.values()):
             by_node[self._conn.node_name(room.key)].extend(self._subscription(room))
+        if self._control.handler is not None:
+            # Classic pub/sub reaches every node's subscribers: one listener is enough.
+            by_node[next(iter(self._listeners))].extend(self._control.channels)
+            await self._control.announce()
         for name, channels in by_node.items():
             conn = self._listeners.get(name)
             if conn is None:
@@ -478,6 +505,12 @@ class RedisBroker:
             logger.warning(
                 "redis connection lost (%s: %s); reconnecting", type(first).__name__, first
             )
+
+    def _other_message(self, kind: object, channel: bytes, payload: object) -> None:
+        """A pub/sub message of no room: a control message, or a notification probe's."""
+        if kind == b"message" and self._control.on_message(channel, payload):
+            return
+        self._notifications.on_message(kind, channel, payload)
 
     def _catch_up(self) -> None:
         self._delivery.mark_dirty(self._delivery.rooms.values())
@@ -529,6 +562,7 @@ class RedisBroker:
             async with self._conn.deadline():
                 for conn in list(self._listeners.values()):
                     await conn.send_command("PING", check_health=False)
+                await self._control.announce()
                 if isinstance(client, RedisCluster):
                     topology = await self._conn.read_topology(client)
                     if topology != self._topology:
