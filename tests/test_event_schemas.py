@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
+from conftest import http_json
 from prometheus_client.parser import text_string_to_metric_families
 
 import redis_fixtures
-from conftest import http_json
 from roomcast import Application, Socket
 from roomcast.node import load_schemas
 from roomcast.publisher import Publisher
