@@ -26,7 +26,7 @@ redis_prefix = redis_fixtures.redis_prefix
 gateways = multi_fixtures.gateways
 node_clients = multi_fixtures.node_clients
 
-ROOMS = ("mi:*",)
+ROOMS = ("mi:**",)
 APP = ("--app", "app_for_tests:app")
 
 
