@@ -10,16 +10,15 @@
     async def echo(socket: Socket, text: str) -> str:
         return text            # becomes the client's ack
 
-    @app.on("comment", schema={"type": "object", "required": ["text"],
-                               "properties": {"text": {"type": "string", "maxLength": 500}}})
-    async def comment(socket: Socket, data: dict[str, Any]) -> None:
-        ...                    # only called with a payload that matches the schema
-
     @app.on("review", namespace="/docs")
     async def review(socket: Socket, doc: str) -> dict[str, Any]:
         # every socket in room doc of /docs, on every instance, within 5 s
         result = await app.of("/docs").to(doc).timeout(5).emit_with_ack("approve?", doc)
         return {"yes": result.responses.count(True), "silent": len(result.missing)}
+    @app.on("comment", schema={"type": "object", "required": ["text"],
+                               "properties": {"text": {"type": "string", "maxLength": 500}}})
+    async def comment(socket: Socket, data: dict[str, Any]) -> None:
+        ...                    # only called with a payload that matches the schema
 
 Handlers are checked when they are registered: they must be ``async def`` and take the socket
 first; the number of event arguments they accept is recorded, and an event that does not fit is

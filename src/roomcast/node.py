@@ -319,14 +319,6 @@ class Node:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
-    @property
-    def ops_port(self) -> int | None:
-        """The ops listener's port (``--ops-listen``), or None without one."""
-        if self._ops is None:
-            return None
-        port: int = self._ops.sockets[0].getsockname()[1]
-        return port
-
     async def _sync_revocations(self) -> None:
         """Reload revocations from the broker now and then: an instance that missed one (cut
         from the broker when it was sent) still refuses the token, and ends its sockets."""
@@ -339,6 +331,14 @@ class Node:
                 continue
             self.sockets.revocations.load(entries)
             self.cluster.kick_revoked()
+
+    @property
+    def ops_port(self) -> int | None:
+        """The ops listener's port (``--ops-listen``), or None without one."""
+        if self._ops is None:
+            return None
+        port: int = self._ops.sockets[0].getsockname()[1]
+        return port
 
     async def _touch_sessions(self) -> None:
         """Keep live sockets' recovery state alive, so it survives an instance that is killed."""

@@ -4,12 +4,12 @@
 - ``ping-me``: the server calls the client (``server-ask`` with 41, waiting for its ack) and
   emits the client's answer back as ``client-answered``; the ack says whether that worked;
 - ``/admin``: a namespace whose connect handler emits ``admin-welcome``;
-- ``rename``: a handler with a schema (``{"name": 1-20 characters}``); the ack echoes the name;
 - ``/docs``: a namespace with no handlers of its own (rooms and built-ins only);
 - the server-side API, in ``/`` and ``/docs``: ``shout`` (room, text) emits ``shouted`` to the
   room on every instance; ``ask-room`` (room, seconds) asks the rest of the room ``question``
   and acks what came back; ``start-beat`` (room) lets a startup task emit ``beat`` to the room
   every 200 ms.
+- ``rename``: a handler with a schema (``{"name": 1-20 characters}``); the ack echoes the name.
 """
 
 from __future__ import annotations

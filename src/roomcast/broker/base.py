@@ -112,12 +112,12 @@ class BrokerUnavailableError(BrokerError):
 DeliveryHandler = Callable[[Publication], None]
 """Called by the broker, in the event loop, for every publication of a subscribed room."""
 
+ControlHandler = Callable[[bytes], None]
+"""Called by the broker, in the event loop, for every control message sent to this instance."""
+
 PayloadCheck = Callable[[Publication], str | None]
 """Why a publication read from the broker may not be delivered (its data fails its event's
 schema), or None; given by the node, so a broker refuses what a raw ``XADD`` got wrong."""
-
-ControlHandler = Callable[[bytes], None]
-"""Called by the broker, in the event loop, for every control message sent to this instance."""
 
 BatchScope = Callable[[], AbstractContextManager[None]]
 """Entered by a broker around publications it delivers back to back (one fetch's worth), so the
