@@ -200,6 +200,7 @@ class Node:
             tasks=self.tasks,
             metrics=self.metrics,
             max_payload=settings.max_payload,
+            schemas=self.schemas,
         )
         self.handoff: Handoff | None = None
         if worker is not None and len(worker[1]) > 1 and settings.room_affinity:
