@@ -20,11 +20,18 @@ import orjson
 
 from roomcast.app import Namespace, Registered
 from roomcast.auth import Authenticator, Principal, validate_room
-from roomcast.broker.base import Broker, BrokerError, BrokerUnavailableError, Publication
+from roomcast.broker.base import (
+    Broker,
+    BrokerError,
+    BrokerUnavailableError,
+    Publication,
+    UserQuota,
+)
 from roomcast.broker.offsets import parse_offset
 from roomcast.connection import Connection
-from roomcast.http.errors import ack_error, ack_invalid_payload
+from roomcast.http.errors import ack_error, ack_invalid_payload, ack_rate_limited
 from roomcast.hub import Hub
+from roomcast.limits import Bucket, Refusals, SocketRates, UserConnections
 from roomcast.metrics import Metrics
 from roomcast.protocol.socketio import Limits, Packet, PacketType
 from roomcast.revocation import Revocations
@@ -66,6 +73,10 @@ class SocketOptions:
     ack_timeout_s: float = 30.0
     event_schemas: Mapping[str, EventSchema] = field(default_factory=dict)
     """``--event-schemas``: client events (and publications) of these names are checked."""
+    rates: SocketRates = field(default_factory=SocketRates)
+    """Events and joins per socket (``roomcast.limits``)."""
+    user_quota: UserQuota = field(default_factory=UserQuota)
+    """New and concurrent connections per user (``roomcast.limits.UserConnections``)."""
 
 
 class SocketHost(Protocol):
@@ -93,6 +104,10 @@ class SocketHost(Protocol):
     def auth(self) -> Authenticator | None: ...
     @property
     def revocations(self) -> Revocations: ...
+    @property
+    def refusals(self) -> Refusals: ...
+    @property
+    def users(self) -> UserConnections: ...
 
     def drop(self, reason: str, detail: str) -> None: ...
 
@@ -120,6 +135,11 @@ class SocketClient(Protocol):
         ...
 
 
+def hold_name(sid: str, namespace: str) -> str:
+    """A socket's place among its user's connections: its session and namespace."""
+    return sid + namespace
+
+
 class Socket:
     """One client's membership of one namespace: the object handlers receive."""
 
@@ -131,7 +151,9 @@ class Socket:
         "client",
         "conn",
         "connected",
+        "events_bucket",
         "id",
+        "joins_bucket",
         "namespace",
         "owed",
         "pid",
@@ -169,10 +191,18 @@ class Socket:
         """Tasks running that will answer the client (an ack): the socket must not move."""
         self.since = 0.0
         """When the socket connected (seconds since the Unix epoch)."""
+        rates = client.server.options.rates
+        self.events_bucket: Bucket | None = rates.events.bucket() if rates.events else None
+        self.joins_bucket: Bucket | None = rates.joins.bucket() if rates.joins else None
 
     @property
     def user_id(self) -> str:
         return self.principal.user_id
+
+    @property
+    def hold(self) -> str:
+        """What holds this socket's place among its user's connections (``limits``)."""
+        return hold_name(self.conn.sid, self.namespace.name)
 
     @property
     def session_key(self) -> str:
@@ -308,6 +338,7 @@ class Socket:
         self._unregister()
         client = self.client
         server = client.server
+        server.users.release(self.user_id, self.hold)
         client.sockets.pop(self.namespace.name, None)
         for room in self.rooms:
             server.hub.leave(self, (self.namespace.name, room))
@@ -366,6 +397,10 @@ class Socket:
     def on_event(self, data: list[Any], ack_id: int | None) -> None:
         server = self.client.server
         server.metrics.client_events.inc()
+        bucket = self.events_bucket
+        if bucket is not None and not bucket.take():
+            self.rate_limited(bucket, "events", ack_id)
+            return
         name, args = data[0], data[1:]
         registered = self.namespace.events.get(name) if isinstance(name, str) else None
         if registered is not None:
@@ -437,6 +472,25 @@ class Socket:
         if ack_id is not None:
             self.ack(ack_id, ack_invalid_payload(error))
         return True
+
+    def rate_limited(self, bucket: Bucket, limit: str, ack_id: int | None) -> None:
+        """``bucket`` refused an event: count and log it (bounded), answer its ack with
+        ``rate_limited`` and the retry-after; a socket far over its limit is disconnected."""
+        server = self.client.server
+        server.refusals.refused(limit, f"socket {self.id} of user {self.user_id[:40]!r}")
+        if not bucket.overflowed(server.options.rates.disconnect_factor):
+            if ack_id is not None:
+                self.ack(ack_id, ack_rate_limited(limit, bucket.retry_after_ms()))
+            return
+        message = f"far over the {limit} rate limit"
+        if len(self.client.sockets) > 1:
+            self.kick("rate_limited", message)  # the connection's other namespaces stay
+            return
+        # The whole connection goes (counted once, as its close reason): a client that
+        # ignores a namespace disconnect could go on sending to it.
+        self.emit("roomcast:disconnect", {"code": "rate_limited", "message": message})
+        self.disconnect()
+        self.conn.close(f"rate_limited: {message}")
 
     def answer_later(self, call: Coroutine[Any, Any, None], name: str) -> None:
         """Run ``call``, which may answer the client, in a task; the socket owes it meanwhile."""
