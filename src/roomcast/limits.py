@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from prometheus_client import Counter
+
 from roomcast.broker.base import Broker, BrokerError, UserQuota
 from roomcast.metrics import Metrics
 from roomcast.tasks import TaskSet
@@ -150,10 +152,15 @@ class Refusals:
 
     def __init__(self, metrics: Metrics) -> None:
         self._counter = metrics.rate_limited
+        self._children: dict[str, Counter] = {}
+        """The counter of each limit (``labels()`` costs a microsecond: not per refusal)."""
         self._gate = _LogGate()
 
     def refused(self, limit: str, who: str) -> None:
-        self._counter.labels(limit).inc()
+        child = self._children.get(limit)
+        if child is None:
+            child = self._children[limit] = self._counter.labels(limit)
+        child.inc()
         self._gate.log(limit, "rate limited (%s): %s", limit, who)
 
 

@@ -135,6 +135,15 @@ class SocketClient(Protocol):
         ...
 
 
+KICK_GRACE_S = 1.0
+"""How long a connection whose last socket was disconnected for a rate limit may stay open."""
+
+
+def _close_if_idle(client: SocketClient) -> None:
+    if not client.sockets and not client.conn.closed:
+        client.conn.close("rate_limited_linger: no namespace left after a rate_limited kick")
+
+
 def hold_name(sid: str, namespace: str) -> str:
     """A socket's place among its user's connections: its session and namespace."""
     return sid + namespace
@@ -482,15 +491,13 @@ class Socket:
             if ack_id is not None:
                 self.ack(ack_id, ack_rate_limited(limit, bucket.retry_after_ms()))
             return
-        message = f"far over the {limit} rate limit"
-        if len(self.client.sockets) > 1:
-            self.kick("rate_limited", message)  # the connection's other namespaces stay
-            return
-        # The whole connection goes (counted once, as its close reason): a client that
-        # ignores a namespace disconnect could go on sending to it.
-        self.emit("roomcast:disconnect", {"code": "rate_limited", "message": message})
-        self.disconnect()
-        self.conn.close(f"rate_limited: {message}")
+        self.kick("rate_limited", f"far over the {limit} rate limit")
+        if not self.client.sockets:
+            # The official client closes its connection on this notice; one that goes on
+            # sending to the closed namespace loses the connection after a grace.  (Closed at
+            # once, the close would overtake the notice: the client handles packets a tick
+            # after it reads them, but a close at once.)
+            asyncio.get_running_loop().call_later(KICK_GRACE_S, _close_if_idle, self.client)
 
     def answer_later(self, call: Coroutine[Any, Any, None], name: str) -> None:
         """Run ``call``, which may answer the client, in a task; the socket owes it meanwhile."""

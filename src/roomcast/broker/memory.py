@@ -207,12 +207,13 @@ class MemoryBroker:
             if count + 1 > quota.per_window:
                 return Admission("user_connect_rate", max(1, int((ends - now) * 1000)))
         if quota.concurrent:
-            held = {m: until for m, until in self._held.get(user, {}).items() if until > now}
+            held = self._held.setdefault(user, {})
             if member not in held and len(held) >= quota.concurrent:
-                self._held[user] = held
-                return Admission("user_connections")
+                for gone in [m for m, until in held.items() if until <= now]:  # only when full
+                    del held[gone]
+                if len(held) >= quota.concurrent:
+                    return Admission("user_connections")
             held[member] = now + quota.ttl_ms / 1000
-            self._held[user] = held
         return Admission()
 
     async def release_users(self, held: list[tuple[str, str]]) -> None:
