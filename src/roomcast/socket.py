@@ -77,6 +77,11 @@ class SocketOptions:
     """Events and joins per socket (``roomcast.limits``)."""
     user_quota: UserQuota = field(default_factory=UserQuota)
     """New and concurrent connections per user (``roomcast.limits.UserConnections``)."""
+    connects_in_flight: int = 16
+    """Namespace connects (token check, recovery) in progress at once; the others wait in
+    order. A reconnection storm otherwise starts thousands of recoveries together: they queue
+    for the broker's connections, their commands time out, and clients lose their sessions
+    (3,000 clients at once: 154 did)."""
 
 
 class SocketHost(Protocol):
@@ -317,6 +322,13 @@ class Socket:
         if not self.connected:
             return
         self.client.server.metrics.disconnects.labels(code).inc()
+        log.info(
+            "ending socket %s of %r: %s",
+            self.id,
+            self.principal.user_id,
+            code,
+            extra={"socket": self.id, "user": self.principal.user_id, "reason": code},
+        )
         self.emit("roomcast:disconnect", {"code": code, "message": message})
         self.disconnect()
 
