@@ -21,10 +21,11 @@ import redis_fixtures
 from conftest_helpers import token_for
 from redis_fixtures import wait_until
 from roomcast import config, limits
+from roomcast.app import Application, ConnectRefusedError
 from roomcast.broker.base import Admission, UserQuota
 from roomcast.broker.redis import RedisBroker
 from roomcast.limits import Bucket, Rate
-from roomcast.socket import KICK_GRACE_S
+from roomcast.socket import KICK_GRACE_S, Socket
 from wire import connect_sio, running
 
 if TYPE_CHECKING:
@@ -390,3 +391,33 @@ async def test_a_client_that_ignores_the_disconnect_loses_its_connection() -> No
         disconnects = node.metrics.disconnects
         assert disconnects.labels("rate_limited")._value.get() == 1
         assert disconnects.labels("rate_limited_linger")._value.get() == 1
+
+
+async def test_a_connect_refused_after_admission_holds_no_place() -> None:
+    """A connect that the user limits admitted but the application refused gives its place
+    back at once, as does a socket that disconnects: the user's next connect is admitted."""
+    app = Application()
+
+    @app.before_connect()
+    async def picky(socket: Socket, auth: dict[str, object]) -> None:
+        if auth.get("refuse"):
+            raise ConnectRefusedError("not today")
+
+    async with running(app, max_connections_per_user=1) as node:
+        token = token_for("doc:*")
+        refused = await connect_sio(node.port, {"token": token, "refuse": True})
+        answer = str(await refused.recv())
+        assert json.loads(answer[2:])["data"]["code"] == "forbidden", answer
+        first = await connect_sio(node.port, {"token": token})
+        assert str(await first.recv()).startswith("40{")
+        second = await connect_sio(node.port, {"token": token})
+        answer = str(await second.recv())
+        assert json.loads(answer[2:])["data"]["limit"] == "user_connections", answer
+        await first.send("41")  # the client leaves the namespace: its place frees
+        deadline = asyncio.get_running_loop().time() + 5
+        while True:
+            again = await connect_sio(node.port, {"token": token})
+            if str(await again.recv()).startswith("40{"):
+                break
+            assert asyncio.get_running_loop().time() < deadline, "the place never came back"
+            await asyncio.sleep(0.01)
