@@ -124,8 +124,9 @@ def test_production_turns_the_limits_on() -> None:
     assert [getattr(dev, name) for name in names] == [0] * len(names)
     assert all(getattr(prod, name) > 0 for name in names)
     assert (chosen.event_rate, chosen.api_rate, chosen.join_rate) == (7.0, 0.0, prod.join_rate)
-    with pytest.raises(config.ConfigError, match="event_rate"):
-        config.load({"event_rate": "-1"}, environ={})
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(config.ConfigError, match="event_rate"):
+            config.load({"event_rate": bad}, environ={})
     with pytest.raises(config.ConfigError, match="user_connections_ttl_s"):
         config.load({"user_connections_ttl_s": "0"}, environ={})
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import math
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -234,11 +235,13 @@ class Settings:
             "api_rate",
             "api_burst",
         ):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:  # also refuses nan
+                raise ConfigError(f"{name} must be a finite number, 0 or more, got {value!r}")
         for name in ("user_connect_window_s", "user_connections_ttl_s"):
-            if getattr(self, name) < 0.1:
-                raise ConfigError(f"{name} must be at least 0.1, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not 0.1 <= value < math.inf:
+                raise ConfigError(f"{name} must be at least 0.1 and finite, got {value!r}")
         for name in ("drain_delay_s", "drain_window_s", "drain_seconds"):
             value = getattr(self, name)
             if not value >= 0:  # also refuses nan
