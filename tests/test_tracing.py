@@ -29,6 +29,7 @@ from otlp_receiver import OtlpReceiver, ReceivedSpan
 import redis_fixtures
 import roomcast.tracing
 from roomcast.broker.base import BrokerUnavailableError, Publication, PublishRequest, PublishResult
+from roomcast.broker.envelope import EnvelopeError
 from roomcast.broker.memory import MemoryBroker
 from roomcast.config import ConfigError
 from roomcast.http.routes import header_traceparent
@@ -469,4 +470,21 @@ async def test_a_publisher_in_a_traced_service_continues_its_current_span(
         f"{publish.context.span_id:016x}",
     )
     assert int(flags, 16) & 1, "sampled"
+    await broker.stop()
+
+
+async def test_a_publisher_refuses_a_bad_traceparent_with_tracing_on_or_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Publisher refuses a traceparent that is not W3C (naming the field) whether tracing is on or off, and stores nothing."""
+    broker = MemoryBroker()
+    got: list[Publication] = []
+    await broker.start(got.append)
+    await broker.subscribe("r")
+    monkeypatch.setattr(roomcast.tracing, "active", None)
+    for tracing in (None, _sdk()[0]):
+        monkeypatch.setattr(roomcast.tracing, "active", tracing)
+        with pytest.raises(EnvelopeError, match=r"^traceparent"):
+            await Publisher(broker).publish("r", "e", 1, traceparent="00-abc-def-01")
+    assert got == []
     await broker.stop()

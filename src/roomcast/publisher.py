@@ -17,6 +17,7 @@ from __future__ import annotations
 import roomcast.tracing as tracing
 from roomcast.auth import validate_room
 from roomcast.broker.base import Broker, JSONValue, PublishRequest, PublishResult
+from roomcast.broker.envelope import check_traceparent
 from roomcast.broker.topics import validate_namespace
 from roomcast.protocol.socketio import check_event_name
 from roomcast.schemas import EventSchemas
@@ -82,6 +83,8 @@ class Publisher:
         validate_room(room)
         validate_namespace(namespace)
         check_event_name(event)
+        if traceparent is not None:  # refused with tracing on or off alike
+            check_traceparent(traceparent)
         self._schemas.check(event, data)
         request = PublishRequest(
             room=room,

@@ -35,6 +35,7 @@ __all__ = [
     "OPTIONAL_FIELDS",
     "REQUIRED_FIELDS",
     "EnvelopeError",
+    "check_traceparent",
     "decode_envelope",
     "decode_feed",
     "encode_data",
@@ -254,3 +255,10 @@ def _optional(text: Mapping[str, str], name: str, max_length: int) -> str | None
 def _check_traceparent(value: object) -> None:
     if not isinstance(value, str) or _TRACEPARENT_RE.match(value) is None:
         raise EnvelopeError(f"traceparent: not a w3c traceparent: {_show(value)}")
+
+
+def check_traceparent(value: object) -> str:
+    """Return ``value`` if it is a W3C ``traceparent``; raise :class:`EnvelopeError` if not."""
+    _check_traceparent(value)
+    assert isinstance(value, str)
+    return value
