@@ -481,8 +481,7 @@ async def test_a_publisher_refuses_a_bad_traceparent_with_tracing_on_or_off(
     got: list[Publication] = []
     await broker.start(got.append)
     await broker.subscribe("r")
-    monkeypatch.setattr(roomcast.tracing, "active", None)
-    for tracing in (None, _sdk()[0]):
+    for tracing in (None, _sdk()[0]):  # restored after the test
         monkeypatch.setattr(roomcast.tracing, "active", tracing)
         with pytest.raises(EnvelopeError, match=r"^traceparent"):
             await Publisher(broker).publish("r", "e", 1, traceparent="00-abc-def-01")
