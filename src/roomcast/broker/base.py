@@ -189,7 +189,7 @@ class Broker(Protocol):
     async def revocations(self) -> list[str]:
         """Every revocation entry not yet expired."""
 
-    async def append_upstream(self, fields: dict[str, str]) -> str:
+    async def append_upstream(self, fields: dict[str, str | bytes]) -> str:
         """Append a client event to the upstream stream; return its id once stored.
 
         Raise :class:`BrokerUnavailableError` if it was not stored.

@@ -55,7 +55,7 @@ class MemoryBroker:
         self._next_sweep = 0.0
         self._next_history_sweep_ms = 0
         self.dropped: collections.Counter[str] = collections.Counter()
-        self.upstream: deque[tuple[str, dict[str, str]]] = deque(maxlen=10_000)
+        self.upstream: deque[tuple[str, dict[str, str | bytes]]] = deque(maxlen=10_000)
         self.instance_id = uuid.uuid4().hex[:16]
         self._revocations: dict[str, int] = {}
         self._control: ControlHandler | None = None
@@ -188,7 +188,7 @@ class MemoryBroker:
             if entry is not None:
                 self._sessions[pid] = (deadline, entry[1])
 
-    async def append_upstream(self, fields: dict[str, str]) -> str:
+    async def append_upstream(self, fields: dict[str, str | bytes]) -> str:
         """Kept in a bounded local list; only useful for tests and development."""
         offset = self._clock.next(int(time.time() * 1000))
         self.upstream.append((offset, fields))
