@@ -409,6 +409,11 @@ class Connection:
         for packet in queue:
             if isinstance(packet, bytes):
                 self._push(binary_frame(packet))
+            elif packet.startswith("b") or engineio.SEPARATOR in packet:
+                # a broadcast's polling form (``hub.encode_messages``): binary messages as
+                # base64, or several messages joined
+                for binary, part in engineio.split_payload(packet):
+                    self._push(binary_frame(part) if binary else text_frame(part))
             else:
                 self._push(text_frame(packet.encode("utf-8")))
 

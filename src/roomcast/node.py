@@ -31,6 +31,7 @@ from roomcast.http.routes import Router
 from roomcast.http.server_api import ServerApiRoutes
 from roomcast.hub import Hub, RoomKey
 from roomcast.metrics import BrokerCollector, Metrics
+from roomcast.protocol.parser import parser_named
 from roomcast.protocol.socketio import Limits
 from roomcast.schemas import EventSchemas, InvalidPayloadError, SchemaError
 from roomcast.sockets import SocketOptions, SocketServer
@@ -118,7 +119,8 @@ class Node:
         self.metrics.registry.register(BrokerCollector(self.broker))
         self.subscriptions = Subscriptions(self.broker, self.tasks)
         self.flusher = Flusher()
-        self.hub = Hub(self._first_member, self._last_member, self.flusher)
+        parser = parser_named(settings.parser)
+        self.hub = Hub(self._first_member, self._last_member, self.flusher, parser)
         self.sockets = SocketServer(
             self.app,
             self.hub,
@@ -134,6 +136,7 @@ class Node:
                 max_rooms=settings.max_rooms_per_socket,
                 limits=Limits(settings.max_attachments, settings.max_nesting),
                 event_schemas=self.schemas,
+                parser=parser,
             ),
             self.subscriptions,
         )
