@@ -240,7 +240,8 @@ _BINARY_KEY = "$binary"
 def binary_values(data: Any) -> Any:
     """``data`` (fresh from a JSON body) with every object of exactly the form
     ``{"$binary": "<base64>"}`` replaced by its bytes; raise a 400 :class:`ApiError`
-    ``invalid_binary`` when such an object's value is not standard, padded base64 text."""
+    ``invalid_binary`` when such an object's value is not base64 text in its one standard
+    form (RFC 4648 alphabet, padded, nothing extra)."""
     if _is_binary(data):
         return _binary(data)
     stack = [data]
@@ -264,11 +265,14 @@ def _binary(marker: dict[str, Any]) -> bytes:
     if not isinstance(text, str):
         raise ApiError(400, "invalid_binary", '"$binary" must be a base64 string')
     try:
-        return base64.b64decode(text, validate=True)
+        data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
+        data = None
+    if data is None or base64.b64encode(data) != text.encode("ascii"):  # canonical form only
         raise ApiError(
-            400, "invalid_binary", f'"$binary" is not standard base64: {text[:40]!r}'
-        ) from None
+            400, "invalid_binary", f'"$binary" is not standard padded base64: {text[:40]!r}'
+        )
+    return data
 
 
 def parse_publish_body(body: bytes, max_payload: int) -> PublishRequest:

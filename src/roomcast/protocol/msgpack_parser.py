@@ -12,8 +12,9 @@ the two are the same bytes to any msgpack reader that sees only an ext's type an
 ``Date`` as its 8 bytes).
 
 Packets are checked as the official parser checks them (type, namespace, payload shape, ack
-id), and with the same :class:`~roomcast.protocol.socketio.Limits` as the JSON parser: nesting
-depth, and at most ``max_attachments`` binary values.
+id; a ``null`` data counts as absent, as ``undefined`` does), and with the same
+:class:`~roomcast.protocol.socketio.Limits` as the JSON parser: nesting depth, and at most
+``max_attachments`` binary values.
 """
 
 from __future__ import annotations
