@@ -254,7 +254,7 @@ async def test_a_binary_broadcast_is_one_write_per_member_and_survives_an_upgrad
     frames = text_frame(head.encode()) + binary_frame(ALL_BYTES)
     assert transport.writes == [frames]
     _, text = encode_messages(JSON_PARSER.encode(Packet(PacketType.EVENT, "/", ["x", b"\x00"])))
-    assert engineio.decode_payload(text.encode(), max_payload=1000) == [
+    assert engineio.decode_payload(text().encode(), max_payload=1000) == [
         engineio.Packet(engineio.PacketType.MESSAGE, '51-["x",{"_placeholder":true,"num":0}]'),
         engineio.Packet(engineio.PacketType.MESSAGE, b"\x00"),
     ]

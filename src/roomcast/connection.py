@@ -32,6 +32,11 @@ TIMER_TICK: Final = 0.02
 :meth:`Connection._schedule`): a timer may fire early by less than a tick, never late."""
 
 
+PollingText = str | Callable[[], str]
+"""A broadcast's polling form: the text, or a callable that makes it (and keeps it) on first use,
+so that a broadcast nobody polls for does not pay for it (base64 of binary messages)."""
+
+
 class State(enum.Enum):
     OPEN = "open"
     CLOSED = "closed"
@@ -109,7 +114,7 @@ class Flusher:
         self._scheduled = True
         self.loop.call_soon(self.flush)
 
-    def send_all(self, conns: Iterable[Connection], frame: bytes, text: str) -> None:
+    def send_all(self, conns: Iterable[Connection], frame: bytes, text: PollingText) -> None:
         """:meth:`Connection.send_encoded` to every connection of a broadcast.
 
         Its fast path (an idle WebSocket connection writes the frame at once) is unrolled here,
@@ -248,8 +253,9 @@ class Connection:
             else:
                 self._enqueue("4" + message)
 
-    def send_encoded(self, frame: bytes, text: str) -> None:
-        """The broadcast hot path: a pre-built WebSocket frame, or its polling text form.
+    def send_encoded(self, frame: bytes, text: PollingText) -> None:
+        """The broadcast hot path: a pre-built WebSocket frame, or its polling text form (or
+        what makes that text once, for the first polling member: see :data:`PollingText`).
 
         A connection that sent nothing in this loop iteration or the one before writes the
         frame at once: in a big room the first members then receive while the loop still
@@ -260,7 +266,7 @@ class Connection:
         every broadcast."""
         transport = self._transport
         if transport is None:
-            self._enqueue(text)
+            self._enqueue(text if isinstance(text, str) else text())
             return
         out = self._out
         if out is not None:

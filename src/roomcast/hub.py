@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 
 from roomcast.broker.offsets import parse_offset
+from roomcast.connection import PollingText
 from roomcast.protocol.engineio import SEPARATOR
 from roomcast.protocol.parser import Parser
 from roomcast.protocol.socketio import JSON_PARSER, Packet, PacketType, encode_event_prefix
@@ -36,7 +37,7 @@ RoomKey = tuple[str, str]
 """(namespace, room)"""
 
 Position = tuple[int, int]
-Held = tuple[str, Position, bytes, str]
+Held = tuple[str, Position, bytes, PollingText]
 """A broadcast held for a recovering socket: (publication id, offset, frame, polling text)."""
 
 
@@ -52,21 +53,36 @@ class _Holding:
         newer one is sent and makes the socket a member."""
 
 
-def encode_messages(messages: list[str | bytes]) -> tuple[bytes, str]:
-    """The Engine.IO messages of one packet as one WebSocket write (a frame per message) and as
-    their part of a polling payload (``b`` and base64 for a binary message, joined by the
-    record separator, which no encoded message contains).  A connection that upgrades with
-    such a text still queued splits it again (``Connection.use_websocket``)."""
-    frames: list[bytes] = []
-    parts: list[str] = []
-    for message in messages:
-        if isinstance(message, bytes):
-            frames.append(binary_frame(message))
-            parts.append("b" + base64.b64encode(message).decode("ascii"))
-        else:
-            frames.append(text_frame(b"4" + message.encode("utf-8")))
-            parts.append("4" + message)
-    return b"".join(frames), SEPARATOR.join(parts)
+class PollingForm:
+    """The polling form of a broadcast's messages, made on first use and kept: ``b`` and base64
+    for a binary message, the record separator between messages (which no encoded message
+    contains).  A connection that upgrades with such a text still queued splits it again
+    (``Connection.use_websocket``)."""
+
+    __slots__ = ("_messages", "_text")
+
+    def __init__(self, messages: list[str | bytes]) -> None:
+        self._messages = messages
+        self._text: str | None = None
+
+    def __call__(self) -> str:
+        text = self._text
+        if text is None:
+            text = self._text = SEPARATOR.join(
+                "b" + base64.b64encode(m).decode("ascii") if isinstance(m, bytes) else "4" + m
+                for m in self._messages
+            )
+        return text
+
+
+def encode_messages(messages: list[str | bytes]) -> tuple[bytes, PollingForm]:
+    """The Engine.IO messages of one packet as one WebSocket write (a frame per message), and
+    their polling form (see :class:`PollingForm`)."""
+    frames = [
+        binary_frame(m) if isinstance(m, bytes) else text_frame(b"4" + m.encode("utf-8"))
+        for m in messages
+    ]
+    return frames[0] if len(frames) == 1 else b"".join(frames), PollingForm(messages)
 
 
 class Hub:
@@ -202,6 +218,7 @@ class Hub:
         if not members and not held:
             return 0
         args = [event, data, offset] if offset is not None else [event, data]
+        text: PollingText
         if self._json:
             try:
                 text = encode_event_prefix(key[0]) + orjson.dumps(args).decode("utf-8")
