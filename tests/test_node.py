@@ -121,6 +121,17 @@ async def test_broker_counters_are_exported() -> None:
         assert 'roomcast_broker_dropped_entries_total{reason="delivery_failed"} 2.0' in text
 
 
+async def test_readiness_and_broker_state_are_gauges() -> None:
+    """roomcast_ready follows /readyz and roomcast_broker_up the broker, read at scrape time."""
+    async with running() as node:
+        text = (await _get(f"http://127.0.0.1:{node.port}/metrics")).decode()
+        assert "roomcast_ready 1.0" in text and "roomcast_broker_up 1.0" in text
+        node.draining = True
+        await node.broker.stop()
+        text = (await _get(f"http://127.0.0.1:{node.port}/metrics")).decode()
+        assert "roomcast_ready 0.0" in text and "roomcast_broker_up 0.0" in text
+
+
 async def _get(url: str) -> bytes:
     import aiohttp
 

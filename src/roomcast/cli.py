@@ -97,16 +97,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def _settings(args: argparse.Namespace) -> tuple[Settings, frozenset[str]]:
+    """The settings, and the names of those given by a flag, the environment or the file."""
     flags = {k: v for k, v in vars(args).items() if v is not None}
-    return config.load(flags)
+    return config.load_given(flags)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
-        settings = _settings(args)
-        code = _COMMANDS[args.command](args, settings)
+        settings, given = _settings(args)
+        code = _COMMANDS[args.command](args, settings, given)
     except ConfigError as error:
         print(f"roomcast: configuration error: {error}", file=sys.stderr)
         code = 2
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
-def _check_config(args: argparse.Namespace, settings: Settings) -> int:
+def _check_config(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
     from roomcast.node import load_schemas, make_authenticator
 
     make_authenticator(settings)
@@ -125,7 +126,7 @@ def _check_config(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _token(args: argparse.Namespace, settings: Settings) -> int:
+def _token(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
     from roomcast.node import make_authenticator
 
     auth = make_authenticator(settings)
@@ -138,7 +139,7 @@ def _token(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _publish(args: argparse.Namespace, settings: Settings) -> int:
+def _publish(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
     try:
         data = json.loads(args.data)
     except json.JSONDecodeError as exc:
@@ -155,14 +156,14 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
     return _api(args, settings, "POST", "/api/v1/publish", body)
 
 
-def _revoke(args: argparse.Namespace, settings: Settings) -> int:
+def _revoke(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
     if args.jti is not None and args.exp is None:
         raise ConfigError("--jti needs --exp, the token's exp claim")
     body = {"user": args.user} if args.user else {"jti": args.jti, "exp": args.exp}
     return _api(args, settings, "POST", "/api/v1/revoke", body)
 
 
-def _sockets(args: argparse.Namespace, settings: Settings) -> int:
+def _sockets(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
     query = {"room": args.room} if args.room else {"user": args.user}
     query["namespace"] = args.namespace
     return _api(args, settings, "GET", "/api/v1/sockets?" + urllib.parse.urlencode(query), None)
@@ -226,24 +227,31 @@ def load_app(spec: str) -> Application:
     return app
 
 
-def _serve(args: argparse.Namespace, settings: Settings) -> int:
+def _serve(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
     app = load_app(settings.app) if settings.app else None
-    settings = _dev_defaults(settings)
+    settings = _dev_defaults(settings, given)
     from roomcast.node import load_schemas, make_authenticator
 
     make_authenticator(settings)  # fail fast on bad key settings
     load_schemas(settings, app)  # and on a bad schema file
     if settings.workers > 1:
+        from roomcast.logs import configure as configure_logs
         from roomcast.workers import run_workers
 
+        configure_logs(settings.log_level, settings.log_format, settings.secret_values())
         code: int = run_workers(settings, app)
         return code
     run(settings, app)
     return 0
 
 
-def _dev_defaults(settings: Settings) -> Settings:
-    """Without a JWT key, generate development secrets and print how to use them."""
+_DEV_QUICK_STOP = ("drain_delay_s", "drain_window_s")
+"""Settings that are 0 in development mode unless given: no balancer waits for the drain."""
+
+
+def _dev_defaults(settings: Settings, given: frozenset[str] = frozenset()) -> Settings:
+    """Without a JWT key, generate development secrets and print how to use them; a stop
+    (Ctrl-C) then tells clients to leave at once, unless the drain settings were given."""
     if (
         settings.production
         or settings.jwt_secret
@@ -258,6 +266,8 @@ def _dev_defaults(settings: Settings) -> Settings:
         jwt_secret=secrets.token_urlsafe(48),
         api_key=settings.api_key or secrets.token_hex(24),  # never starts with "-"
     )
+    quick: dict[str, Any] = {name: 0.0 for name in _DEV_QUICK_STOP if name not in given}
+    settings = dataclasses.replace(settings, **quick)
     from roomcast.node import make_authenticator
 
     auth = make_authenticator(settings)

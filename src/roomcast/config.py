@@ -44,6 +44,7 @@ class Settings:
     )
     app: str = _setting("", "load server-side handlers from module:attribute")
     log_level: str = _setting("info", "debug, info, warning or error")
+    log_format: str = _setting("text", "text, or json: one JSON object per line")
 
     jwt_secret: str = _setting("", "HS256/384/512 secret for client tokens", secret=True)
     jwt_public_key_file: str = _setting("", "PEM public key file for RS256/ES256 tokens")
@@ -137,7 +138,22 @@ class Settings:
     upstream_stream: str = _setting(
         "", "Redis stream for upstream client events (default <prefix>:upstream)"
     )
-    drain_seconds: float = _setting(10.0, "time given to clients to leave on SIGTERM")
+    drain_delay_s: float = _setting(
+        5.0,
+        "on SIGTERM, /readyz answers 503 for this long while everyone is still served, so "
+        "balancers and endpoints stop sending new clients before any is told to leave "
+        "(development mode: 0 unless set)",
+    )
+    drain_window_s: float = _setting(
+        10.0,
+        "after the drain delay, clients are told to leave at a steady rate over this long, "
+        "so the remaining instances take them gradually (development mode: 0 unless set)",
+    )
+    drain_seconds: float = _setting(
+        10.0,
+        "after the last client was told to leave, time for polling clients to collect their "
+        "close and for recovery states to be written, before the listener closes",
+    )
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad setting."""
@@ -163,6 +179,10 @@ class Settings:
             value = getattr(self, name)
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value!r}")
+        for name in ("drain_delay_s", "drain_window_s", "drain_seconds"):
+            value = getattr(self, name)
+            if not value >= 0:  # also refuses nan
+                raise ConfigError(f"{name} must be 0 or more, got {value!r}")
         if self.max_connections_per_ip < 0:
             raise ConfigError(
                 f"max_connections_per_ip must be 0 or more, got {self.max_connections_per_ip!r}"
@@ -178,6 +198,8 @@ class Settings:
             raise ConfigError(f"port must be at most 65535, got {self.port!r}")
         if any(a.lower() == "none" for a in self.jwt_algorithms):
             raise ConfigError("jwt_algorithms must not contain 'none'")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json, got {self.log_format!r}")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError(
                 f"log_level must be debug, info, warning or error, got {self.log_level!r}"
@@ -219,6 +241,20 @@ class Settings:
                 raise ConfigError(
                     "production mode does not accept allowed_origins '*': list the origins"
                 )
+
+    def secret_values(self) -> list[str]:
+        """Every secret setting's value, and the password of every URL setting: what no log
+        line may contain (``roomcast.logs.Redactor``)."""
+        values: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["secret"] and isinstance(value, str) and value:
+                values.append(value)
+            elif isinstance(value, str) and "://" in value and "@" in value:
+                password = urlsplit(value).password
+                if password:
+                    values.append(password)
+        return values
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with secrets masked, for logs and ``check-config``."""
@@ -319,6 +355,15 @@ def load(
     config_file: str | None = None,
 ) -> Settings:
     """Build :class:`Settings` from flags > env > file > defaults, then validate."""
+    return load_given(flags, environ, config_file)[0]
+
+
+def load_given(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> tuple[Settings, frozenset[str]]:
+    """:func:`load`, and the names of the settings that were given (not defaults)."""
     flags = flags or {}
     environ = os.environ if environ is None else environ
     path = config_file or flags.get("config") or environ.get(ENV_PREFIX + "CONFIG")
@@ -344,4 +389,4 @@ def load(
             values[name] = _coerce(name, f.type, from_file[name])
     settings = Settings(**values)
     settings.validate()
-    return settings
+    return settings, frozenset(values)

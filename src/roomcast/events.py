@@ -175,7 +175,12 @@ async def _do_refresh(socket: Socket, token: str, ack_id: int | None) -> None:
             )
     except AuthError as error:
         server.metrics.refreshes.labels(error.code).inc()
-        log.info("refresh refused on %s: %s", socket.id, error)
+        log.info(
+            "refresh refused on %s: %s",
+            socket.id,
+            error,
+            extra={"socket": socket.id, "user": socket.user_id, "reason": error.code},
+        )
         if ack_id is not None:
             socket.ack(ack_id, ack_error(error.code, str(error)))
         return

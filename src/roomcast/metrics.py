@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 
 class Metrics:
@@ -15,6 +15,11 @@ class Metrics:
         self.connections = Gauge("roomcast_connections", "Open Engine.IO sessions", registry=r)
         self.sockets = Gauge("roomcast_sockets", "Connected Socket.IO sockets", registry=r)
         self.rooms = Gauge("roomcast_rooms", "Rooms with local members", registry=r)
+        self.ready = Gauge(
+            "roomcast_ready",
+            "1 while /readyz answers ready (the value is read at scrape)",
+            registry=r,
+        )
         self.disconnects = Counter(
             "roomcast_disconnects", "Closed sessions by reason", ["reason"], registry=r
         )
@@ -112,7 +117,12 @@ class BrokerCollector:
     def __init__(self, broker: object) -> None:
         self._broker = broker
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "roomcast_broker_up",
+            "1 if the broker is connected and able to deliver (Redis: notifications verified)",
+            value=1 if getattr(self._broker, "ready", False) else 0,
+        )
         dropped = CounterMetricFamily(
             "roomcast_broker_dropped_entries",
             "Stream entries the broker did not deliver, by reason",

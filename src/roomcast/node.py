@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket as socketlib
 from typing import Any
@@ -37,10 +38,16 @@ from roomcast.schemas import EventSchemas, InvalidPayloadError, SchemaError
 from roomcast.sockets import SocketOptions, SocketServer
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
+from roomcast.transport import listener
+from roomcast.transport.admission import Admission
 from roomcast.transport.http import HttpConnection
 from roomcast.transport.limits import ClientAddresses, HttpLimits
 
 log = logging.getLogger("roomcast.node")
+
+SHUTDOWN_REASON = "server shutting down"
+BACKLOG = 4096
+"""The kernel's accept queue (capped by net.core.somaxconn)."""
 
 
 def make_broker(settings: Settings, payload_check: PayloadCheck | None = None) -> Broker:
@@ -117,6 +124,7 @@ class Node:
         )
         self.auth = make_authenticator(settings)
         self.metrics.registry.register(BrokerCollector(self.broker))
+        self.metrics.ready.set_function(lambda: 1.0 if self.readiness()[0] else 0.0)
         self.subscriptions = Subscriptions(self.broker, self.tasks)
         self.flusher = Flusher()
         parser = parser_named(settings.parser)
@@ -159,8 +167,9 @@ class Node:
             worker_index=worker[0] if worker else 0,
             worker_sockets=worker[1] if worker else (),
         )
+        self.admission = Admission()
         self.engine = EngineServer(
-            self.engine_options, self.sockets.client, self.metrics, self.flusher
+            self.engine_options, self.sockets.client, self.metrics, self.flusher, self.admission
         )
         self.engines = [self.engine]
         self.router = Router(
@@ -201,7 +210,7 @@ class Node:
                 worker[0], worker[1], self.engine, self.sockets.session_writer, self.metrics
             )
             self.sockets.handoff = self.handoff
-        self._server: asyncio.Server | None = None
+        self._listeners: list[listener.Listener] = []
         self._unix: asyncio.Server | None = None
         self._peer: asyncio.Server | None = None
         self._ops: asyncio.Server | None = None
@@ -224,7 +233,9 @@ class Node:
 
     def mount_engine(self, path: str, factory: Any) -> EngineServer:
         """Serve a raw Engine.IO application (``factory(conn) -> EngineHandler``) at ``path``."""
-        engine = EngineServer(self.engine_options, factory, self.metrics, self.flusher)
+        engine = EngineServer(
+            self.engine_options, factory, self.metrics, self.flusher, self.admission
+        )
         self.engines.append(engine)
         self.router.mount(path, engine)
         return engine
@@ -276,15 +287,16 @@ class Node:
             return HttpConnection(self.router, addresses)
 
         if sock is not None:
-            self._server = await loop.create_server(factory, sock=sock, backlog=4096)
+            sock.listen(BACKLOG)
+            sockets = [sock]
         else:
-            self._server = await loop.create_server(
-                factory,
-                self.settings.host,
-                self.settings.port,
-                backlog=4096,
-                reuse_port=self.settings.workers > 1,
+            sockets = listener.bind(
+                settings.host, settings.port, backlog=BACKLOG, reuse_port=settings.workers > 1
             )
+        self._listeners = [
+            listener.Listener(s, factory, self.tasks, lambda reason: refused.labels(reason).inc())
+            for s in sockets
+        ]
         if self.settings.ops_listen:
             host, port = ops_address(self.settings.ops_listen)
             self._ops = await loop.create_server(
@@ -308,7 +320,7 @@ class Node:
         for hook in self.app.startup:
             self.tasks.spawn(hook(), name=f"startup-{getattr(hook, '__name__', 'hook')}")
         self.started = True
-        log.info("listening on %s", ", ".join(str(s.getsockname()) for s in self._server.sockets))
+        log.info("listening on %s", ", ".join(str(s.socket.getsockname()) for s in self._listeners))
         if self._ops is not None:
             log.info(
                 "operational endpoints on %s",
@@ -317,8 +329,8 @@ class Node:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        port: int = self._server.sockets[0].getsockname()[1]
+        assert self._listeners
+        port: int = self._listeners[0].socket.getsockname()[1]
         return port
 
     async def _sync_revocations(self) -> None:
@@ -355,25 +367,78 @@ class Node:
                     self.metrics.recoveries.labels("touch_failed").inc()
                     log.warning("could not refresh recovery state: %s", exc)
 
-    async def drain(self) -> None:
-        """Stop accepting, tell clients to go (they reconnect elsewhere and recover), wait."""
+    async def drain(self, hurry: asyncio.Event | None = None) -> None:
+        """SIGTERM: let balancers and kubelets see it, then send clients elsewhere, gradually.
+
+        1. ``/readyz`` answers 503 at once, while everyone is still served (new sessions too)
+           for ``drain_delay_s``: health checks see it and stop sending new clients here.
+        2. Clients are told to leave at a steady rate over ``drain_window_s`` (they reconnect
+           through the balancer to the other instances and recover there); new sessions are
+           refused with 503 from here on.
+        3. Within ``drain_seconds``, the last clients leave (a polling one collects its CLOSE
+           packet with its next poll) and their recovery states are written; then the listener
+           closes.
+
+        ``hurry`` set (a second signal) skips what is left of the delay and the window.
+        """
         self.draining = True
+        hurry = hurry or asyncio.Event()
+        settings = self.settings
+        log.info(
+            "draining: not ready; clients are told to leave in %.1f s, over %.1f s",
+            settings.drain_delay_s,
+            settings.drain_window_s,
+        )
+        await _wait(hurry, settings.drain_delay_s)
         for engine in self.engines:
             engine.accepting = False
-        for engine in self.engines:
-            for conn in list(engine.sessions.values()):
-                conn.close("server shutting down")
+        told = await self._dismiss(settings.drain_window_s, hurry)
+        log.info("draining: %d clients told to leave", told)
         try:
-            async with asyncio.timeout(self.settings.drain_seconds):
+            async with asyncio.timeout(settings.drain_seconds):
+                while any(e.sessions or e.farewells for e in self.engines):
+                    if hurry.is_set():
+                        for engine in self.engines:
+                            engine.close_all(SHUTDOWN_REASON)
+                    await _wait(hurry, 0.05)
                 # the recovery states of the sockets just closed, so clients recover elsewhere
                 await self.sockets.session_writer.flush()
-                # polling clients collect their CLOSE packet with their next poll
-                while any(e.farewells for e in self.engines):  # noqa: ASYNC110 - a bounded drain
-                    await asyncio.sleep(0.05)
         except TimeoutError:
-            log.warning("drain: not finished within %ss", self.settings.drain_seconds)
-        if self._server is not None:
-            self._server.close()
+            log.warning("drain: not finished within %ss", settings.drain_seconds)
+        for each in self._listeners:
+            each.close()
+
+    async def _dismiss(self, window: float, hurry: asyncio.Event) -> int:
+        """Tell every client to leave (:meth:`Connection.dismiss`), at a steady rate over
+        ``window`` seconds (at once when it is 0 or ``hurry`` is set); return how many."""
+        loop = asyncio.get_running_loop()
+        queue = [(engine, conn) for engine in self.engines for conn in engine.sessions.values()]
+        total = len(queue)
+        started = loop.time()
+        done = told = 0
+        # One tick per close, but at most 100 ticks a second (a timer per close would cost more
+        # than the closes) and at least 4: the rate stays steady over the window.
+        tick = min(max(window / max(total, 1), 0.01), 0.25)
+        while done < total:
+            elapsed = loop.time() - started
+            due = total
+            if window > 0 and elapsed < window and not hurry.is_set():
+                due = min(total, int(total * elapsed / window) + 1)
+            while done < due:
+                engine, conn = queue[done]
+                done += 1
+                if engine.sessions.get(conn.sid) is conn:  # not closed, nor moved to a worker
+                    conn.dismiss(SHUTDOWN_REASON)
+                    told += 1
+            if done < total:
+                await _wait(hurry, tick)
+        # sessions that arrived meanwhile (handed over by another worker before it saw the drain)
+        for engine in self.engines:
+            for conn in list(engine.sessions.values()):
+                if not conn.dismissing:
+                    conn.dismiss(SHUTDOWN_REASON)
+                    told += 1
+        return told
 
     async def stop(self) -> None:
         self.app.attach(None)
@@ -381,8 +446,8 @@ class Node:
             self.draining = True
             for engine in self.engines:
                 engine.close_all("server stopped")
-        if self._server is not None:
-            self._server.close()
+        for each in self._listeners:
+            each.close()
         for server in (self._unix, self._peer, self._ops):
             if server is not None:
                 server.close()
@@ -392,6 +457,13 @@ class Node:
             self.handoff.close()
         await self.tasks.close()
         await self.broker.stop()
-        if self._server is not None:
-            await self._server.wait_closed()
         self.started = False
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Wait ``seconds``, or less if ``event`` is or gets set."""
+    if seconds <= 0 or event.is_set():
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()

@@ -66,6 +66,7 @@ class SocketServer:
         """With several workers: moves a socket to the worker that owns its first room."""
         self.builtins: Mapping[Any, BuiltinEvent] = {}
         """The built-in events of the main namespace (``events.BUILTINS``, set by the node)."""
+        self.connecting = asyncio.Semaphore(options.connects_in_flight)
 
     def client(self, conn: Connection) -> Client:
         return Client(self, conn)
@@ -224,7 +225,8 @@ class Client:
 
     async def _connect(self, nsp: str, payload: dict[str, Any] | None) -> None:
         try:
-            socket = await self._accept(nsp, payload or {})
+            async with self.server.connecting:
+                socket = await self._accept(nsp, payload or {})
         finally:
             queued = self._pending.pop(nsp, [])
         if socket is None or self.conn.closed:
@@ -292,7 +294,13 @@ class Client:
 
     def _refuse(self, nsp: str, payload: dict[str, Any], code: str) -> None:
         self.server.metrics.auth_failures.labels(code).inc()
-        log.info("refused namespace %s on %s: %s", nsp[:40], self.conn.sid, payload.get("message"))
+        log.info(
+            "refused namespace %s on %s: %s",
+            nsp[:40],
+            self.conn.sid,
+            payload.get("message"),
+            extra={"sid": self.conn.sid, "namespace": nsp[:40], "reason": code},
+        )
         self.send(Packet(PacketType.CONNECT_ERROR, nsp, payload))
 
     async def _recover(self, nsp: str, auth: dict[str, Any], principal: Principal) -> Socket | None:
