@@ -11,12 +11,14 @@ import json
 from typing import Any
 
 import aiohttp
+import pytest
 
 from conftest_helpers import token_for
 from redis_fixtures import eventually
 from roomcast.app import Application
 from roomcast.connection import Connection, Flusher
 from roomcast.hub import Hub, encode_messages
+from roomcast.jsonbytes import BinaryMarkerError, decode_markers, may_hold_markers
 from roomcast.metrics import Metrics
 from roomcast.protocol import engineio
 from roomcast.protocol.socketio import JSON_PARSER, Packet, PacketType
@@ -271,3 +273,36 @@ async def test_memory_history_carries_bytes() -> None:
         await publisher.publish("doc:2", "file", [ALL_BYTES])
         history = await node.broker.history("doc:2", "0")
         assert [p.data for p in history.publications] == [[ALL_BYTES]]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"$binary": "AAH/"}, b"\x00\x01\xff"),
+        ({"$binary": ""}, b""),
+        ([{"a": {"$binary": "AA=="}}, {"$binary": "AQ=="}], [{"a": b"\x00"}, b"\x01"]),
+        ({"$binary": "AA==", "$type": "00"}, {"$binary": "AA==", "$type": "00"}),
+        ({"$binary_": "AA=="}, {"$binary_": "AA=="}),
+        ("AA==", "AA=="),
+        (None, None),
+    ],
+)
+def test_binary_markers(data: Any, expected: Any) -> None:
+    """Exactly ``{"$binary": base64}`` is bytes, anywhere; anything else stays JSON."""
+    assert decode_markers(data) == expected
+
+
+@pytest.mark.parametrize(
+    "value", ["AAE", "AAE==", "QR==", "AA AA", "AA==\n", "ÀA==", "AA-_", 1, None, ["AA=="]]
+)
+def test_bad_binary_markers(value: Any) -> None:
+    """Only the one standard form of base64 text: padded, RFC 4648 alphabet, nothing extra."""
+    with pytest.raises(BinaryMarkerError, match=r"\$binary"):
+        decode_markers({"x": [{"$binary": value}]})
+
+
+def test_marker_detection_sees_escaped_keys() -> None:
+    """A body that could spell the key with escapes is searched too."""
+    assert may_hold_markers(b'{"$binary":"AA=="}')
+    assert may_hold_markers(b'{"\\u0024binary":"AA=="}')
+    assert not may_hold_markers(b'{"room":"doc:1","data":{"n":1}}')

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import subprocess
+import sys
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.redis
 
 redis_url = redis_fixtures.redis_url
 redis_prefix = redis_fixtures.redis_prefix
+redis_cluster_url = redis_fixtures.redis_cluster_url
 gateways = multi_fixtures.gateways
 node_clients = multi_fixtures.node_clients
 tcp_proxy = multi_fixtures.tcp_proxy
@@ -196,3 +198,43 @@ def test_binary_across_two_instances_and_recovery_on_the_other(
     ]
     stay = node_clients.wait_events("stay", until="end")
     assert [e["data"] for e in stay[1:-1]] == [_described(_blob(f"m{n}")) for n in range(3)]
+
+
+async def test_roomcast_publish_reads_binary_markers(
+    brokers: Callable[..., Any], redis_url: str, redis_prefix: str
+) -> None:
+    """``roomcast publish --redis-url ... --data`` reads ``{"$binary": ...}`` as the API does;
+    bad base64 exits 2 naming --data and publishes nothing."""
+    broker, got = await brokers()
+    await broker.subscribe("cli")
+    base = [sys.executable, "-m", "roomcast", "publish", "--redis-url", redis_url]
+    base += ["--redis-prefix", redis_prefix, "--room", "cli", "--event", "file", "--data"]
+
+    def run(data: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*base, data], capture_output=True, text=True, check=False)
+
+    bad = await asyncio.to_thread(run, '{"body": {"$binary": "AAE"}}')
+    assert bad.returncode == 2 and "--data" in bad.stderr and "base64" in bad.stderr, bad
+    good = await asyncio.to_thread(run, '{"body": {"$binary": "AAH/"}}')
+    assert good.returncode == 0, good.stderr
+    await got.wait_for(1)
+    assert got.publications[0].data == {"body": b"\x00\x01\xff"}
+
+
+async def test_binary_on_a_cluster(redis_cluster_url: str, redis_prefix: str) -> None:
+    """On Redis Cluster (no feed: the script runs on the room's node), a binary publication is
+    delivered from the stream and kept in history byte for byte."""
+    broker = RedisBroker(redis_cluster_url, prefix=redis_prefix)
+    got = Deliveries()
+    await broker.start(got)
+    try:
+        assert broker.is_cluster
+        await broker.subscribe("cluster-bin")
+        data = {"body": ALL_BYTES, "more": [b"\x00"]}
+        result = await broker.publish(PublishRequest("cluster-bin", "file", data))
+        await got.wait_for(1)
+        assert (got.publications[0].data, got.publications[0].offset) == (data, result.offset)
+        history = await broker.history("cluster-bin", "0")
+        assert [p.data for p in history.publications] == [data]
+    finally:
+        await broker.stop()

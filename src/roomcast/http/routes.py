@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
 import logging
 import re
@@ -25,6 +23,7 @@ from roomcast.http import peers
 from roomcast.http.access import Access, Listener, Route
 from roomcast.http.errors import ApiError, api_error_response, json_response
 from roomcast.http.server_api import ServerApiRoutes
+from roomcast.jsonbytes import BinaryMarkerError, decode_markers, may_hold_markers
 from roomcast.protocol.errors import EventNameError
 from roomcast.protocol.socketio import check_event_name
 from roomcast.schemas import InvalidPayloadError
@@ -234,51 +233,10 @@ class Router:
             json_response(exchange, 200 if result.duplicate else 202, body)
 
 
-_BINARY_KEY = "$binary"
-
-
-def binary_values(data: Any) -> Any:
-    """``data`` (fresh from a JSON body) with every object of exactly the form
-    ``{"$binary": "<base64>"}`` replaced by its bytes; raise a 400 :class:`ApiError`
-    ``invalid_binary`` when such an object's value is not base64 text in its one standard
-    form (RFC 4648 alphabet, padded, nothing extra)."""
-    if _is_binary(data):
-        return _binary(data)
-    stack = [data]
-    while stack:
-        item = stack.pop()
-        pairs = item.items() if isinstance(item, dict) else enumerate(item)
-        for key, value in list(pairs):
-            if _is_binary(value):
-                item[key] = _binary(value)
-            elif isinstance(value, dict | list):
-                stack.append(value)
-    return data
-
-
-def _is_binary(value: Any) -> bool:
-    return isinstance(value, dict) and len(value) == 1 and _BINARY_KEY in value
-
-
-def _binary(marker: dict[str, Any]) -> bytes:
-    text = marker[_BINARY_KEY]
-    if not isinstance(text, str):
-        raise ApiError(400, "invalid_binary", '"$binary" must be a base64 string')
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        data = None
-    if data is None or base64.b64encode(data) != text.encode("ascii"):  # canonical form only
-        raise ApiError(
-            400, "invalid_binary", f'"$binary" is not standard padded base64: {text[:40]!r}'
-        )
-    return data
-
-
 def parse_publish_body(body: bytes, max_payload: int) -> PublishRequest:
     """Validate ``{"room", "event", "data", "idempotency_key"?}``; errors name the field.
 
-    In ``data``, ``{"$binary": "<base64>"}`` stands for bytes (see :func:`binary_values`)."""
+    In ``data``, ``{"$binary": "<base64>"}`` stands for bytes (:mod:`roomcast.jsonbytes`)."""
     if len(body) > max_payload:
         raise ApiError(413, "payload_too_large", f"body of {len(body)} bytes exceeds {max_payload}")
     try:
@@ -316,8 +274,11 @@ def parse_publish_body(body: bytes, max_payload: int) -> PublishRequest:
     except InvalidNamespaceError as exc:
         raise ApiError(400, "invalid_namespace", str(exc)) from None
     data = value["data"]
-    if b"binary" in body or b"\\u" in body:  # the key "$binary", perhaps with escapes
-        data = binary_values(data)
+    if may_hold_markers(body):
+        try:
+            data = decode_markers(data)
+        except BinaryMarkerError as exc:
+            raise ApiError(400, "invalid_binary", str(exc)) from None
     return PublishRequest(
         room=room,
         namespace=namespace,
