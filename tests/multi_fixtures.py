@@ -231,6 +231,10 @@ class NodeClients:
         )
         return answer
 
+    def send(self, name: str, event: str, *args: Any, count: int = 1) -> None:
+        """Emit ``count`` times without an ack (the events are on their way on return)."""
+        self.call("send", name=name, event=event, args=list(args), count=count)
+
     def answer(self, name: str, event: str, value: Any) -> None:
         """From now on, ``name`` acks the server's ``event`` with ``value``."""
         self.call("answer", name=name, event=event, value=value)

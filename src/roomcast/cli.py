@@ -1,4 +1,5 @@
-"""``roomcast serve | publish | token | check-config`` - the only module that exits the process."""
+"""``roomcast serve | publish | token | check-config | asyncapi`` - the only module that exits
+the process."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from roomcast import config
@@ -27,6 +29,9 @@ _AUTH_SETTINGS = (
     "jwt_issuer",
     "jwt_audience",
 )
+
+
+_URL_HELP = "gateway URL (default http://OPS_LISTEN, else http://HOST:PORT)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     config.add_arguments(token, only=_AUTH_SETTINGS)
 
+    asyncapi = sub.add_parser(
+        "asyncapi", help="write the AsyncAPI 3.0 document of the gateway's events (JSON)"
+    )
+    asyncapi.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
+    config.add_arguments(asyncapi, only=("host", "port", "app", "event_schemas", "upstream_events"))
+
     publish = sub.add_parser("publish", help="publish an event to a room")
     publish.add_argument("--room", required=True)
     publish.add_argument("--event", required=True)
@@ -64,9 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     publish.add_argument("--idempotency-key", default=None)
     publish.add_argument("--namespace", default="/", help="the room's namespace (default /)")
-    publish.add_argument(
-        "--url", default=None, help="gateway URL (default http://OPS_LISTEN or http://HOST:PORT)"
-    )
+    publish.add_argument("--url", default=None, help=_URL_HELP)
     config.add_arguments(
         publish,
         only=(
@@ -87,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     who.add_argument("--user", help="revoke every token of this user issued until now")
     who.add_argument("--jti", help="revoke the token with this id (needs --exp)")
     revoke.add_argument("--exp", type=float, default=None, help="the token's exp (Unix seconds)")
-    revoke.add_argument("--url", default=None, help="gateway URL (default http://HOST:PORT)")
+    revoke.add_argument("--url", default=None, help=_URL_HELP)
     config.add_arguments(revoke, only=("host", "port", "ops_listen", "api_key"))
 
     sockets = sub.add_parser("sockets", help="list the sockets of a room or a user, everywhere")
@@ -95,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--room")
     which.add_argument("--user")
     sockets.add_argument("--namespace", default="/")
-    sockets.add_argument("--url", default=None, help="gateway URL (default http://HOST:PORT)")
+    sockets.add_argument("--url", default=None, help=_URL_HELP)
     config.add_arguments(sockets, only=("host", "port", "ops_listen", "api_key"))
     return parser
 
@@ -118,6 +127,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"roomcast: {error}", file=sys.stderr)
         code = 2
     sys.exit(code)
+
+
+def _asyncapi(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
+    from roomcast.asyncapi import document
+    from roomcast.node import load_schemas
+
+    app = load_app(settings.app) if settings.app else None
+    text = json.dumps(document(settings, app, load_schemas(settings, app)), indent=2) + "\n"
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+    return 0
 
 
 def _check_config(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
@@ -295,6 +317,7 @@ def _dev_defaults(settings: Settings, given: frozenset[str] = frozenset()) -> Se
 
 _COMMANDS = {
     "serve": _serve,
+    "asyncapi": _asyncapi,
     "check-config": _check_config,
     "token": _token,
     "publish": _publish,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import math
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -27,8 +28,12 @@ class ConfigError(ValueError):
     """A setting has a bad value; the message names the key and the value."""
 
 
-def _setting(default: Any, help: str, *, secret: bool = False) -> Any:
-    return field(default=default, metadata={"help": help, "secret": secret})
+def _setting(default: Any, help: str, *, secret: bool = False, production: Any = None) -> Any:
+    """One setting; ``production``: its default with ``--production`` (when not given)."""
+    metadata = {"help": help, "secret": secret}
+    if production is not None:
+        metadata["production"] = production
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +41,8 @@ class Settings:
     host: str = _setting("127.0.0.1", "address to listen on")
     port: int = _setting(8000, "port to listen on")
     production: bool = _setting(
-        False, "refuse to start without a JWT key, an API key and an origin list"
+        False,
+        "refuse to start without a JWT key, an API key and an origin list; turn the rate limits on",
     )
     workers: int = _setting(1, "worker processes sharing the port (SO_REUSEPORT)")
     room_affinity: bool = _setting(
@@ -110,6 +116,52 @@ class Settings:
     max_rooms_per_socket: int = _setting(
         1000, "rooms one socket may be in; a join beyond it is refused with too_many_rooms"
     )
+    event_rate: float = _setting(
+        0.0,
+        "client events per second one socket may send, sustained; over it the ack says "
+        "rate_limited (0: no limit)",
+        production=100.0,
+    )
+    event_burst: int = _setting(
+        0, "client events one socket may send at once (0: one second's worth)", production=500
+    )
+    join_rate: float = _setting(
+        0.0, "joins per second one socket may make, sustained (0: no limit)", production=20.0
+    )
+    join_burst: int = _setting(
+        0, "joins one socket may make at once (0: one second's worth)", production=200
+    )
+    rate_limit_disconnect: float = _setting(
+        10.0,
+        "disconnect a socket refused this many bursts more than its rate refills "
+        "(rate_limited; 0: never)",
+    )
+    user_connect_rate: int = _setting(
+        0,
+        "new connections one user may open per user_connect_window_s, on every instance "
+        "together (0: no limit)",
+        production=120,
+    )
+    user_connect_window_s: float = _setting(60.0, "the window of user_connect_rate")
+    max_connections_per_user: int = _setting(
+        0,
+        "connections one user may hold at once, on every instance together (0: no limit)",
+        production=100,
+    )
+    user_connections_ttl_s: float = _setting(
+        30.0,
+        "how long a connection counts for its user after its instance last said it is open "
+        "(an instance that dies stops saying so)",
+    )
+    api_rate: float = _setting(
+        0.0,
+        "publish API requests per second per API key, per worker, sustained; over it 429 "
+        "(0: no limit)",
+        production=5000.0,
+    )
+    api_burst: int = _setting(
+        0, "publish API requests per API key at once (0: one second's worth)", production=10_000
+    )
     revocation_ttl_s: int = _setting(
         86_400,
         "how long a user's revocation refuses that user's older tokens; at least the longest "
@@ -179,6 +231,24 @@ class Settings:
             value = getattr(self, name)
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value!r}")
+        for name in (
+            "event_rate",
+            "event_burst",
+            "join_rate",
+            "join_burst",
+            "rate_limit_disconnect",
+            "user_connect_rate",
+            "max_connections_per_user",
+            "api_rate",
+            "api_burst",
+        ):
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:  # also refuses nan
+                raise ConfigError(f"{name} must be a finite number, 0 or more, got {value!r}")
+        for name in ("user_connect_window_s", "user_connections_ttl_s"):
+            value = getattr(self, name)
+            if not 0.1 <= value < math.inf:
+                raise ConfigError(f"{name} must be at least 0.1 and finite, got {value!r}")
         for name in ("drain_delay_s", "drain_window_s", "drain_seconds"):
             value = getattr(self, name)
             if not value >= 0:  # also refuses nan
@@ -334,9 +404,10 @@ def add_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | None = 
     for f in dataclasses.fields(Settings):
         if only is not None and f.name not in only:
             continue
-        help_text = (
-            f"{f.metadata['help']} (env {ENV_PREFIX}{f.name.upper()}, default {f.default!r})"
-        )
+        default = f"default {f.default!r}"
+        if "production" in f.metadata:
+            default += f", {f.metadata['production']!r} with --production"
+        help_text = f"{f.metadata['help']} (env {ENV_PREFIX}{f.name.upper()}, {default})"
         if f.type in ("bool", bool):
             parser.add_argument(
                 _flag(f.name),
@@ -363,7 +434,8 @@ def load_given(
     environ: Mapping[str, str] | None = None,
     config_file: str | None = None,
 ) -> tuple[Settings, frozenset[str]]:
-    """:func:`load`, and the names of the settings that were given (not defaults)."""
+    """:func:`load`, and the names of the settings that were given (not defaults).  With
+    ``production``, a setting given nowhere takes its production default (the rate limits)."""
     flags = flags or {}
     environ = os.environ if environ is None else environ
     path = config_file or flags.get("config") or environ.get(ENV_PREFIX + "CONFIG")
@@ -387,6 +459,11 @@ def load_given(
             values[name] = _coerce(name, f.type, environ[ENV_PREFIX + name.upper()])
         elif name in from_file:
             values[name] = _coerce(name, f.type, from_file[name])
+    given = frozenset(values)
+    if values.get("production", False):
+        for name, f in known.items():
+            if name not in values and "production" in f.metadata:
+                values[name] = f.metadata["production"]
     settings = Settings(**values)
     settings.validate()
-    return settings, frozenset(values)
+    return settings, given

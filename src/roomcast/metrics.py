@@ -49,6 +49,20 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.rate_limited = Counter(
+            "roomcast_rate_limited",
+            "Requests refused by a rate limit, by limit (events, joins, rooms, "
+            "user_connect_rate, user_connections, api)",
+            ["limit"],
+            registry=r,
+        )
+        self.rate_limit_errors = Counter(
+            "roomcast_rate_limit_errors",
+            "Broker failures of the per-user connection limits, by operation (admit: a connect "
+            "let in unchecked; release, keep: a hold not written, healed by its TTL)",
+            ["op"],
+            registry=r,
+        )
         self.auth_failures = Counter(
             "roomcast_auth_failures", "Refused namespace connects by code", ["code"], registry=r
         )

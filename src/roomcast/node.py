@@ -17,6 +17,7 @@ from roomcast.broker.base import (
     Publication,
     PublishRequest,
     PublishResult,
+    UserQuota,
 )
 from roomcast.broker.memory import MemoryBroker
 from roomcast.broker.topics import topic
@@ -31,6 +32,7 @@ from roomcast.http.peers import peer_path
 from roomcast.http.routes import Router
 from roomcast.http.server_api import ServerApiRoutes
 from roomcast.hub import Hub, RoomKey
+from roomcast.limits import Rate, SocketRates
 from roomcast.metrics import BrokerCollector, Metrics
 from roomcast.protocol.parser import parser_named
 from roomcast.protocol.socketio import Limits
@@ -145,6 +147,17 @@ class Node:
                 limits=Limits(settings.max_attachments, settings.max_nesting),
                 event_schemas=self.schemas,
                 parser=parser,
+                rates=SocketRates(
+                    events=Rate.of(settings.event_rate, settings.event_burst),
+                    joins=Rate.of(settings.join_rate, settings.join_burst),
+                    disconnect_factor=settings.rate_limit_disconnect,
+                ),
+                user_quota=UserQuota(
+                    per_window=settings.user_connect_rate,
+                    window_ms=int(settings.user_connect_window_s * 1000),
+                    concurrent=settings.max_connections_per_user,
+                    ttl_ms=int(settings.user_connections_ttl_s * 1000),
+                ),
             ),
             self.subscriptions,
         )
@@ -194,6 +207,8 @@ class Node:
                 production=settings.production,
                 api_key=settings.api_key,
             ),
+            api_rate=Rate.of(settings.api_rate, settings.api_burst),
+            refusals=self.sockets.refusals,
         )
         self.router.mount("/socket.io/", self.engine)
         self.router.server_api = ServerApiRoutes(
@@ -203,6 +218,7 @@ class Node:
             tasks=self.tasks,
             metrics=self.metrics,
             max_payload=settings.max_payload,
+            schemas=self.schemas,
         )
         self.handoff: Handoff | None = None
         if worker is not None and len(worker[1]) > 1 and settings.room_affinity:
@@ -316,6 +332,8 @@ class Node:
         if self.settings.recovery_max_disconnection_ms:
             self.tasks.spawn(self._touch_sessions(), name="touch-sessions")
         self.tasks.spawn(self._sync_revocations(), name="sync-revocations")
+        if settings.max_connections_per_user:
+            self.tasks.spawn(self.sockets.users.run(self._held), name="limits-keep")
         self.app.attach(self.cluster)
         for hook in self.app.startup:
             self.tasks.spawn(hook(), name=f"startup-{getattr(hook, '__name__', 'hook')}")
@@ -332,6 +350,10 @@ class Node:
         assert self._listeners
         port: int = self._listeners[0].socket.getsockname()[1]
         return port
+
+    def _held(self) -> list[tuple[str, str]]:
+        """This worker's live sockets as their users' held connections (``limits``)."""
+        return [(s.user_id, s.hold) for s in self.sockets.sockets.values()]
 
     async def _sync_revocations(self) -> None:
         """Reload revocations from the broker now and then: an instance that missed one (cut

@@ -18,12 +18,19 @@ from typing import Any, Protocol
 
 from roomcast.app import Namespace, Registered
 from roomcast.auth import Authenticator, Principal, validate_room
-from roomcast.broker.base import Broker, BrokerError, BrokerUnavailableError, Publication
+from roomcast.broker.base import (
+    Broker,
+    BrokerError,
+    BrokerUnavailableError,
+    Publication,
+    UserQuota,
+)
 from roomcast.broker.envelope import ATTACHMENT_FIELD, EnvelopeError, encode_data
 from roomcast.broker.offsets import parse_offset
 from roomcast.connection import Connection
-from roomcast.http.errors import ack_error, ack_invalid_payload
+from roomcast.http.errors import ack_error, ack_invalid_payload, ack_rate_limited
 from roomcast.hub import Hub
+from roomcast.limits import Bucket, Refusals, SocketRates, UserConnections
 from roomcast.metrics import Metrics
 from roomcast.protocol.parser import Parser
 from roomcast.protocol.socketio import JSON_PARSER, Limits, Packet, PacketType
@@ -68,6 +75,10 @@ class SocketOptions:
     """``--event-schemas``: client events (and publications) of these names are checked."""
     parser: Parser = JSON_PARSER
     """``--parser``: the packet codec every client of this server speaks."""
+    rates: SocketRates = field(default_factory=SocketRates)
+    """Events and joins per socket (``roomcast.limits``)."""
+    user_quota: UserQuota = field(default_factory=UserQuota)
+    """New and concurrent connections per user (``roomcast.limits.UserConnections``)."""
     connects_in_flight: int = 16
     """Namespace connects (token check, recovery) in progress at once; the others wait in
     order. A reconnection storm otherwise starts thousands of recoveries together: they queue
@@ -100,6 +111,10 @@ class SocketHost(Protocol):
     def auth(self) -> Authenticator | None: ...
     @property
     def revocations(self) -> Revocations: ...
+    @property
+    def refusals(self) -> Refusals: ...
+    @property
+    def users(self) -> UserConnections: ...
 
     def drop(self, reason: str, detail: str) -> None: ...
 
@@ -127,6 +142,20 @@ class SocketClient(Protocol):
         ...
 
 
+KICK_GRACE_S = 1.0
+"""How long a connection whose last socket was disconnected for a rate limit may stay open."""
+
+
+def _close_if_idle(client: SocketClient) -> None:
+    if not client.sockets and not client.conn.closed:
+        client.conn.close("rate_limited_linger: no namespace left after a rate_limited kick")
+
+
+def hold_name(sid: str, namespace: str) -> str:
+    """A socket's place among its user's connections: its session and namespace."""
+    return sid + namespace
+
+
 class Socket:
     """One client's membership of one namespace: the object handlers receive."""
 
@@ -138,7 +167,9 @@ class Socket:
         "client",
         "conn",
         "connected",
+        "events_bucket",
         "id",
+        "joins_bucket",
         "namespace",
         "owed",
         "pid",
@@ -176,10 +207,18 @@ class Socket:
         """Tasks running that will answer the client (an ack): the socket must not move."""
         self.since = 0.0
         """When the socket connected (seconds since the Unix epoch)."""
+        rates = client.server.options.rates
+        self.events_bucket: Bucket | None = rates.events.bucket() if rates.events else None
+        self.joins_bucket: Bucket | None = rates.joins.bucket() if rates.joins else None
 
     @property
     def user_id(self) -> str:
         return self.principal.user_id
+
+    @property
+    def hold(self) -> str:
+        """What holds this socket's place among its user's connections (``limits``)."""
+        return hold_name(self.conn.sid, self.namespace.name)
 
     @property
     def session_key(self) -> str:
@@ -322,6 +361,7 @@ class Socket:
         self._unregister()
         client = self.client
         server = client.server
+        server.users.release(self.user_id, self.hold)
         client.sockets.pop(self.namespace.name, None)
         for room in self.rooms:
             server.hub.leave(self, (self.namespace.name, room))
@@ -380,6 +420,10 @@ class Socket:
     def on_event(self, data: list[Any], ack_id: int | None) -> None:
         server = self.client.server
         server.metrics.client_events.inc()
+        bucket = self.events_bucket
+        if bucket is not None and not bucket.take():
+            self.rate_limited(bucket, "events", ack_id)
+            return
         name, args = data[0], data[1:]
         registered = self.namespace.events.get(name) if isinstance(name, str) else None
         if registered is not None:
@@ -451,6 +495,23 @@ class Socket:
         if ack_id is not None:
             self.ack(ack_id, ack_invalid_payload(error))
         return True
+
+    def rate_limited(self, bucket: Bucket, limit: str, ack_id: int | None) -> None:
+        """``bucket`` refused an event: count and log it (bounded), answer its ack with
+        ``rate_limited`` and the retry-after; a socket far over its limit is disconnected."""
+        server = self.client.server
+        server.refusals.refused(limit, f"socket {self.id} of user {self.user_id[:40]!r}")
+        if not bucket.overflowed(server.options.rates.disconnect_factor):
+            if ack_id is not None:
+                self.ack(ack_id, ack_rate_limited(limit, bucket.retry_after_ms()))
+            return
+        self.kick("rate_limited", f"far over the {limit} rate limit")
+        if not self.client.sockets:
+            # The official client closes its connection on this notice; one that goes on
+            # sending to the closed namespace loses the connection after a grace.  (Closed at
+            # once, the close would overtake the notice: the client handles packets a tick
+            # after it reads them, but a close at once.)
+            asyncio.get_running_loop().call_later(KICK_GRACE_S, _close_if_idle, self.client)
 
     def answer_later(self, call: Coroutine[Any, Any, None], name: str) -> None:
         """Run ``call``, which may answer the client, in a task; the socket owes it meanwhile."""

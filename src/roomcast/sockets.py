@@ -19,14 +19,15 @@ from roomcast.broker.base import Broker, BrokerError, History, Publication
 from roomcast.broker.offsets import OffsetError, parse_offset
 from roomcast.broker.topics import topic
 from roomcast.connection import Connection
-from roomcast.http.errors import connect_error_payload
+from roomcast.http.errors import connect_error_payload, connect_rate_limited
 from roomcast.hub import Hub
+from roomcast.limits import Refusals, UserConnections
 from roomcast.metrics import Metrics
 from roomcast.protocol.errors import ProtocolError, SocketIOError
 from roomcast.protocol.socketio import Packet, PacketType
 from roomcast.revocation import Revocations
 from roomcast.sessions import PID_RE, SessionWriter, session_key
-from roomcast.socket import ANONYMOUS, BuiltinEvent, Mover, Socket, SocketOptions
+from roomcast.socket import ANONYMOUS, BuiltinEvent, Mover, Socket, SocketOptions, hold_name
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
 from roomcast.types import SocketId
@@ -60,6 +61,10 @@ class SocketServer:
         self.options = options
         self.sockets: dict[SocketId, Socket] = {}
         self.session_writer = SessionWriter(broker, metrics, tasks)
+        self.refusals = Refusals(metrics)
+        """Counts and logs what a rate limit refused (``roomcast.limits``)."""
+        self.users = UserConnections(broker, metrics, tasks, options.user_quota, self.refusals)
+        """New and concurrent connections per user."""
         self.revocations = Revocations()
         """Revoked users and token ids (kept in step by the node and the cluster)."""
         self.handoff: Mover | None = None
@@ -224,11 +229,14 @@ class Client:
             raise SocketIOError(f"unexpected {kind.name} packet from a client")
 
     async def _connect(self, nsp: str, payload: dict[str, Any] | None) -> None:
+        socket = None
         try:
             async with self.server.connecting:
                 socket = await self._accept(nsp, payload or {})
         finally:
             queued = self._pending.pop(nsp, [])
+            if socket is None:
+                self.server.users.abandoned(hold_name(self.conn.sid, nsp))
         if socket is None or self.conn.closed:
             return
         self._replaying = True  # in order with each other: none of them moves the session
@@ -259,6 +267,11 @@ class Client:
                 return None
         if self.conn.closed:
             return None
+        refusal = await server.users.admit(principal.user_id, hold_name(self.conn.sid, nsp))
+        if refusal is not None:
+            payload = connect_rate_limited(refusal.limit, refusal.retry_after_ms, refusal.message)
+            self._refuse(nsp, payload, "rate_limited")
+            return None
         recovered = await self._recover(nsp, auth, principal)
         socket = recovered or Socket(self, namespace, principal, auth)
         try:
@@ -281,6 +294,7 @@ class Client:
             socket.abandon_recovery()
             return None
         socket.connected_at()
+        server.users.connected(socket.hold)
         if self._connect_timer is not None:
             self._connect_timer.cancel()
             self._connect_timer = None

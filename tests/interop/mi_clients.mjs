@@ -11,6 +11,7 @@
 //   connect {url, token, options?}        -> {id, recovered, transport}; rejects on connect_error
 //                                            (options.parser "msgpack": socket.io-msgpack-parser)
 //   emit {event, args, timeoutMs?}        -> the ack's arguments (an array)
+//   send {event, args, count?}            -> {}; emits `count` times (default 1), no ack
 //   waitEvents {count, untilEvent?, timeoutMs}
 //                                         -> every event so far ({event, data, offset, n,
 //                                            data as lib.mjs's describe() shows binary parts,
@@ -163,6 +164,14 @@ const commands = {
         }
       });
     });
+  },
+
+  async send({ name, event, args = [], count = 1 }) {
+    const { socket } = client(name);
+    for (let i = 0; i < count; i += 1) {
+      socket.emit(event, ...args);
+    }
+    return {};
   },
 
   async waitEvents({ name, count = 0, untilEvent = null, timeoutMs = 10_000 }) {

@@ -24,6 +24,7 @@ from roomcast.http.access import Access, Listener, Route
 from roomcast.http.errors import ApiError, api_error_response, json_response
 from roomcast.http.server_api import ServerApiRoutes
 from roomcast.jsonbytes import BinaryMarkerError, decode_markers, may_hold_markers
+from roomcast.limits import Rate, Refusals
 from roomcast.protocol.errors import EventNameError
 from roomcast.protocol.socketio import check_event_name
 from roomcast.schemas import InvalidPayloadError
@@ -72,10 +73,13 @@ class Router:
         peer_sockets: dict[str, str] | None = None,
         namespaces: Container[str] = ("/",),
         access: Access | None = None,
+        api_rate: Rate | None = None,
+        refusals: Refusals | None = None,
     ) -> None:
         """With ``--workers``: ``worker`` names this worker (``"00"``), ``peer_sockets`` maps the
         others' names to their peer unix sockets, and ``/metrics`` and ``/readyz`` answer for
-        all. ``access`` says which listener serves what (default: everything public, no key)."""
+        all. ``access`` says which listener serves what (default: everything public, no key).
+        ``api_rate``: publish requests per API key (there is one key), counted by ``refusals``."""
         self.engines: dict[str, HttpHandler] = {}
         self._metrics = metrics
         self._tasks = tasks
@@ -90,6 +94,8 @@ class Router:
         self.server_api: ServerApiRoutes | None = None
         """The server API routes (set by the node once it has a cluster)."""
         self._access = access or Access()
+        self._api_bucket = api_rate.bucket() if api_rate is not None else None
+        self._refusals = refusals
         self.ops: HttpHandler = _ListenerView(self, Listener.OPS)
         self.peer: HttpHandler = _ListenerView(self, Listener.PEER)
 
@@ -180,6 +186,11 @@ class Router:
             if request.method != "POST":
                 raise ApiError(405, "method_not_allowed", "use POST")
             self.check_key(request)
+            bucket = self._api_bucket
+            if bucket is not None and not bucket.take():
+                if self._refusals is not None:
+                    self._refusals.refused("api", "publish API")
+                raise ApiError.rate_limited("api", bucket.retry_after_ms())
             publish = parse_publish_body(request.body, self._max_payload)
             if publish.namespace not in self._namespaces:
                 raise ApiError(

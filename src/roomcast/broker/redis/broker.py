@@ -37,6 +37,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from roomcast.broker.base import (
+    Admission,
     BatchScope,
     BrokerError,
     BrokerState,
@@ -48,6 +49,7 @@ from roomcast.broker.base import (
     Publication,
     PublishRequest,
     PublishResult,
+    UserQuota,
 )
 from roomcast.broker.envelope import encode_envelope, encode_feed
 from roomcast.broker.keys import Keys, keyspace_channel
@@ -75,6 +77,7 @@ from roomcast.broker.redis.notifications import Notifications
 from roomcast.broker.redis.publish import PublishLane
 from roomcast.broker.redis.sessions import RedisSessions
 from roomcast.broker.redis.upstream import append_upstream
+from roomcast.broker.redis.users import RedisUsers
 from roomcast.broker.topics import validate_namespace, validate_topic
 
 __all__ = ["RedisBroker"]
@@ -166,6 +169,7 @@ class RedisBroker:
             errors=self.errors,
         )
         self._sessions = RedisSessions(self._conn, self._keys)
+        self._users = RedisUsers(self._conn, self._keys)
 
         self._state = BrokerState.STOPPED
         self._stopped = False
@@ -399,6 +403,15 @@ class RedisBroker:
 
     async def revocations(self) -> list[str]:
         return await self._control.revocations()
+
+    async def admit_user(self, user: str, member: str, quota: UserQuota) -> Admission:
+        return await self._users.admit(user, member, quota)
+
+    async def release_users(self, held: list[tuple[str, str]]) -> None:
+        await self._users.release(held)
+
+    async def keep_users(self, held: list[tuple[str, str]], ttl_ms: int) -> None:
+        await self._users.keep(held, ttl_ms)
 
     async def append_upstream(self, fields: dict[str, str | bytes]) -> str:
         """``XADD <prefix>:upstream [MAXLEN ~ upstream_maxlen] * <fields>``; return the entry id."""
