@@ -18,6 +18,7 @@ from typing import Any
 from roomcast import config
 from roomcast.app import Application
 from roomcast.config import ConfigError, Settings
+from roomcast.jsonbytes import BinaryMarkerError, decode_markers
 from roomcast.runner import run
 
 _AUTH_SETTINGS = (
@@ -69,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     publish = sub.add_parser("publish", help="publish an event to a room")
     publish.add_argument("--room", required=True)
     publish.add_argument("--event", required=True)
-    publish.add_argument("--data", required=True, help="JSON value")
+    publish.add_argument(
+        "--data", required=True, help='JSON value; {"$binary": "<base64>"} stands for bytes'
+    )
     publish.add_argument("--idempotency-key", default=None)
     publish.add_argument("--namespace", default="/", help="the room's namespace (default /)")
     publish.add_argument(
@@ -172,7 +175,11 @@ def _publish(args: argparse.Namespace, settings: Settings, given: frozenset[str]
         data = json.loads(args.data)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--data is not valid JSON: {exc}") from exc
-    if settings.redis_url:
+    if settings.redis_url:  # the HTTP API reads {"$binary": ...} itself
+        try:
+            data = decode_markers(data)
+        except BinaryMarkerError as exc:
+            raise ConfigError(f"--data: {exc}") from None
         from roomcast import tracing
 
         tracing.setup(settings.tracing)  # the Publisher's span, when the OTEL_* variables ask

@@ -22,6 +22,8 @@ from urllib.parse import urlsplit, urlunsplit
 ENV_PREFIX = "ROOMCAST_"
 TRACING_MODES = ("auto", "on", "off")
 """Values of the ``tracing`` setting (see :mod:`roomcast.tracing`)."""
+PARSER_NAMES = ("json", "msgpack")
+"""The ``parser`` setting's values (``roomcast.protocol.parser.PARSERS`` has one of each)."""
 
 
 class ConfigError(ValueError):
@@ -88,6 +90,11 @@ class Settings:
     max_payload: int = _setting(1_000_000, "max bytes of one HTTP body or WebSocket message")
     max_attachments: int = _setting(10, "max binary attachments of one Socket.IO packet")
     max_nesting: int = _setting(32, "max JSON nesting depth of one Socket.IO packet")
+    parser: str = _setting(
+        "json",
+        "Socket.IO parser every client must use: json (the default parser) or msgpack "
+        "(socket.io-msgpack-parser)",
+    )
     outbound_buffer_limit: int = _setting(
         4 * 1024 * 1024, "bytes queued for one client before it is dropped as too slow"
     )
@@ -288,6 +295,8 @@ class Settings:
             raise ConfigError(
                 f"tracing must be one of {', '.join(TRACING_MODES)}, got {self.tracing!r}"
             )
+        if self.parser not in PARSER_NAMES:
+            raise ConfigError(f"parser must be {' or '.join(PARSER_NAMES)}, got {self.parser!r}")
         if self.app and ":" not in self.app:
             raise ConfigError(f"app must be module:attribute, got {self.app!r}")
         if self.production:

@@ -35,6 +35,7 @@ from roomcast.http.server_api import ServerApiRoutes
 from roomcast.hub import Hub, RoomKey
 from roomcast.limits import Rate, SocketRates
 from roomcast.metrics import BrokerCollector, Metrics
+from roomcast.protocol.parser import parser_named
 from roomcast.protocol.socketio import Limits
 from roomcast.schemas import EventSchemas, InvalidPayloadError, SchemaError
 from roomcast.sockets import SocketOptions, SocketServer
@@ -132,7 +133,8 @@ class Node:
         self.metrics.ready.set_function(lambda: 1.0 if self.readiness()[0] else 0.0)
         self.subscriptions = Subscriptions(self.broker, self.tasks)
         self.flusher = Flusher()
-        self.hub = Hub(self._first_member, self._last_member, self.flusher)
+        parser = parser_named(settings.parser)
+        self.hub = Hub(self._first_member, self._last_member, self.flusher, parser)
         self.sockets = SocketServer(
             self.app,
             self.hub,
@@ -148,6 +150,7 @@ class Node:
                 max_rooms=settings.max_rooms_per_socket,
                 limits=Limits(settings.max_attachments, settings.max_nesting),
                 event_schemas=self.schemas,
+                parser=parser,
                 rates=SocketRates(
                     events=Rate.of(settings.event_rate, settings.event_burst),
                     joins=Rate.of(settings.join_rate, settings.join_burst),

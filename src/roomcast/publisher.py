@@ -68,10 +68,14 @@ class Publisher:
         """Publish ``event`` with ``data`` to ``room`` of ``namespace`` (every namespace has
         its own rooms; a namespace no gateway application defines reaches nobody).
 
+        ``data`` is any JSON value, and may hold ``bytes`` (``bytearray``, ``memoryview``)
+        anywhere: clients receive them as binary attachments (a ``Buffer`` in Node, an
+        ``ArrayBuffer`` in browsers).
+
         Raise :class:`~roomcast.auth.InvalidRoomError` for a bad room name,
-        :class:`~roomcast.broker.envelope.EnvelopeError` for data that is not JSON or a bad
-        field, :class:`~roomcast.protocol.errors.EventNameError` for an event name clients may
-        not be sent (socket.io's own, or ``roomcast:...``), and
+        :class:`~roomcast.broker.envelope.EnvelopeError` for data that is neither JSON nor
+        bytes, or a bad field, :class:`~roomcast.protocol.errors.EventNameError` for an event
+        name clients may not be sent (socket.io's own, or ``roomcast:...``), and
         :class:`~roomcast.broker.base.BrokerUnavailableError` when nothing was stored
         (retrying with the same ``idempotency_key`` is then safe), and
         :class:`~roomcast.schemas.InvalidPayloadError` when the event has a schema that

@@ -24,7 +24,7 @@ from roomcast.hub import Hub
 from roomcast.limits import Refusals, UserConnections
 from roomcast.metrics import Metrics
 from roomcast.protocol.errors import ProtocolError, SocketIOError
-from roomcast.protocol.socketio import Decoder, Packet, PacketType
+from roomcast.protocol.socketio import Packet, PacketType
 from roomcast.revocation import Revocations
 from roomcast.sessions import PID_RE, SessionWriter, session_key
 from roomcast.socket import ANONYMOUS, BuiltinEvent, Mover, Socket, SocketOptions, hold_name
@@ -139,7 +139,7 @@ class Client:
         self._pending: dict[str, list[Packet]] = {}
         """Packets that arrived while their namespace's CONNECT was being processed."""
         self._replaying = False
-        self._decoder = Decoder(server.options.limits)
+        self._decoder = server.options.parser.decoder(server.options.limits)
         self._connect_timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
             server.options.connect_timeout_ms / 1000, self._connect_timed_out
         )
@@ -151,7 +151,7 @@ class Client:
             self.conn.close("connect timeout: no namespace connected")
 
     def send(self, packet: Packet) -> None:
-        self.conn.send_messages(packet.serialize())
+        self.conn.send_messages(self.server.options.parser.encode(packet))
 
     # -- moving between workers (``handoff``) -----------------------------------------------------
     @property

@@ -313,8 +313,8 @@ class Tracing:
     # -- upstream ---------------------------------------------------------------------------------
     async def upstream(
         self,
-        append: Callable[[dict[str, str]], Awaitable[str]],
-        fields: dict[str, str],
+        append: Callable[[dict[str, str | bytes]], Awaitable[str]],
+        fields: dict[str, str | bytes],
         *,
         socket: str,
         user: str,

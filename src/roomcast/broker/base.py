@@ -224,7 +224,7 @@ class Broker(Protocol):
         """Keep held connections ``(user, member)`` alive for ``ttl_ms`` more (live sockets);
         one not held (a broker that lost it) is held again."""
 
-    async def append_upstream(self, fields: dict[str, str]) -> str:
+    async def append_upstream(self, fields: dict[str, str | bytes]) -> str:
         """Append a client event to the upstream stream; return its id once stored.
 
         Raise :class:`BrokerUnavailableError` if it was not stored.

@@ -24,6 +24,7 @@ from roomcast.http import peers
 from roomcast.http.access import Access, Listener, Route
 from roomcast.http.errors import ApiError, api_error_response, json_response
 from roomcast.http.server_api import ServerApiRoutes
+from roomcast.jsonbytes import BinaryMarkerError, decode_markers, may_hold_markers
 from roomcast.limits import Rate, Refusals
 from roomcast.protocol.errors import EventNameError
 from roomcast.protocol.socketio import check_event_name
@@ -265,7 +266,9 @@ def header_traceparent(value: str) -> str | None:
 
 
 def parse_publish_body(body: bytes, max_payload: int) -> PublishRequest:
-    """Validate ``{"room", "event", "data", "idempotency_key"?}``; errors name the field."""
+    """Validate ``{"room", "event", "data", "idempotency_key"?}``; errors name the field.
+
+    In ``data``, ``{"$binary": "<base64>"}`` stands for bytes (:mod:`roomcast.jsonbytes`)."""
     if len(body) > max_payload:
         raise ApiError(413, "payload_too_large", f"body of {len(body)} bytes exceeds {max_payload}")
     try:
@@ -302,11 +305,17 @@ def parse_publish_body(body: bytes, max_payload: int) -> PublishRequest:
         namespace = validate_namespace(value.get("namespace", MAIN))
     except InvalidNamespaceError as exc:
         raise ApiError(400, "invalid_namespace", str(exc)) from None
+    data = value["data"]
+    if may_hold_markers(body):
+        try:
+            data = decode_markers(data)
+        except BinaryMarkerError as exc:
+            raise ApiError(400, "invalid_binary", str(exc)) from None
     return PublishRequest(
         room=room,
         namespace=namespace,
         event=event,
-        data=value["data"],
+        data=data,
         idempotency_key=key,
         traceparent=traceparent,
     )
