@@ -173,6 +173,7 @@ class Node:
             self.metrics,
             self.tasks,
             revocation_ttl_s=settings.revocation_ttl_s,
+            publish=self.publish,
         )
         self.broker.on_control(self.cluster.on_message)
         self.engine_options = EngineOptions(
@@ -292,6 +293,7 @@ class Node:
         if self.tracing is not None:
             deliver = self.tracing.delivery(self.sockets.deliver, self.broker.instance_id)
         await self.broker.start(deliver, batch=self.flusher.batch)
+        self.app.attach(self.cluster)  # before the first client: handlers may use app.of()
         try:
             self.sockets.revocations.load(await self.broker.revocations())
         except BrokerError as exc:  # the sync task tries again
@@ -346,7 +348,6 @@ class Node:
         self.tasks.spawn(self._sync_revocations(), name="sync-revocations")
         if settings.max_connections_per_user:
             self.tasks.spawn(self.sockets.users.run(self._held), name="limits-keep")
-        self.app.attach(self.cluster)
         for hook in self.app.startup:
             self.tasks.spawn(hook(), name=f"startup-{getattr(hook, '__name__', 'hook')}")
         self.started = True
@@ -373,11 +374,10 @@ class Node:
         while True:
             await asyncio.sleep(self.settings.revocation_sync_s)
             try:
-                entries = await self.broker.revocations()
+                self.sockets.revocations.load(await self.broker.revocations())
             except BrokerError as exc:
                 log.warning("could not reload revocations: %s", exc)
-                continue
-            self.sockets.revocations.load(entries)
+            # Also sockets that connected while a revocation of theirs was on its way.
             self.cluster.kick_revoked()
 
     @property
@@ -475,7 +475,6 @@ class Node:
         return told
 
     async def stop(self) -> None:
-        self.app.attach(None)
         if not self.draining:
             self.draining = True
             for engine in self.engines:
@@ -490,6 +489,7 @@ class Node:
         if self.handoff is not None:
             self.handoff.close()
         await self.tasks.close()
+        self.app.attach(None)
         await self.broker.stop()
         self.started = False
 

@@ -271,7 +271,8 @@ class Socket:
         """No longer connected on this worker: out of the server's sockets, no expiry timer."""
         server = self.client.server
         self.connected = False
-        server.sockets.pop(self.id, None)
+        if server.sockets.get(self.id) is self:  # else a recovery took the id over
+            del server.sockets[self.id]
         server.metrics.sockets.dec()
         if self._expiry is not None:
             self._expiry.cancel()
@@ -360,7 +361,17 @@ class Socket:
             self.client.send(Packet(PacketType.DISCONNECT, self.namespace.name))
             self.closed("server namespace disconnect", client_initiated=True)
 
-    def closed(self, reason: str, *, client_initiated: bool) -> None:
+    def supersede(self) -> None:
+        """The session reconnected on another connection (a client whose old transport has
+        not timed out yet): end this socket, leaving its recovery state to the new one."""
+        if self.connected:
+            self.client.send(Packet(PacketType.DISCONNECT, self.namespace.name))
+            self.closed("superseded by a reconnection", client_initiated=False, keep_state=True)
+
+    def closed(self, reason: str, *, client_initiated: bool, keep_state: bool = False) -> None:
+        """The socket is gone: out of its rooms; its recovery state is saved (a transport that
+        ended), forgotten (the client left, or a protocol error) or, ``keep_state``, left as
+        it is (another socket took the session over)."""
         if not self.connected:
             return
         self._unregister()
@@ -370,7 +381,9 @@ class Socket:
         client.sockets.pop(self.namespace.name, None)
         for room in self.rooms:
             server.hub.leave(self, (self.namespace.name, room))
-        if client_initiated or reason.startswith("protocol error"):
+        if keep_state:
+            pass
+        elif client_initiated or reason.startswith("protocol error"):
             server.forget_session(self)
         else:
             server.save_session(self, server.options.recovery_ms, final=True)
@@ -390,11 +403,10 @@ class Socket:
         else:
             self.client.server.drop("socket_disconnected", f"event {event!r} for {self.id}")
 
-    async def call(self, event: str, *args: Any) -> list[Any]:
+    async def call(self, event: str, *args: Any, ack_timeout_s: float | None = None) -> list[Any]:
         """Send an event that asks for an ack; return the ack's arguments.
 
-        Raises ``TimeoutError`` after the configured ack timeout; wrap the call in
-        ``asyncio.timeout()`` for a shorter one.
+        Raises ``TimeoutError`` after ``ack_timeout_s`` (default: the configured ack timeout).
         """
         self._ack_seq += 1
         ack_id = self._ack_seq
@@ -402,7 +414,9 @@ class Socket:
         self._acks[ack_id] = future
         self.client.send(Packet(PacketType.EVENT, self.namespace.name, [event, *args], ack_id))
         try:
-            async with asyncio.timeout(self.client.server.options.ack_timeout_s):
+            default = self.client.server.options.ack_timeout_s
+            limit = default if ack_timeout_s is None else ack_timeout_s
+            async with asyncio.timeout(limit):
                 return await future
         finally:
             self._acks.pop(ack_id, None)

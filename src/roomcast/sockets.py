@@ -298,6 +298,12 @@ class Client:
         if self.conn.closed:
             socket.abandon_recovery()
             return None
+        try:  # again: a revocation may have come while the connect waited
+            server.revocations.check(socket.principal)
+        except AuthError as error:
+            socket.abandon_recovery()
+            self._refuse(nsp, connect_error_payload(error.code, str(error)), error.code)
+            return None
         socket.connected_at()
         server.users.connected(socket.hold)
         if self._connect_timer is not None:
@@ -363,6 +369,11 @@ class Client:
             log.info("recovery refused: session of %r offered to %r", saved_nsp, nsp[:40])
             return None
         namespace = server.app.namespaces[nsp]
+        old = server.sockets.get(SocketId(sid))
+        if old is not None:  # the old transport has not timed out yet: the session moves on
+            server.metrics.recoveries.labels("superseded").inc()
+            log.info("socket %s recovered on a new connection; its old one ends", sid[:40])
+            old.supersede()
         socket = Socket(self, namespace, principal, auth, sid=SocketId(sid), pid=pid)
         rooms = [r for r in saved_rooms if isinstance(r, str) and principal.may_join(r)]
         for room in rooms:

@@ -158,7 +158,11 @@ class RedisBroker:
             self._conn, self._keys, instance_id=self.instance_id, ping_interval=ping_interval
         )
         self._control = Control(
-            self._conn, self._keys, instance_id=self.instance_id, ping_interval=ping_interval
+            self._conn,
+            self._keys,
+            instance_id=self.instance_id,
+            ping_interval=ping_interval,
+            errors=self.errors,
         )
         self._delivery = Delivery(
             self._entries,
@@ -242,7 +246,6 @@ class RedisBroker:
         self._supervisor = asyncio.create_task(self._supervise(), name="roomcast-redis-broker")
 
     async def stop(self) -> None:
-        await self._control.withdraw()
         self._stopped = True
         supervisor, self._supervisor = self._supervisor, None
         self._state = BrokerState.STOPPED
@@ -254,6 +257,7 @@ class RedisBroker:
                 logger.error(
                     "redis broker tasks did not stop within %.1fs", self._socket_timeout * 2
                 )
+        await self._control.withdraw()  # the watcher is stopped: it cannot announce again
         await self._lane.close(self._socket_timeout)
         await self._close_listeners()
         await self._conn.close()
@@ -483,13 +487,13 @@ class RedisBroker:
         if self._control.handler is not None:
             # Classic pub/sub reaches every node's subscribers: one listener is enough.
             by_node[next(iter(self._listeners))].extend(self._control.channels)
-            await self._control.announce()
         for name, channels in by_node.items():
             conn = self._listeners.get(name)
             if conn is None:
                 raise _TopologyChangedError(f"no pub/sub connection to node {name}")
             for chunk in chunks(channels, _SUBSCRIBE_CHUNK):
                 await conn.send_command("SUBSCRIBE", *chunk, check_health=False)
+        await self._control.announce()  # after subscribing: no request is sent into a gap
         self._state = BrokerState.CONNECTED
 
     async def _run_epoch(self) -> None:
