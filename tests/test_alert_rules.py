@@ -5,18 +5,16 @@ as its unit tests say (``promtool test rules``)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from test_node import _get
 
 import redis_fixtures
+from redis_fixtures import require_binary
 from wire import running
 
 redis_url = redis_fixtures.redis_url
@@ -25,20 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "roomcast-alerts.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "roomcast-alerts.test.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "roomcast.json"
-_METRIC = re.compile(r"\broomcast_[a-z_]+\b")
+METRIC_NAME = re.compile(r"\broomcast_[a-z_]+\b")
 MERGED_ONLY = {"roomcast_worker_up"}
 """Samples the worker merge adds to /metrics with --workers N (roomcast/http/peers.py)."""
-
-
-def prometheus_tool(name: str) -> str:
-    """The path of ``promtool`` or ``prometheus`` (Debian's prometheus package): a failure in
-    CI, a skip elsewhere."""
-    found = shutil.which(name)
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI needs {name} (Debian's prometheus package)")
-        pytest.skip(f"{name} not installed (Debian's prometheus package)")
-    return found
 
 
 def fill_variables(expr: str, rate_interval: str) -> str:
@@ -83,8 +70,8 @@ async def test_expressions_name_only_exported_metrics(redis_url: str) -> None:
     exported = await _exported(redis_url)
     used: dict[str, set[str]] = {"dashboard": set(), "alerts": set()}
     for expr in dashboard_exprs():
-        used["dashboard"] |= set(_METRIC.findall(expr))
-    used["alerts"] |= set(_METRIC.findall(RULES.read_text()))
+        used["dashboard"] |= set(METRIC_NAME.findall(expr))
+    used["alerts"] |= set(METRIC_NAME.findall(RULES.read_text()))
     for where, names in used.items():
         missing = sorted(names - exported)
         assert not missing, f"{where} uses metrics no node exports: {missing}"
@@ -120,7 +107,7 @@ def test_dashboard_variables_and_layout() -> None:
 
 def test_dashboard_expressions_parse(tmp_path: Path) -> None:
     """promtool accepts every panel's PromQL (as recording rules, Grafana's variables filled)."""
-    promtool = prometheus_tool("promtool")
+    promtool = require_binary("promtool")
     rules: list[dict[str, Any]] = []
     for index, expr in enumerate(dashboard_exprs()):
         filled = fill_variables(expr, "5m")
@@ -134,7 +121,7 @@ def test_dashboard_expressions_parse(tmp_path: Path) -> None:
 def test_alert_rules_check_and_unit_tests() -> None:
     """promtool check rules, then promtool test rules: each alert fires when it should and
     not before."""
-    promtool = prometheus_tool("promtool")
+    promtool = require_binary("promtool")
     check = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     alerts = re.findall(r"^      - alert: (\w+)$", RULES.read_text(), re.MULTILINE)
