@@ -84,6 +84,7 @@ async def test_expressions_name_only_exported_metrics(redis_url: str) -> None:
         "roomcast_publish_to_fanout_seconds_bucket",
         "roomcast_dropped_messages_total",
         "roomcast_broker_up",
+        "roomcast_broker_state",
         "roomcast_slow_client_disconnects_total",
     ):
         assert name in used["dashboard"], name

@@ -46,6 +46,7 @@ MUST_SHOW = (
     "roomcast_broadcasts_total",
     "roomcast_publish_to_fanout_seconds_bucket",
     "roomcast_broker_up",
+    "roomcast_broker_state",
     "roomcast_ready",
     "roomcast_worker_up",
 )
