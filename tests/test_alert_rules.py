@@ -91,15 +91,23 @@ async def test_expressions_name_only_exported_metrics(redis_url: str) -> None:
 
 
 def test_dashboard_variables_and_layout() -> None:
-    """Per-instance and per-worker selection work on every panel, and no two panels overlap."""
+    """Per-instance and per-worker selection apply to every series a panel reads; panel ids and
+    query ids are unique; no panel leaves the 24-column grid or overlaps another."""
     dashboard = json.loads(DASHBOARD.read_text())
     names = {v["name"] for v in dashboard["templating"]["list"]}
     assert {"datasource", "instance", "worker"} <= names
+    selected = re.compile(r'\broomcast_[a-z_]+\{instance=~"\$instance", worker=~"\$worker"[,}]')
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), ids
     cells: set[tuple[int, int]] = set()
     for panel in dashboard["panels"]:
+        refs = [target["refId"] for target in panel.get("targets", [])]
+        assert len(refs) == len(set(refs)), panel["title"]
         for target in panel.get("targets", []):
-            assert 'instance=~"$instance", worker=~"$worker"' in target["expr"], target["expr"]
+            expr = target["expr"]
+            assert len(selected.findall(expr)) == len(METRIC_NAME.findall(expr)) > 0, expr
         grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
         for x in range(grid["x"], grid["x"] + grid["w"]):
             for y in range(grid["y"], grid["y"] + grid["h"]):
                 assert (x, y) not in cells, f"{panel['title']} overlaps another panel"
