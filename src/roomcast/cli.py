@@ -18,6 +18,7 @@ from typing import Any
 from roomcast import config
 from roomcast.app import Application
 from roomcast.config import ConfigError, Settings
+from roomcast.jsonbytes import BinaryMarkerError, decode_markers
 from roomcast.runner import run
 
 _AUTH_SETTINGS = (
@@ -69,9 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     publish = sub.add_parser("publish", help="publish an event to a room")
     publish.add_argument("--room", required=True)
     publish.add_argument("--event", required=True)
-    publish.add_argument("--data", required=True, help="JSON value")
+    publish.add_argument(
+        "--data", required=True, help='JSON value; {"$binary": "<base64>"} stands for bytes'
+    )
     publish.add_argument("--idempotency-key", default=None)
     publish.add_argument("--namespace", default="/", help="the room's namespace (default /)")
+    publish.add_argument(
+        "--traceparent", default=None, help="W3C trace context the publication continues"
+    )
     publish.add_argument("--url", default=None, help=_URL_HELP)
     config.add_arguments(
         publish,
@@ -83,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
             "redis_url",
             "redis_prefix",
             "event_schemas",
+            "tracing",
         ),
     )
 
@@ -141,9 +148,11 @@ def _asyncapi(args: argparse.Namespace, settings: Settings, given: frozenset[str
 
 def _check_config(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
     from roomcast.node import load_schemas, make_authenticator
+    from roomcast.tracing import check
 
     make_authenticator(settings)
     load_schemas(settings)
+    check(settings.tracing)
     print(json.dumps(settings.redacted(), indent=2, default=list))
     return 0
 
@@ -166,8 +175,18 @@ def _publish(args: argparse.Namespace, settings: Settings, given: frozenset[str]
         data = json.loads(args.data)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--data is not valid JSON: {exc}") from exc
-    if settings.redis_url:
-        result = asyncio.run(_publish_redis(settings, args, data))
+    if settings.redis_url:  # the HTTP API reads {"$binary": ...} itself
+        try:
+            data = decode_markers(data)
+        except BinaryMarkerError as exc:
+            raise ConfigError(f"--data: {exc}") from None
+        from roomcast import tracing
+
+        tracing.setup(settings.tracing)  # the Publisher's span, when the OTEL_* variables ask
+        try:
+            result = asyncio.run(_publish_redis(settings, args, data))
+        finally:
+            tracing.shutdown()
         print(json.dumps(result))
         return 0
     body: dict[str, Any] = {"room": args.room, "event": args.event, "data": data}
@@ -175,6 +194,8 @@ def _publish(args: argparse.Namespace, settings: Settings, given: frozenset[str]
         body["namespace"] = args.namespace
     if args.idempotency_key:
         body["idempotency_key"] = args.idempotency_key
+    if args.traceparent:
+        body["traceparent"] = args.traceparent
     return _api(args, settings, "POST", "/api/v1/publish", body)
 
 
@@ -228,6 +249,7 @@ async def _publish_redis(settings: Settings, args: argparse.Namespace, data: Any
             args.event,
             data,
             idempotency_key=args.idempotency_key,
+            traceparent=args.traceparent,
             namespace=args.namespace,
         )
     finally:
@@ -256,6 +278,9 @@ def _serve(args: argparse.Namespace, settings: Settings, given: frozenset[str]) 
 
     make_authenticator(settings)  # fail fast on bad key settings
     load_schemas(settings, app)  # and on a bad schema file
+    from roomcast.tracing import check
+
+    check(settings.tracing)  # and on tracing asked for without the otel extra
     if settings.workers > 1:
         from roomcast.logs import configure as configure_logs
         from roomcast.workers import run_workers

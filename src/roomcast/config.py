@@ -20,6 +20,10 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 ENV_PREFIX = "ROOMCAST_"
+TRACING_MODES = ("auto", "on", "off")
+"""Values of the ``tracing`` setting (see :mod:`roomcast.tracing`)."""
+PARSER_NAMES = ("json", "msgpack")
+"""The ``parser`` setting's values (``roomcast.protocol.parser.PARSERS`` has one of each)."""
 
 
 class ConfigError(ValueError):
@@ -86,6 +90,11 @@ class Settings:
     max_payload: int = _setting(1_000_000, "max bytes of one HTTP body or WebSocket message")
     max_attachments: int = _setting(10, "max binary attachments of one Socket.IO packet")
     max_nesting: int = _setting(32, "max JSON nesting depth of one Socket.IO packet")
+    parser: str = _setting(
+        "json",
+        "Socket.IO parser every client must use: json (the default parser) or msgpack "
+        "(socket.io-msgpack-parser)",
+    )
     outbound_buffer_limit: int = _setting(
         4 * 1024 * 1024, "bytes queued for one client before it is dropped as too slow"
     )
@@ -199,6 +208,12 @@ class Settings:
         "after the last client was told to leave, time for polling clients to collect their "
         "close and for recovery states to be written, before the listener closes",
     )
+    tracing: str = _setting(
+        "auto",
+        "OpenTelemetry traces (needs roomcast[otel]): on, off, or auto: on when "
+        "OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+        "OTEL_TRACES_EXPORTER=otlp is set",
+    )
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad setting."""
@@ -276,6 +291,12 @@ class Settings:
                     f"ops_listen {self.ops_listen!r} must differ from host:port "
                     f"{self.host}:{self.port}"
                 )
+        if self.tracing not in TRACING_MODES:
+            raise ConfigError(
+                f"tracing must be one of {', '.join(TRACING_MODES)}, got {self.tracing!r}"
+            )
+        if self.parser not in PARSER_NAMES:
+            raise ConfigError(f"parser must be {' or '.join(PARSER_NAMES)}, got {self.parser!r}")
         if self.app and ":" not in self.app:
             raise ConfigError(f"app must be module:attribute, got {self.app!r}")
         if self.production:

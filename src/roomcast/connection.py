@@ -32,6 +32,11 @@ TIMER_TICK: Final = 0.02
 :meth:`Connection._schedule`): a timer may fire early by less than a tick, never late."""
 
 
+PollingText = str | Callable[[], str]
+"""A broadcast's polling form: the text, or a callable that makes it (and keeps it) on first use,
+so that a broadcast nobody polls for does not pay for it (base64 of binary messages)."""
+
+
 class State(enum.Enum):
     OPEN = "open"
     CLOSED = "closed"
@@ -109,7 +114,7 @@ class Flusher:
         self._scheduled = True
         self.loop.call_soon(self.flush)
 
-    def send_all(self, conns: Iterable[Connection], frame: bytes, text: str) -> None:
+    def send_all(self, conns: Iterable[Connection], frame: bytes, text: PollingText) -> None:
         """:meth:`Connection.send_encoded` to every connection of a broadcast.
 
         Its fast path (an idle WebSocket connection writes the frame at once) is unrolled here,
@@ -253,8 +258,9 @@ class Connection:
             else:
                 self._enqueue("4" + message)
 
-    def send_encoded(self, frame: bytes, text: str) -> None:
-        """The broadcast hot path: a pre-built WebSocket frame, or its polling text form.
+    def send_encoded(self, frame: bytes, text: PollingText) -> None:
+        """The broadcast hot path: a pre-built WebSocket frame, or its polling text form (or
+        what makes that text once, for the first polling member: see :data:`PollingText`).
 
         A connection that sent nothing in this loop iteration or the one before writes the
         frame at once: in a big room the first members then receive while the loop still
@@ -265,7 +271,7 @@ class Connection:
         every broadcast."""
         transport = self._transport
         if transport is None:
-            self._enqueue(text)
+            self._enqueue(text if isinstance(text, str) else text())
             return
         out = self._out
         if out is not None:
@@ -422,10 +428,19 @@ class Connection:
         self.release_poll("6")
         queue, self._queue = self._queue, []
         self._out_size = 0
-        frames = [
-            binary_frame(p) if isinstance(p, bytes) else text_frame(p.encode("utf-8"))
-            for p in queue
-        ]
+        frames: list[bytes] = []
+        for packet in queue:
+            if isinstance(packet, bytes):
+                frames.append(binary_frame(packet))
+            elif packet.startswith("b") or engineio.SEPARATOR in packet:
+                # a broadcast's polling form (``hub.PollingForm``): binary messages as base64,
+                # or several messages joined
+                frames.extend(
+                    binary_frame(part) if binary else text_frame(part)
+                    for binary, part in engineio.split_payload(packet)
+                )
+            else:
+                frames.append(text_frame(packet.encode("utf-8")))
         if self._dismissing is not None:  # what was queued before the dismissal, and its PING
             if frames:
                 ws.write(b"".join(frames))

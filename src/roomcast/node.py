@@ -13,6 +13,7 @@ from roomcast.auth import Authenticator, AuthSettings
 from roomcast.broker.base import (
     Broker,
     BrokerError,
+    DeliveryHandler,
     PayloadCheck,
     Publication,
     PublishRequest,
@@ -34,11 +35,13 @@ from roomcast.http.server_api import ServerApiRoutes
 from roomcast.hub import Hub, RoomKey
 from roomcast.limits import Rate, SocketRates
 from roomcast.metrics import BrokerCollector, Metrics
+from roomcast.protocol.parser import parser_named
 from roomcast.protocol.socketio import Limits
 from roomcast.schemas import EventSchemas, InvalidPayloadError, SchemaError
 from roomcast.sockets import SocketOptions, SocketServer
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
+from roomcast.tracing import setup as setup_tracing
 from roomcast.transport import listener
 from roomcast.transport.admission import Admission
 from roomcast.transport.http import HttpConnection
@@ -124,11 +127,14 @@ class Node:
             settings, self._check_publication if self.schemas else None
         )
         self.auth = make_authenticator(settings)
+        self.tracing = setup_tracing(settings.tracing)
+        """OpenTelemetry spans, or None when tracing is off (see :mod:`roomcast.tracing`)."""
         self.metrics.registry.register(BrokerCollector(self.broker))
         self.metrics.ready.set_function(lambda: 1.0 if self.readiness()[0] else 0.0)
         self.subscriptions = Subscriptions(self.broker, self.tasks)
         self.flusher = Flusher()
-        self.hub = Hub(self._first_member, self._last_member, self.flusher)
+        parser = parser_named(settings.parser)
+        self.hub = Hub(self._first_member, self._last_member, self.flusher, parser)
         self.sockets = SocketServer(
             self.app,
             self.hub,
@@ -144,6 +150,7 @@ class Node:
                 max_rooms=settings.max_rooms_per_socket,
                 limits=Limits(settings.max_attachments, settings.max_nesting),
                 event_schemas=self.schemas,
+                parser=parser,
                 rates=SocketRates(
                     events=Rate.of(settings.event_rate, settings.event_burst),
                     joins=Rate.of(settings.join_rate, settings.join_burst),
@@ -159,6 +166,7 @@ class Node:
             self.subscriptions,
         )
         self.sockets.builtins = BUILTINS
+        self.sockets.tracing = self.tracing
         self.cluster = Cluster(
             self.broker,
             self.sockets,
@@ -258,7 +266,11 @@ class Node:
 
         Raise :class:`InvalidPayloadError` if the event has a schema that ``data`` fails."""
         self.schemas.check(request.event, request.data)
-        return await self.broker.publish(request)
+        if self.tracing is None:
+            return await self.broker.publish(request)
+        return await self.tracing.publish(
+            self.broker.publish, request, source="http", instance=self.broker.instance_id
+        )
 
     def _check_publication(self, publication: Publication) -> str | None:
         """The broker's :data:`PayloadCheck`: a stream entry whose data fails its schema."""
@@ -276,7 +288,10 @@ class Node:
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self, sock: socketlib.socket | None = None) -> None:
-        await self.broker.start(self.sockets.deliver, batch=self.flusher.batch)
+        deliver: DeliveryHandler = self.sockets.deliver  # off: nothing between broker and hub
+        if self.tracing is not None:
+            deliver = self.tracing.delivery(self.sockets.deliver, self.broker.instance_id)
+        await self.broker.start(deliver, batch=self.flusher.batch)
         try:
             self.sockets.revocations.load(await self.broker.revocations())
         except BrokerError as exc:  # the sync task tries again

@@ -18,6 +18,7 @@ from roomcast.app import Application
 from roomcast.config import Settings
 from roomcast.logs import configure as configure_logs
 from roomcast.logs import identify
+from roomcast.tracing import shutdown as shutdown_tracing
 
 log = logging.getLogger("roomcast")
 
@@ -38,7 +39,10 @@ def run(
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(_run(settings, app, sock, mounts or {}, worker))
+    try:
+        asyncio.run(_run(settings, app, sock, mounts or {}, worker))
+    finally:
+        shutdown_tracing()  # export the spans still queued
 
 
 async def _run(

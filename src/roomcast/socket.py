@@ -14,9 +14,7 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import orjson
+from typing import TYPE_CHECKING, Any, Protocol
 
 from roomcast.app import Namespace, Registered
 from roomcast.auth import Authenticator, Principal, validate_room
@@ -27,6 +25,7 @@ from roomcast.broker.base import (
     Publication,
     UserQuota,
 )
+from roomcast.broker.envelope import ATTACHMENT_FIELD, EnvelopeError, encode_data
 from roomcast.broker.offsets import parse_offset
 from roomcast.connection import Connection
 from roomcast.http.errors import ack_error, ack_invalid_payload, ack_rate_limited
@@ -34,13 +33,17 @@ from roomcast.hub import Hub
 from roomcast.limits import Bucket, Refusals, SocketRates, UserConnections
 from roomcast.logs import log_context
 from roomcast.metrics import Metrics
-from roomcast.protocol.socketio import Limits, Packet, PacketType
+from roomcast.protocol.parser import Parser
+from roomcast.protocol.socketio import JSON_PARSER, Limits, Packet, PacketType
 from roomcast.revocation import Revocations
 from roomcast.schemas import EventSchema, InvalidPayloadError, payload_of
 from roomcast.sessions import session_key
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
 from roomcast.types import SocketId
+
+if TYPE_CHECKING:
+    from roomcast.tracing import Tracing
 
 log = logging.getLogger("roomcast.sockets")
 
@@ -74,6 +77,8 @@ class SocketOptions:
     ack_timeout_s: float = 30.0
     event_schemas: Mapping[str, EventSchema] = field(default_factory=dict)
     """``--event-schemas``: client events (and publications) of these names are checked."""
+    parser: Parser = JSON_PARSER
+    """``--parser``: the packet codec every client of this server speaks."""
     rates: SocketRates = field(default_factory=SocketRates)
     """Events and joins per socket (``roomcast.limits``)."""
     user_quota: UserQuota = field(default_factory=UserQuota)
@@ -114,6 +119,8 @@ class SocketHost(Protocol):
     def refusals(self) -> Refusals: ...
     @property
     def users(self) -> UserConnections: ...
+    @property
+    def tracing(self) -> Tracing | None: ...
 
     def drop(self, reason: str, detail: str) -> None: ...
 
@@ -538,17 +545,38 @@ class Socket:
 
     async def _upstream(self, name: str, args: list[Any], ack_id: int | None) -> None:
         server = self.client.server
-        fields = {
+        try:
+            data, attachments = encode_data(args[0] if len(args) == 1 else args)
+        except EnvelopeError as exc:  # e.g. more bytes values than an entry may hold
+            server.drop("upstream_refused", f"event {name!r} from {self.id}: {exc}")
+            if ack_id is not None:
+                self.ack(ack_id, ack_error("invalid_payload", str(exc)))
+            return
+        fields: dict[str, str | bytes] = {
             "event": name,
-            "data": orjson.dumps(args[0] if len(args) == 1 else args).decode(),
+            "data": data,
             "user_id": self.user_id,
             "sid": self.id,
             "ts": str(int(time.time() * 1000)),
         }
+        if attachments:  # binary: placeholders in data, the bytes beside it (as in rooms)
+            fields["attachments"] = str(len(attachments))
+            for num, attachment in enumerate(attachments):
+                fields[ATTACHMENT_FIELD.format(num)] = attachment
         if self.namespace.name != "/":
             fields["namespace"] = self.namespace.name
+        tracing = server.tracing
         try:
-            entry_id = await server.broker.append_upstream(fields)
+            if tracing is None:
+                entry_id = await server.broker.append_upstream(fields)
+            else:
+                entry_id = await tracing.upstream(
+                    server.broker.append_upstream,
+                    fields,
+                    socket=self.id,
+                    user=self.user_id,
+                    instance=server.broker.instance_id,
+                )
         except BrokerUnavailableError as exc:
             server.drop("upstream_unavailable", f"event {name!r} from {self.id}: {exc}")
             if ack_id is not None:

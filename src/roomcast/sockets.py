@@ -24,12 +24,13 @@ from roomcast.hub import Hub
 from roomcast.limits import Refusals, UserConnections
 from roomcast.metrics import Metrics
 from roomcast.protocol.errors import ProtocolError, SocketIOError
-from roomcast.protocol.socketio import Decoder, Packet, PacketType
+from roomcast.protocol.socketio import Packet, PacketType
 from roomcast.revocation import Revocations
 from roomcast.sessions import PID_RE, SessionWriter, session_key
 from roomcast.socket import ANONYMOUS, BuiltinEvent, Mover, Socket, SocketOptions, hold_name
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
+from roomcast.tracing import Tracing
 from roomcast.types import SocketId
 
 __all__ = ["Client", "Mover", "SocketOptions", "SocketServer"]
@@ -71,6 +72,8 @@ class SocketServer:
         """With several workers: moves a socket to the worker that owns its first room."""
         self.builtins: Mapping[Any, BuiltinEvent] = {}
         """The built-in events of the main namespace (``events.BUILTINS``, set by the node)."""
+        self.tracing: Tracing | None = None
+        """OpenTelemetry spans when tracing is on (set by the node)."""
         self.connecting = asyncio.Semaphore(options.connects_in_flight)
 
     def client(self, conn: Connection) -> Client:
@@ -81,7 +84,8 @@ class SocketServer:
         log.info("dropped message (%s): %s", reason, detail)
 
     # -- broker delivery: the hot path -----------------------------------------------------------
-    def deliver(self, publication: Publication) -> None:
+    def deliver(self, publication: Publication) -> int:
+        """Send ``publication`` to its room's local members; return how many it was sent to."""
         sent = self.hub.broadcast(
             (publication.namespace, publication.room),
             publication.event,
@@ -95,6 +99,7 @@ class SocketServer:
         if publication.published_at_ms:
             lag = time.time() - publication.published_at_ms / 1000
             self.metrics.publish_latency.observe(max(lag, 0.0))
+        return sent
 
     # -- recovery state ----------------------------------------------------------------------------
     def save_session(self, socket: Socket, ttl_ms: int, *, final: bool = False) -> None:
@@ -134,7 +139,7 @@ class Client:
         self._pending: dict[str, list[Packet]] = {}
         """Packets that arrived while their namespace's CONNECT was being processed."""
         self._replaying = False
-        self._decoder = Decoder(server.options.limits)
+        self._decoder = server.options.parser.decoder(server.options.limits)
         self._connect_timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
             server.options.connect_timeout_ms / 1000, self._connect_timed_out
         )
@@ -146,7 +151,7 @@ class Client:
             self.conn.close("connect timeout: no namespace connected")
 
     def send(self, packet: Packet) -> None:
-        self.conn.send_messages(packet.serialize())
+        self.conn.send_messages(self.server.options.parser.encode(packet))
 
     # -- moving between workers (``handoff``) -----------------------------------------------------
     @property

@@ -132,8 +132,9 @@ class BrokerUnavailableError(BrokerError):
     """
 
 
-DeliveryHandler = Callable[[Publication], None]
-"""Called by the broker, in the event loop, for every publication of a subscribed room."""
+DeliveryHandler = Callable[[Publication], object]
+"""Called by the broker, in the event loop, for every publication of a subscribed room (what it
+returns is ignored)."""
 
 ControlHandler = Callable[[bytes], None]
 """Called by the broker, in the event loop, for every control message sent to this instance."""
@@ -223,7 +224,7 @@ class Broker(Protocol):
         """Keep held connections ``(user, member)`` alive for ``ttl_ms`` more (live sockets);
         one not held (a broker that lost it) is held again."""
 
-    async def append_upstream(self, fields: dict[str, str]) -> str:
+    async def append_upstream(self, fields: dict[str, str | bytes]) -> str:
         """Append a client event to the upstream stream; return its id once stored.
 
         Raise :class:`BrokerUnavailableError` if it was not stored.

@@ -57,7 +57,7 @@ class MemoryBroker:
         self._next_sweep = 0.0
         self._next_history_sweep_ms = 0
         self.dropped: collections.Counter[str] = collections.Counter()
-        self.upstream: deque[tuple[str, dict[str, str]]] = deque(maxlen=10_000)
+        self.upstream: deque[tuple[str, dict[str, str | bytes]]] = deque(maxlen=10_000)
         self.instance_id = uuid.uuid4().hex[:16]
         self._revocations: dict[str, int] = {}
         self._control: ControlHandler | None = None
@@ -229,7 +229,7 @@ class MemoryBroker:
         for user, member in held:
             self._held.setdefault(user, {})[member] = until
 
-    async def append_upstream(self, fields: dict[str, str]) -> str:
+    async def append_upstream(self, fields: dict[str, str | bytes]) -> str:
         """Kept in a bounded local list; only useful for tests and development."""
         offset = self._clock.next(int(time.time() * 1000))
         self.upstream.append((offset, fields))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import re
@@ -23,6 +24,7 @@ from roomcast.http import peers
 from roomcast.http.access import Access, Listener, Route
 from roomcast.http.errors import ApiError, api_error_response, json_response
 from roomcast.http.server_api import ServerApiRoutes
+from roomcast.jsonbytes import BinaryMarkerError, decode_markers, may_hold_markers
 from roomcast.limits import Rate, Refusals
 from roomcast.protocol.errors import EventNameError
 from roomcast.protocol.socketio import check_event_name
@@ -191,6 +193,10 @@ class Router:
                     self._refusals.refused("api", "publish API")
                 raise ApiError.rate_limited("api", bucket.retry_after_ms())
             publish = parse_publish_body(request.body, self._max_payload)
+            if publish.traceparent is None and "traceparent" in request.headers:
+                traceparent = header_traceparent(request.headers["traceparent"])
+                if traceparent is not None:
+                    publish = dataclasses.replace(publish, traceparent=traceparent)
             if publish.namespace not in self._namespaces:
                 raise ApiError(
                     400,
@@ -248,8 +254,26 @@ class Router:
             json_response(exchange, 200 if result.duplicate else 202, body)
 
 
+def header_traceparent(value: str) -> str | None:
+    """A W3C ``traceparent`` header's value, or None (logged) when it is not a valid one: as
+    the W3C recommendation asks, a bad header is ignored (the publication starts no trace
+    from it), never a reason to refuse the publication. A ``traceparent`` body field wins."""
+    value = value.strip()
+    if (
+        _TRACEPARENT.fullmatch(value) is None
+        or value.startswith("ff")
+        or value[3:35] == "0" * 32
+        or value[36:52] == "0" * 16
+    ):
+        log.info("ignored an invalid traceparent header: %r", value[:80])
+        return None
+    return value
+
+
 def parse_publish_body(body: bytes, max_payload: int) -> PublishRequest:
-    """Validate ``{"room", "event", "data", "idempotency_key"?}``; errors name the field."""
+    """Validate ``{"room", "event", "data", "idempotency_key"?}``; errors name the field.
+
+    In ``data``, ``{"$binary": "<base64>"}`` stands for bytes (:mod:`roomcast.jsonbytes`)."""
     if len(body) > max_payload:
         raise ApiError(413, "payload_too_large", f"body of {len(body)} bytes exceeds {max_payload}")
     try:
@@ -286,11 +310,17 @@ def parse_publish_body(body: bytes, max_payload: int) -> PublishRequest:
         namespace = validate_namespace(value.get("namespace", MAIN))
     except InvalidNamespaceError as exc:
         raise ApiError(400, "invalid_namespace", str(exc)) from None
+    data = value["data"]
+    if may_hold_markers(body):
+        try:
+            data = decode_markers(data)
+        except BinaryMarkerError as exc:
+            raise ApiError(400, "invalid_binary", str(exc)) from None
     return PublishRequest(
         room=room,
         namespace=namespace,
         event=event,
-        data=value["data"],
+        data=data,
         idempotency_key=key,
         traceparent=traceparent,
     )

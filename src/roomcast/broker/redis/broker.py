@@ -291,7 +291,7 @@ class RedisBroker:
                 if is_cluster
                 else (self._keys.feed(room, conn.db), encode_feed(fields))
             )
-            args: list[str | int] = [
+            args: list[str | int | bytes] = [
                 self._history_size,
                 self._history_ttl_ms,
                 self._idempotency_window_ms,
@@ -413,7 +413,7 @@ class RedisBroker:
     async def keep_users(self, held: list[tuple[str, str]], ttl_ms: int) -> None:
         await self._users.keep(held, ttl_ms)
 
-    async def append_upstream(self, fields: dict[str, str]) -> str:
+    async def append_upstream(self, fields: dict[str, str | bytes]) -> str:
         """``XADD <prefix>:upstream [MAXLEN ~ upstream_maxlen] * <fields>``; return the entry id."""
         return await append_upstream(self._conn, self._keys, fields, maxlen=self._upstream_maxlen)
 
