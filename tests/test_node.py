@@ -124,14 +124,18 @@ async def test_broker_counters_are_exported() -> None:
 
 
 async def test_readiness_and_broker_state_are_gauges() -> None:
-    """roomcast_ready follows /readyz and roomcast_broker_up the broker, read at scrape time."""
+    """roomcast_ready follows /readyz, roomcast_broker_up and roomcast_broker_state the broker,
+    read at scrape time."""
     async with running() as node:
         text = (await _get(f"http://127.0.0.1:{node.port}/metrics")).decode()
         assert "roomcast_ready 1.0" in text and "roomcast_broker_up 1.0" in text
+        assert 'roomcast_broker_state{state="connected"} 1.0' in text
         node.draining = True
         await node.broker.stop()
         text = (await _get(f"http://127.0.0.1:{node.port}/metrics")).decode()
         assert "roomcast_ready 0.0" in text and "roomcast_broker_up 0.0" in text
+        assert 'roomcast_broker_state{state="stopped"} 1.0' in text
+        assert 'roomcast_broker_state{state="connected"} 0.0' in text
 
 
 async def _get(url: str) -> bytes:

@@ -356,7 +356,11 @@ class Connection:
         client being dismissed reaches it on the instance it recovers on."""
         reason = "connection_closed" if self._dismissing is None else "dismissed"
         self._metrics.dropped.labels(reason).inc()
-        log.debug("dropped a message for closed connection %s", self.sid)
+        log.debug(
+            "dropped a message for closed connection %s",
+            self.sid,
+            extra={"sid": self.sid, "reason": reason},
+        )
 
     def _overflow(self, written: int = 0) -> None:
         """Drop what is queued and close on the next loop iteration: this may run inside a
@@ -374,7 +378,12 @@ class Connection:
         self._queue = []
         self._metrics.slow_client_disconnects.inc()
         self._metrics.dropped.labels("slow_client").inc(lost)
-        log.warning("closing %s: outbound buffer over %d bytes (slow client)", self.sid, self.limit)
+        log.warning(
+            "closing %s: outbound buffer over %d bytes (slow client)",
+            self.sid,
+            self.limit,
+            extra={"sid": self.sid, "reason": "slow_client"},
+        )
         asyncio.get_running_loop().call_soon(self._close_slow)
 
     def _close_slow(self) -> None:

@@ -188,7 +188,7 @@ class EngineServer:
 
     def protocol_error(self, conn: Connection, error: ProtocolError) -> None:
         self._metrics.protocol_errors.labels(error.reason).inc()
-        log.info("closing %s: %s", conn.sid, error)
+        log.info("closing %s: %s", conn.sid, error, extra={"sid": conn.sid, "reason": error.reason})
         conn.close(f"protocol error: {error}", notify=False)
 
     # -- WebSocket --------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ class EngineServer:
         if conn.ws is not None or conn.upgrading:
             # Refused after the handshake, so that WebSocket clients see a plain close.
             self._metrics.engine_request_errors.labels("already_upgraded").inc()
-            log.info("closing a second websocket for session %s", sid)
+            log.info("closing a second websocket for session %s", sid, extra={"sid": sid})
             ws = exchange.accept_websocket(_Ignored(), key, self.options.max_payload, [])
             ws.close(1008, "session already upgraded")
             return

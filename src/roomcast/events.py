@@ -86,7 +86,12 @@ async def _ack_when_subscribed(socket: Socket, room: str, ack_id: int) -> None:
     except BrokerError as exc:
         socket.leave(room)
         server.metrics.refused_events.labels("room_unavailable").inc()
-        log.warning("join of %r refused by the broker: %s", room, exc)
+        log.warning(
+            "join of %r refused by the broker: %s",
+            room,
+            exc,
+            extra={"socket": socket.id, "user": socket.user_id, "room": room},
+        )
         socket.ack(ack_id, ack_error("room_unavailable", "the broker cannot deliver this room"))
         return
     socket.ack(ack_id, ACK_OK)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -137,6 +138,18 @@ class BrokerCollector:
             "1 if the broker is connected and able to deliver (Redis: notifications verified)",
             value=1 if getattr(self._broker, "ready", False) else 0,
         )
+        state = getattr(self._broker, "state", None)
+        if isinstance(state, enum.Enum):
+            states = GaugeMetricFamily(
+                "roomcast_broker_state",
+                "1 for the broker's current state (starting, connected, disconnected, stopped), "
+                "0 for the others: connected with roomcast_broker_up 0 means notifications are "
+                "not verified yet",
+                labels=["state"],
+            )
+            for member in type(state):
+                states.add_metric([str(member.value)], 1 if member is state else 0)
+            yield states
         dropped = CounterMetricFamily(
             "roomcast_broker_dropped_entries",
             "Stream entries the broker did not deliver, by reason",

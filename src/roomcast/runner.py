@@ -17,6 +17,7 @@ from typing import Any
 from roomcast.app import Application
 from roomcast.config import Settings
 from roomcast.logs import configure as configure_logs
+from roomcast.logs import identify
 from roomcast.tracing import shutdown as shutdown_tracing
 
 log = logging.getLogger("roomcast")
@@ -54,6 +55,7 @@ async def _run(
     from roomcast.node import Node
 
     node = Node(settings, app, worker=worker)
+    identify(instance=node.broker.instance_id, worker=f"{worker[0]:02d}" if worker else "")
     for path, factory in mounts.items():
         node.mount_engine(path, factory)
     _tune_gc()

@@ -31,6 +31,7 @@ from roomcast.connection import Connection
 from roomcast.http.errors import ack_error, ack_invalid_payload, ack_rate_limited
 from roomcast.hub import Hub
 from roomcast.limits import Bucket, Refusals, SocketRates, UserConnections
+from roomcast.logs import log_context
 from roomcast.metrics import Metrics
 from roomcast.protocol.parser import Parser
 from roomcast.protocol.socketio import JSON_PARSER, Limits, Packet, PacketType
@@ -478,6 +479,9 @@ class Socket:
         )
 
     async def _call_handler(self, call: Coroutine[Any, Any, Any], ack_id: int | None) -> None:
+        # This task's own context: every line logged while the handler runs (the
+        # application's too) names the socket and its user.
+        log_context.set({"socket": self.id, "user": self.user_id, "namespace": self.namespace.name})
         try:
             result = await call
         except Exception:  # task boundary: log, count, and answer the client's ack

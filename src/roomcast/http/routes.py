@@ -221,22 +221,27 @@ class Router:
             result = await self._publish(request)
         except InvalidPayloadError as exc:
             self._metrics.invalid_payloads.labels("api_publish", request.event).inc()
-            log.info("publish to %s refused: %s", request.room, exc)
+            log.info("publish to %s refused: %s", request.room, exc, extra=_context(request))
             api_error_response(exchange, ApiError.invalid_payload(exc))
             return
         except BrokerUnavailableError as exc:
             self._metrics.dropped.labels("broker_unavailable").inc()
-            log.warning("publish to %s refused: %s", request.room, exc)
+            log.warning("publish to %s refused: %s", request.room, exc, extra=_context(request))
             api_error_response(exchange, ApiError(503, "broker_unavailable", str(exc)))
             return
         except BrokerError as exc:  # refused by Redis itself: a retry would not help
             self._metrics.dropped.labels("broker_refused").inc()
-            log.error("publish to %s refused by the broker: %s", request.room, exc)
+            log.error(
+                "publish to %s refused by the broker: %s",
+                request.room,
+                exc,
+                extra=_context(request),
+            )
             api_error_response(exchange, ApiError(502, "broker_refused", str(exc)))
             return
         except Exception:  # task boundary: the publisher must get an answer, never a hang
             self._metrics.dropped.labels("publish_failed").inc()
-            log.exception("publish to %s failed", request.room)
+            log.exception("publish to %s failed", request.room, extra=_context(request))
             api_error_response(exchange, ApiError(500, "internal_error", "publish failed"))
             return
         self._metrics.published.labels("http").inc()
@@ -319,3 +324,8 @@ def parse_publish_body(body: bytes, max_payload: int) -> PublishRequest:
         idempotency_key=key,
         traceparent=traceparent,
     )
+
+
+def _context(request: PublishRequest) -> dict[str, str]:
+    """The context fields of a log line about ``request`` (``roomcast.logs``)."""
+    return {"room": request.room, "namespace": request.namespace}
