@@ -20,12 +20,9 @@ from roomcast.app import Namespace, Registered
 from roomcast.auth import Authenticator, Principal, validate_room
 from roomcast.broker.base import (
     Broker,
-    BrokerError,
-    BrokerUnavailableError,
     Publication,
     UserQuota,
 )
-from roomcast.broker.envelope import ATTACHMENT_FIELD, EnvelopeError, encode_data
 from roomcast.broker.offsets import parse_offset
 from roomcast.connection import Connection
 from roomcast.http.errors import ack_error, ack_invalid_payload, ack_rate_limited
@@ -453,12 +450,6 @@ class Socket:
         if builtin is not None:
             builtin(self, args, ack_id)
             return
-        if isinstance(name, str) and name in server.options.upstream_events:
-            schema = server.options.event_schemas.get(name)
-            if schema is not None and self.refused(name, payload_of(args), schema, ack_id):
-                return
-            self.answer_later(self._upstream(name, args, ack_id), f"upstream-{self.id}")
-            return
         server.drop("no_handler", f"event {str(name)[:40]!r} from {self.id}")
         if ack_id is not None:
             self.ack(ack_id, ack_error("unknown_event", f"no handler for event {str(name)[:40]!r}"))
@@ -556,50 +547,3 @@ class Socket:
             self.client.server.drop("unknown_ack", f"ack {ack_id} from {self.id}")
             return
         future.set_result(data)
-
-    async def _upstream(self, name: str, args: list[Any], ack_id: int | None) -> None:
-        server = self.client.server
-        try:
-            data, attachments = encode_data(args[0] if len(args) == 1 else args)
-        except EnvelopeError as exc:  # e.g. more bytes values than an entry may hold
-            server.drop("upstream_refused", f"event {name!r} from {self.id}: {exc}")
-            if ack_id is not None:
-                self.ack(ack_id, ack_error("invalid_payload", str(exc)))
-            return
-        fields: dict[str, str | bytes] = {
-            "event": name,
-            "data": data,
-            "user_id": self.user_id,
-            "sid": self.id,
-            "ts": str(int(time.time() * 1000)),
-        }
-        if attachments:  # binary: placeholders in data, the bytes beside it (as in rooms)
-            fields["attachments"] = str(len(attachments))
-            for num, attachment in enumerate(attachments):
-                fields[ATTACHMENT_FIELD.format(num)] = attachment
-        if self.namespace.name != "/":
-            fields["namespace"] = self.namespace.name
-        tracing = server.tracing
-        try:
-            if tracing is None:
-                entry_id = await server.broker.append_upstream(fields)
-            else:
-                entry_id = await tracing.upstream(
-                    server.broker.append_upstream,
-                    fields,
-                    socket=self.id,
-                    user=self.user_id,
-                    instance=server.broker.instance_id,
-                )
-        except BrokerUnavailableError as exc:
-            server.drop("upstream_unavailable", f"event {name!r} from {self.id}: {exc}")
-            if ack_id is not None:
-                self.ack(ack_id, ack_error("unavailable", "upstream stream unavailable, retry"))
-            return
-        except BrokerError as exc:  # refused by the broker itself: a retry would not help
-            server.drop("upstream_refused", f"event {name!r} from {self.id}: {exc}")
-            if ack_id is not None:
-                self.ack(ack_id, ack_error("broker_refused", "the broker refused the event"))
-            return
-        if ack_id is not None:
-            self.ack(ack_id, {"ok": True, "id": entry_id})
