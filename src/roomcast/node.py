@@ -176,6 +176,7 @@ class Node:
             self.tasks,
             revocation_ttl_s=settings.revocation_ttl_s,
             publish=self.publish,
+            schemas=self.schemas,
         )
         self.broker.on_control(self.cluster.on_message)
         self.engine_options = EngineOptions(

@@ -32,6 +32,7 @@ import orjson
 from roomcast.broker.base import BrokerError
 from roomcast.broker.topics import MAIN
 from roomcast.http.errors import ApiError, api_error_response, json_response
+from roomcast.jsonbytes import BinaryMarkerError, decode_markers
 from roomcast.metrics import Metrics
 from roomcast.operator import BroadcastOperator, Reach, SelectorError
 from roomcast.protocol.errors import EventNameError
@@ -213,6 +214,10 @@ class ServerApiRoutes:
             raise ApiError(400, "invalid_event", str(exc)) from None
         if "data" not in body:
             raise ApiError(400, "invalid_body", "missing field 'data'")
+        try:  # {"$binary": ...} is bytes here as in the publish API, before any schema check
+            body["data"] = decode_markers(body["data"])
+        except BinaryMarkerError as exc:
+            raise ApiError(400, "invalid_binary", str(exc)) from None
         schema = self._schemas.get(str(event))
         issues = None if schema is None else schema.issues(body["data"])
         if issues is not None:

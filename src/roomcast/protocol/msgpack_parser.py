@@ -19,6 +19,7 @@ id; a ``null`` data counts as absent, as ``undefined`` does), and with the same
 
 from __future__ import annotations
 
+import math
 from typing import Any, Final
 
 import msgpack
@@ -138,6 +139,10 @@ def _check(value: Any, limits: Limits) -> None:
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            # JSON has no NaN or Infinity: a client of the JSON parser cannot send them, and
+            # what follows (schemas, orjson) must never see one.
+            raise InvalidMsgpackError("NaN and Infinity are not JSON numbers")
         if isinstance(item, _SCALARS):
             continue
         if isinstance(item, bytes):
