@@ -35,7 +35,13 @@ from roomcast.auth import InvalidRoomError, validate_room
 from roomcast.broker.base import Publication
 from roomcast.broker.topics import MAIN, InvalidNamespaceError, topic, validate_namespace
 from roomcast.protocol.errors import EventNameError, SocketIOError
-from roomcast.protocol.socketio import MAX_EVENT_NAME, check_event_name, dumps_binary, reconstruct
+from roomcast.protocol.socketio import (
+    MAX_EVENT_NAME,
+    PlaceholderError,
+    check_event_name,
+    dumps_binary,
+    reconstruct,
+)
 
 __all__ = [
     "ATTACHMENT_FIELD",
@@ -105,31 +111,15 @@ def encode_data(data: object) -> tuple[str, list[bytes]]:
     attachments: list[bytes] = []
     try:
         text = dumps_binary(data, attachments)
+    except PlaceholderError as exc:
+        raise EnvelopeError(str(exc)) from None
     except TypeError:  # orjson's JSONEncodeError, or bytes' default hook
         raise EnvelopeError(f"data: not json-serializable: {error}") from None
     if not attachments:
         raise EnvelopeError(f"data: not json-serializable: {error}")
     if len(attachments) > MAX_ATTACHMENTS:
         raise EnvelopeError(f"data: more than {MAX_ATTACHMENTS} bytes values")
-    if _holds_placeholder(data):
-        raise EnvelopeError(
-            'data: an object of the form {"_placeholder": true, "num": N} beside bytes '
-            "would read back as bytes"
-        )
     return text.decode(), attachments
-
-
-def _holds_placeholder(value: Any) -> bool:
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            if len(item) == 2 and item.get("_placeholder") is True and "num" in item:
-                return True
-            stack.extend(item.values())
-        elif isinstance(item, list | tuple):
-            stack.extend(item)
-    return False
 
 
 def decode_data(text: str, attachments: list[bytes] | None = None) -> Any:

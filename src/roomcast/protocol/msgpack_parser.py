@@ -157,6 +157,9 @@ def _check(value: Any, limits: Limits) -> None:
         if isinstance(item, list):
             stack.extend((child, depth + 1) for child in item)
         elif isinstance(item, dict):
+            if item.get("_placeholder") is True:
+                # Reserved: JSON-parser clients would take it for a binary attachment.
+                raise InvalidMsgpackError('an object with "_placeholder": true is reserved')
             for key, child in item.items():
                 if not isinstance(key, str):
                     raise InvalidMsgpackError("map keys must be strings")
