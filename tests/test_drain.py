@@ -210,8 +210,6 @@ async def test_a_hurried_drain_with_a_polling_farewell_ends() -> None:
         drain = asyncio.create_task(node.drain(hurry))
         await eventually(lambda: node.draining, what="the drain to start")
         hurry.set()
-        started = time.monotonic()
-        await asyncio.wait_for(drain, 4)
-        assert time.monotonic() - started < 4
+        await asyncio.wait_for(drain, 4)  # it never ended before
         async with session.get(f"{url}&sid={sid}") as response:
             assert response.status in (200, 400)  # its CLOSE, or already forgotten

@@ -38,6 +38,7 @@ from roomcast.protocol.errors import EventNameError, SocketIOError
 from roomcast.protocol.socketio import (
     MAX_EVENT_NAME,
     PlaceholderError,
+    check_depth,
     check_event_name,
     dumps_binary,
     reconstruct,
@@ -90,6 +91,11 @@ _MS_RE: Final = re.compile(r"\A[0-9]{1,15}\Z")
 _SHOW_LIMIT: Final = 60
 
 
+MAX_DATA_NESTING: Final = 64
+"""How deep publication data may nest (client packets default to 32): deeper data could be
+stored but not sent (orjson refuses more than 254 levels), which would break recovery."""
+
+
 class EnvelopeError(ValueError):
     """A stream entry, or a publication to encode, has a missing or bad field."""
 
@@ -129,6 +135,10 @@ def decode_data(text: str, attachments: list[bytes] | None = None) -> Any:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:
         raise EnvelopeError(f"data: invalid json {_show(text)}") from None
+    try:
+        check_depth(value, MAX_DATA_NESTING)
+    except SocketIOError as exc:
+        raise EnvelopeError(f"data: {exc}") from None
     if attachments is None:
         return value
     try:

@@ -19,7 +19,7 @@ from roomcast.broker.base import (
     PublishRequest,
     PublishResult,
 )
-from roomcast.broker.envelope import EnvelopeError
+from roomcast.broker.envelope import MAX_DATA_NESTING, EnvelopeError
 from roomcast.broker.topics import MAIN, InvalidNamespaceError, validate_namespace
 from roomcast.http import peers
 from roomcast.http.access import Access, Listener, Route
@@ -27,8 +27,8 @@ from roomcast.http.errors import ApiError, api_error_response, json_response
 from roomcast.http.server_api import ServerApiRoutes
 from roomcast.jsonbytes import BinaryMarkerError, decode_markers, may_hold_markers
 from roomcast.limits import Rate, Refusals
-from roomcast.protocol.errors import EventNameError
-from roomcast.protocol.socketio import check_event_name, holds_placeholder
+from roomcast.protocol.errors import EventNameError, SocketIOError
+from roomcast.protocol.socketio import check_depth, check_event_name, holds_placeholder
 from roomcast.schemas import InvalidPayloadError
 from roomcast.transport.http import Exchange, HttpHandler, Request
 
@@ -317,6 +317,10 @@ def parse_publish_body(body: bytes, max_payload: int) -> PublishRequest:
     except InvalidNamespaceError as exc:
         raise ApiError(400, "invalid_namespace", str(exc)) from None
     data = value["data"]
+    try:
+        check_depth(data, MAX_DATA_NESTING)
+    except SocketIOError as exc:
+        raise ApiError(400, "invalid_data", f"data: {exc}") from None
     if may_hold_markers(body):
         try:
             data = decode_markers(data)

@@ -109,6 +109,8 @@ class ServerApiRoutes:
     async def _answer(self, call: Any, exchange: Exchange, path: str) -> None:
         try:
             status, body = await call
+            if not exchange.aborted:
+                json_response(exchange, status, body)
         except ApiError as error:
             api_error_response(exchange, error)
             return
@@ -120,9 +122,6 @@ class ServerApiRoutes:
         except Exception:  # task boundary: the caller must get an answer, never a hang
             log.exception("%s failed", path)
             api_error_response(exchange, ApiError(500, "internal_error", "server api failed"))
-            return
-        if not exchange.aborted:
-            json_response(exchange, status, body)
 
     def _body(self, request: Request) -> dict[str, Any]:
         if len(request.body) > self._max_payload:

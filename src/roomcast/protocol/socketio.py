@@ -143,15 +143,22 @@ def encode_event_prefix(namespace: str) -> str:
     return "42" if namespace == "/" else f"42{namespace},"
 
 
+def check_depth(value: Any, limit: int) -> None:
+    """Raise :class:`NestingTooDeepError` if ``value`` nests lists and objects deeper than
+    ``limit`` (what the API and stored entries are held to, as client packets are)."""
+    _check_depth(value, limit)
+
+
 def _check_depth(value: Any, limit: int) -> None:
+    if not isinstance(value, (list, dict)):
+        return
     stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
+    while stack:  # only containers are pushed: scalars cost one isinstance each
         item, depth = stack.pop()
-        if isinstance(item, (list, dict)):
-            if depth > limit:
-                raise NestingTooDeepError(f"payload nesting exceeds {limit} levels")
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
+        if depth > limit:
+            raise NestingTooDeepError(f"payload nesting exceeds {limit} levels")
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (list, dict)))
 
 
 def _valid_payload(kind: PacketType, payload: Any) -> bool:
