@@ -1,6 +1,6 @@
 """The server API across instances: requests over the broker's control channel.
 
-A request (``{"t": "req", "id", "from", "op", "sel", "args"}``, JSON) goes to every instance,
+A request (``{"t": "req", "id", "from", "op", "sel", "args"}``, msgpack) goes to every instance,
 this one included; each carries it out on its own sockets and answers the requester alone
 (``{"t": "rep", "id", "instance", "result"}``).  The requester waits for the instances that were
 live when it asked (the broker's registry), until the timeout; those that did not answer are
@@ -20,16 +20,14 @@ Operations: ``emit`` and ``emit_ack`` (send an event, collect acks), ``fetch``, 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
+import msgpack
 
 from roomcast.broker.base import Broker, BrokerError, PublishRequest, PublishResult
-from roomcast.jsonbytes import KEY, BinaryMarkerError, decode_markers
 from roomcast.metrics import Metrics
 from roomcast.operator import MAX_ACK_TIMEOUT_S, Reach, Selector, SelectorError
 from roomcast.revocation import TokenRevokedError, jti_entry, now_ms, user_entry
@@ -64,19 +62,13 @@ class _Pending:
 
 
 def encode_control(message: dict[str, Any]) -> bytes:
-    """A control message as JSON; bytes anywhere in it travel as ``{"$binary": base64}``
-    (:mod:`roomcast.jsonbytes` reads them back)."""
-    return orjson.dumps(message, default=_binary_default)
+    """A control message in msgpack: bytes anywhere in it (a binary emit, a binary ack)
+    travel as themselves, and no JSON value of a user's can be mistaken for them."""
+    return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def decode_control(message: bytes) -> Any:
-    return decode_markers(orjson.loads(message))
-
-
-def _binary_default(value: object) -> object:
-    if isinstance(value, bytes | bytearray | memoryview):
-        return {KEY: base64.b64encode(value).decode("ascii")}
-    raise TypeError(f"type {type(value).__name__} is not JSON serializable")
+    return msgpack.unpackb(message, raw=False)
 
 
 class Cluster:
@@ -167,7 +159,7 @@ class Cluster:
         try:
             body = decode_control(message)
             kind = body["t"]
-        except (orjson.JSONDecodeError, BinaryMarkerError, KeyError, TypeError) as exc:
+        except (ValueError, msgpack.UnpackException, KeyError, TypeError) as exc:
             self._dropped("bad_control_message", f"{exc!r}")
             return
         if kind == "rep":

@@ -44,7 +44,7 @@ from roomcast.config import TRACING_MODES, ConfigError, redact_url
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.trace import Span
+    from opentelemetry.trace import Span, Status
     from opentelemetry.trace import TracerProvider as ApiTracerProvider
 
 __all__ = ["Tracing", "active", "check", "enable", "setup", "shutdown", "wanted"]
@@ -91,9 +91,9 @@ def wanted(mode: str, environ: Mapping[str, str]) -> bool:
 
 
 def check(mode: str, environ: Mapping[str, str] | None = None) -> bool:
-    """Whether tracing is :func:`wanted`; raise :class:`~roomcast.config.ConfigError` if it is
-    and the ``otel`` extra is missing (what :func:`setup` would find, found without setting up).
-    """
+    """Whether tracing is :func:`wanted` and can be on.  Without the ``otel`` extra, ``on``
+    raises :class:`~roomcast.config.ConfigError`, and ``auto`` (the ``OTEL_*`` variables of a
+    platform) logs a warning and stays off."""
     environ = os.environ if environ is None else environ
     if not wanted(mode, environ):
         return False
@@ -103,6 +103,14 @@ def check(mode: str, environ: Mapping[str, str] | None = None) -> bool:
         except ModuleNotFoundError:  # a parent package is missing
             found = False
         if not found:
+            if mode == "auto":  # OTEL_* set by the platform for everyone: not a reason to die
+                log.warning(
+                    "OTEL_* variables ask for tracing but OpenTelemetry is not installed "
+                    "(%s): tracing stays off; pip install 'roomcast[otel]', or "
+                    "--tracing off to silence this",
+                    module,
+                )
+                return False
             raise _missing(mode, module)
     return True
 
@@ -126,7 +134,7 @@ def setup(mode: str) -> Tracing | None:
     if active is not None:
         return active
     environ = os.environ
-    if not wanted(mode, environ):
+    if not check(mode, environ):  # off, or auto without the extra (warned)
         return None
     try:
         from opentelemetry import trace
@@ -196,7 +204,16 @@ def _endpoint(environ: Mapping[str, str]) -> str:
 class Tracing:
     """Makes Roomcast's spans with one tracer."""
 
-    __slots__ = ("_consumer", "_extract", "_in_span", "_inject", "_producer", "_root", "_tracer")
+    __slots__ = (
+        "_consumer",
+        "_extract",
+        "_in_span",
+        "_inject",
+        "_producer",
+        "_root",
+        "_tracer",
+        "failures",
+    )
 
     def __init__(self, provider: ApiTracerProvider) -> None:
         from opentelemetry.context import Context
@@ -211,6 +228,14 @@ class Tracing:
         self._producer = SpanKind.PRODUCER
         self._consumer = SpanKind.CONSUMER
         self._root: Context = Context()
+        self.failures = 0
+        """Span operations that raised (a failing processor or exporter hook): counted and
+        logged, never passed on to what was being traced."""
+
+    def _failed(self, what: str) -> None:
+        self.failures += 1
+        if self.failures == 1 or self.failures % 1000 == 0:
+            log.exception("tracing: %s failed (%d so far); going on untraced", what, self.failures)
 
     # -- the W3C traceparent ----------------------------------------------------------------------
     def _parent(self, traceparent: str | None) -> Context | None:
@@ -244,19 +269,47 @@ class Tracing:
             "roomcast.source": source,
             "roomcast.instance": instance,
         }
-        with self._tracer.start_span(
-            "roomcast publish",
-            context=self._parent(request.traceparent),
-            kind=self._producer,
-            attributes=attributes,
-        ) as span:
+        try:
+            span = self._tracer.start_span(
+                "roomcast publish",
+                context=self._parent(request.traceparent),
+                kind=self._producer,
+                attributes=attributes,
+            )
             traceparent = self.traceparent(span) or request.traceparent
+        except Exception:  # noqa: BLE001 - the SDK's hooks may raise anything; counted, logged
+            self._failed("the publish span")
+            return await publish(request)
+        try:
             result = await publish(dataclasses.replace(request, traceparent=traceparent))
+        except BaseException as exc:
+            self._close(span, exc)
+            raise
+        try:
             span.set_attribute("messaging.message.id", result.id)
             span.set_attribute("roomcast.offset", result.offset)
             if result.duplicate:
                 span.set_attribute("roomcast.duplicate", True)
-            return result
+        except Exception:  # noqa: BLE001 - stored: its span may be lost, never the answer
+            self._failed("the publish span")
+        self._close(span, None)
+        return result
+
+    def _close(self, span: Span, error: BaseException | None) -> None:
+        """End ``span`` (recording ``error``), whatever the SDK's hooks do."""
+        try:
+            if error is not None and isinstance(error, Exception):
+                span.record_exception(error)
+                span.set_status(self._error_status(error))
+            span.end()
+        except Exception:  # noqa: BLE001 - the SDK's hooks may raise anything; counted, logged
+            self._failed("ending a span")
+
+    @staticmethod
+    def _error_status(error: Exception) -> Status:
+        from opentelemetry.trace import Status, StatusCode
+
+        return Status(StatusCode.ERROR, f"{type(error).__name__}: {error}")
 
     # -- delivery ---------------------------------------------------------------------------------
     def delivery(self, fanout: Callable[[Publication], int], instance: str) -> DeliveryHandler:
@@ -275,6 +328,26 @@ class Tracing:
             if traceparent is None:
                 fanout(publication)
                 return
+            try:
+                fanout_span = receive_and_fanout(publication)
+            except Exception:  # noqa: BLE001 - the SDK failed: delivered untraced, counted
+                self._failed("the receive span")
+                fanout(publication)
+                return
+            if fanout_span is None:  # not sampled
+                fanout(publication)
+                return
+            members = fanout(publication)
+            try:
+                fanout_span.set_attribute("roomcast.members", members)
+                fanout_span.end()
+            except Exception:  # noqa: BLE001 - delivered already; the span is lost, counted
+                self._failed("the fan-out span")
+
+        def receive_and_fanout(publication: Publication) -> Span | None:
+            """The receive span (ended), and its child fan-out span (started), or None when
+            the receive span is not sampled."""
+            traceparent = publication.traceparent
             now = time.time_ns()
             published = publication.published_at_ms * 1_000_000
             # Few attributes: validating them is most of a span's cost in the SDK.
@@ -295,9 +368,8 @@ class Tracing:
             sampled = receive.is_recording()  # (until it ends)
             receive.end(end_time=now)
             if not sampled:  # a fan-out span would be the child of a span nobody sees
-                fanout(publication)
-                return
-            with tracer.start_span(
+                return None
+            return tracer.start_span(
                 "roomcast fanout",
                 context=in_span(receive),
                 attributes={
@@ -305,8 +377,7 @@ class Tracing:
                     "roomcast.namespace": publication.namespace,
                     "roomcast.instance": instance,
                 },
-            ) as span:
-                span.set_attribute("roomcast.members", fanout(publication))
+            )
 
         return deliver
 
