@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from roomcast.broker.topics import InvalidNamespaceError, validate_namespace
+
 ENV_PREFIX = "ROOMCAST_"
+_BCRYPT_RE = re.compile(r"\A\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}\Z")
 
 
 class ConfigError(ValueError):
@@ -132,6 +136,19 @@ class Settings:
     )
     drain_seconds: float = _setting(10.0, "time given to clients to leave on SIGTERM")
 
+    admin_username: str = _setting(
+        "", "Socket.IO Admin UI login name; with admin_password_hash it enables the admin namespace"
+    )
+    admin_password_hash: str = _setting(
+        "",
+        "bcrypt hash of the Admin UI password (make one with 'roomcast admin-hash')",
+        secret=True,
+    )
+    admin_namespace: str = _setting("/admin", "namespace the Admin UI connects to")
+    admin_readonly: bool = _setting(
+        False, "Admin UI may look but not act (no join, leave, disconnect or emit)"
+    )
+
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad setting."""
         positive = (
@@ -184,6 +201,7 @@ class Settings:
                     f"ops_listen {self.ops_listen!r} must differ from host:port "
                     f"{self.host}:{self.port}"
                 )
+        self._validate_admin()
         if self.app and ":" not in self.app:
             raise ConfigError(f"app must be module:attribute, got {self.app!r}")
         if self.production:
@@ -210,6 +228,23 @@ class Settings:
                 raise ConfigError(
                     "production mode does not accept allowed_origins '*': list the origins"
                 )
+
+    def _validate_admin(self) -> None:
+        if bool(self.admin_username) != bool(self.admin_password_hash):
+            raise ConfigError(
+                "admin_username and admin_password_hash go together: set both or neither"
+            )
+        if self.admin_password_hash and _BCRYPT_RE.match(self.admin_password_hash) is None:
+            raise ConfigError(
+                "admin_password_hash must be a bcrypt hash ($2b$12$ and 53 characters), "
+                "got a value that is not one (make one with 'roomcast admin-hash')"
+            )
+        try:
+            validate_namespace(self.admin_namespace)
+        except InvalidNamespaceError as exc:
+            raise ConfigError(f"admin_namespace: {exc}") from None
+        if self.admin_namespace == "/":
+            raise ConfigError("admin_namespace must not be '/', the clients' namespace")
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with secrets masked, for logs and ``check-config``."""

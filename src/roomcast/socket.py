@@ -68,6 +68,29 @@ class SocketOptions:
     """``--event-schemas``: client events (and publications) of these names are checked."""
 
 
+class Observer(Protocol):
+    """Sees what happens to sockets (the Admin UI's recorder, ``roomcast.admin.tap.Tap``).
+
+    The server holds one only while someone watches (``SocketServer.observer``); otherwise
+    each of these places costs one attribute test.  Nothing here runs per broadcast member."""
+
+    def connected(self, socket: Socket) -> None: ...
+
+    def disconnected(self, socket: Socket, reason: str) -> None: ...
+
+    def joined(self, socket: Socket, room: str) -> None: ...
+
+    def left(self, socket: Socket, room: str) -> None: ...
+
+    def received(self, socket: Socket, data: list[Any]) -> None:
+        """A client event (name and arguments)."""
+        ...
+
+    def sent(self, socket: Socket, data: list[Any]) -> None:
+        """An event sent to this socket alone (name and arguments)."""
+        ...
+
+
 class SocketHost(Protocol):
     """What a socket needs of the server that holds it (:class:`roomcast.sockets.SocketServer`)."""
 
@@ -93,6 +116,8 @@ class SocketHost(Protocol):
     def auth(self) -> Authenticator | None: ...
     @property
     def revocations(self) -> Revocations: ...
+    @property
+    def observer(self) -> Observer | None: ...
 
     def drop(self, reason: str, detail: str) -> None: ...
 
@@ -157,7 +182,7 @@ class Socket:
         self.principal = principal
         self.auth = auth
         self.id = sid or SocketId(secrets.token_urlsafe(15))
-        recovery = client.server.options.recovery_ms
+        recovery = client.server.options.recovery_ms and not namespace.internal
         self.pid = pid or (secrets.token_urlsafe(15) if recovery else "")
         self.rooms: set[str] = set()
         self.connected = False
@@ -211,6 +236,9 @@ class Socket:
             self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
         if self.recovering is None and save:
             server.save_session(self, server.options.recovery_ms)
+        observer = server.observer
+        if observer is not None:
+            observer.connected(self)
 
     def detach(self) -> None:
         """See :meth:`Client.detach`."""
@@ -266,6 +294,10 @@ class Socket:
             hub.settle(self, (self.namespace.name, room), replayed[room], seen)
         server = self.client.server
         server.save_session(self, server.options.recovery_ms)
+        observer = server.observer
+        if observer is not None:
+            for room in rooms:
+                observer.joined(self, room)
 
     def _token_expired(self) -> None:
         self._expiry = None
@@ -311,6 +343,11 @@ class Socket:
         client.sockets.pop(self.namespace.name, None)
         for room in self.rooms:
             server.hub.leave(self, (self.namespace.name, room))
+        observer = server.observer
+        if observer is not None:
+            for room in self.rooms:
+                observer.left(self, room)
+            observer.disconnected(self, reason)
         if client_initiated or reason.startswith("protocol error"):
             server.forget_session(self)
         else:
@@ -327,7 +364,11 @@ class Socket:
     def emit(self, event: str, *args: Any) -> None:
         """Send an event to this socket."""
         if self.connected or self.recovering is not None:
-            self.client.send(Packet(PacketType.EVENT, self.namespace.name, [event, *args]))
+            data = [event, *args]
+            self.client.send(Packet(PacketType.EVENT, self.namespace.name, data))
+            observer = self.client.server.observer
+            if observer is not None:
+                observer.sent(self, data)
         else:
             self.client.server.drop("socket_disconnected", f"event {event!r} for {self.id}")
 
@@ -341,7 +382,11 @@ class Socket:
         ack_id = self._ack_seq
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._acks[ack_id] = future
-        self.client.send(Packet(PacketType.EVENT, self.namespace.name, [event, *args], ack_id))
+        data = [event, *args]
+        self.client.send(Packet(PacketType.EVENT, self.namespace.name, data, ack_id))
+        observer = self.client.server.observer
+        if observer is not None:
+            observer.sent(self, data)
         try:
             async with asyncio.timeout(self.client.server.options.ack_timeout_s):
                 return await future
@@ -355,21 +400,35 @@ class Socket:
         if server.hub.join(self, (self.namespace.name, room)):
             self.rooms.add(room)
             server.save_session(self, server.options.recovery_ms)
+            observer = server.observer
+            if observer is not None:
+                observer.joined(self, room)
 
     def leave(self, room: str) -> None:
         server = self.client.server
         if server.hub.leave(self, (self.namespace.name, room)):
             self.rooms.discard(room)
             server.save_session(self, server.options.recovery_ms)
+            observer = server.observer
+            if observer is not None:
+                observer.left(self, room)
 
     # -- client events ----------------------------------------------------------------------------
     def on_event(self, data: list[Any], ack_id: int | None) -> None:
         server = self.client.server
         server.metrics.client_events.inc()
+        observer = server.observer
+        if observer is not None:
+            observer.received(self, data)
         name, args = data[0], data[1:]
         registered = self.namespace.events.get(name) if isinstance(name, str) else None
         if registered is not None:
             self._run(registered, name, args, ack_id)
+            return
+        if self.namespace.internal:
+            server.drop("no_handler", f"event {str(name)[:40]!r} from {self.id}")
+            if ack_id is not None:
+                self.ack(ack_id, ack_error("unknown_event", "no such event here"))
             return
         builtin = server.builtins.get(name)
         if builtin is not None:

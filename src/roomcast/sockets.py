@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from roomcast.app import Application, ConnectRefusedError
+from roomcast.app import Application, ConnectRefusedError, Namespace
 from roomcast.auth import Authenticator, AuthError, Principal, token_from_request
 from roomcast.broker.base import Broker, BrokerError, History, Publication
 from roomcast.broker.offsets import OffsetError, parse_offset
@@ -26,7 +26,7 @@ from roomcast.protocol.errors import ProtocolError, SocketIOError
 from roomcast.protocol.socketio import Decoder, Packet, PacketType
 from roomcast.revocation import Revocations
 from roomcast.sessions import PID_RE, SessionWriter, session_key
-from roomcast.socket import ANONYMOUS, BuiltinEvent, Mover, Socket, SocketOptions
+from roomcast.socket import ANONYMOUS, BuiltinEvent, Mover, Observer, Socket, SocketOptions
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
 from roomcast.types import SocketId
@@ -66,6 +66,14 @@ class SocketServer:
         """With several workers: moves a socket to the worker that owns its first room."""
         self.builtins: Mapping[Any, BuiltinEvent] = {}
         """The built-in events of the main namespace (``events.BUILTINS``, set by the node)."""
+        self.internal: dict[str, Namespace] = {}
+        """The gateway's own namespaces (the Admin UI's), beside the application's."""
+        self.observer: Observer | None = None
+        """What watches sockets, while someone does (the Admin UI's recorder); else None."""
+
+    def namespace(self, name: str) -> Namespace | None:
+        """The application's namespace ``name``, or the gateway's own of that name."""
+        return self.app.namespaces.get(name) or self.internal.get(name)
 
     def client(self, conn: Connection) -> Client:
         return Client(self, conn)
@@ -240,12 +248,12 @@ class Client:
 
     async def _accept(self, nsp: str, auth: dict[str, Any]) -> Socket | None:
         server = self.server
-        namespace = server.app.namespaces.get(nsp)
+        namespace = server.namespace(nsp)
         if namespace is None:
             self._refuse(nsp, {"message": "Invalid namespace"}, "invalid_namespace")
             return None
         principal = ANONYMOUS
-        if server.auth is not None and server.options.auth_required:
+        if server.auth is not None and server.options.auth_required and not namespace.internal:
             req = self.conn.request
             try:
                 principal = await server.auth.authenticate(
@@ -257,7 +265,7 @@ class Client:
                 return None
         if self.conn.closed:
             return None
-        recovered = await self._recover(nsp, auth, principal)
+        recovered = None if namespace.internal else await self._recover(nsp, auth, principal)
         socket = recovered or Socket(self, namespace, principal, auth)
         try:
             for reg in namespace.before_connect:
