@@ -75,7 +75,9 @@ class Admin:
         self._tasks = tasks
         self.auth = AdminAuth(settings.admin_username, settings.admin_password_hash)
         self._instance = instance = cluster.instance
-        self.console = Console(self.namespace, cluster, tasks, metrics)
+        self.console = Console(
+            self.namespace, settings.admin_socket_list_limit, cluster, tasks, metrics
+        )
         self.tap = Tap(instance, sockets, cluster.send, self.console.on_feed, tasks, metrics)
         self.stats = InstanceStats(
             instance,
@@ -108,7 +110,10 @@ class Admin:
         return {"instance": self._instance, "fresh": fresh, "stats": self.stats.snapshot(watcher)}
 
     async def _on_sockets(self, selector: Selector, args: dict[str, Any]) -> dict[str, Any]:
-        return await self.tap.snapshot(_text(args, "watcher"), _text(args, "ref"))
+        limit = args.get("limit")
+        if not isinstance(limit, int) or limit < 1:
+            raise TypeError("limit: must be a positive integer")
+        return await self.tap.snapshot(_text(args, "watcher"), _text(args, "ref"), limit)
 
     async def _on_session(self, selector: Selector, args: dict[str, Any]) -> dict[str, Any]:
         until = args.get("until")

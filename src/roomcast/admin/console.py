@@ -5,12 +5,17 @@ While one Admin UI socket is connected here, a loop asks every instance for its 
 :class:`~roomcast.admin.tap.Tap`) and sends each answer to the UIs as ``server_stats``.
 
 The UIs' socket lists come from a *sync*: ``admin.sockets`` to every instance, whose chunks are
-joined, undecoded, into one ``all_sockets`` event.  Feed events that arrive meanwhile wait, and
-those already in the sync (by their ``seq``) are skipped.  After it, feed events go to the UIs
-one by one, in order per instance.  A sync happens when a UI connects, and again (at most
-every :data:`MIN_RESYNC_S`) when the feed shows a gap (a lost message, a burst dropped), an
-instance leaves or arrives, or more than :data:`EVENT_BUDGET` events arrive within a second:
-past that rate single updates cost the browser more than a fresh list.
+joined, undecoded, into one ``all_sockets`` event.  It holds at most ``admin_socket_list_limit``
+sockets (shared among the instances, the newest of each): the UI files its list with a linear
+search per socket, so a list of n sockets costs the browser n² steps (17 s of one task for
+10,000 in chromium; 0.7 s for 2,000); the dashboard's counts, from the stats, cover every
+socket.  Feed events that arrive during a sync wait, and those already in it (by their
+``seq``) are skipped; after it, feed events go to the UIs one by one, in order per instance.
+
+A sync happens when a UI connects, and again (at most every :data:`MIN_RESYNC_S`) when the feed
+shows a gap (a lost message, a burst dropped), an instance leaves or arrives, or more than
+:data:`EVENT_BUDGET` events arrive within a second: past that rate single updates cost the
+browser more than a fresh list.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class Console:
     def __init__(
         self,
         namespace: str,
+        list_limit: int,
         cluster: Cluster,
         tasks: TaskSet,
         metrics: Metrics,
@@ -51,6 +57,9 @@ class Console:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._namespace = namespace
+        self._list_limit = list_limit
+        self._instances = 1
+        """How many instances answered the last stats round (they share the list limit)."""
         self._cluster = cluster
         self._tasks = tasks
         self._metrics = metrics
@@ -153,6 +162,7 @@ class Console:
             elif result.get("fresh") is True:
                 self.want_sync("lease_lapsed")
             self._send(["server_stats", stats])
+        self._instances = max(len(answered) + len(missing), 1)
         gone = set(self._next) - answered - set(missing)
         if gone:
             for instance in gone:
@@ -172,16 +182,22 @@ class Console:
             results, missing = await self._cluster.request(
                 "admin.sockets",
                 Selector(),
-                {"watcher": self.instance, "ref": ref},
+                {
+                    "watcher": self.instance,
+                    "ref": ref,
+                    "limit": -(-self._list_limit // self._instances),
+                },
                 self._cluster.answer_timeout_s,
             )
         finally:
             chunks = self._chunks.pop(ref)
         held, self._held = self._held, None
         items: list[str] = []
+        total = 0
         self._next = {}
         for result in results:
             instance, seq, count = result.get("instance"), result.get("seq"), result.get("chunks")
+            total += int(result.get("total", 0))
             if not isinstance(instance, str) or not isinstance(seq, int):
                 continue
             texts = chunks.get(instance, [])
@@ -194,6 +210,12 @@ class Console:
             self.want_sync("instance_missing")
         self._send_list(items)
         self._metrics.admin_resyncs.labels(cause).inc()
+        if total > self._list_limit:
+            log.info(
+                "admin: socket list of %d sockets sent as the newest %d (admin_socket_list_limit)",
+                total,
+                self._list_limit,
+            )
         self._window = (self._clock(), 0)
         for instance, first, events in held or ():
             self._apply(instance, first, events)
