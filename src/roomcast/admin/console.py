@@ -73,11 +73,13 @@ class Console:
         """Sync reference -> instance -> the chunks it sent so far."""
         self._sync_cause: str | None = None
         self._urgent = False
-        self._last_sync = -MIN_RESYNC_S
+        self._last_sync = -float("inf")
         self._window = (0.0, 0)
         """(start of the current second, feed events sent in it)."""
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.min_resync_s = MIN_RESYNC_S
+        self.event_budget = EVENT_BUDGET
 
     @property
     def instance(self) -> str:
@@ -127,13 +129,13 @@ class Console:
                     last_stats = now
                     await self._watch()
                 if self._sync_cause is not None and (
-                    self._urgent or self._clock() - self._last_sync >= MIN_RESYNC_S
+                    self._urgent or self._clock() - self._last_sync >= self.min_resync_s
                 ):
                     await self._sync()
                 now = self._clock()
                 delay = last_stats + STATS_S - now
                 if self._sync_cause is not None:
-                    delay = min(delay, self._last_sync + MIN_RESYNC_S - now)
+                    delay = min(delay, self._last_sync + self.min_resync_s - now)
                 self._wake.clear()
                 if self.admins and delay > 0:
                     with contextlib.suppress(TimeoutError):
@@ -143,6 +145,8 @@ class Console:
             self._task = None
             self._next.clear()
             self._held = None
+            self._sync_cause = None
+            self._urgent = False
 
     async def _watch(self) -> None:
         results, missing = await self._cluster.request(
@@ -270,9 +274,9 @@ class Console:
         if now - start >= 1.0:
             start, count = now, 0
         self._window = (start, count + 1)
-        if count < EVENT_BUDGET:
+        if count < self.event_budget:
             return True
-        if count == EVENT_BUDGET:
-            log.info("admin: over %d events/s; the UIs get a fresh list instead", EVENT_BUDGET)
+        if count == self.event_budget:
+            log.info("admin: over %d events/s; the UIs get a fresh list instead", count)
         self.want_sync("burst")
         return False

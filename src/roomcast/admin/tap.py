@@ -80,6 +80,7 @@ class Tap:
         self._leases: dict[str, float] = {}
         """Watcher -> when its lease ends (``time.monotonic()``)."""
         self._task: asyncio.Task[None] | None = None
+        self.lease_s = LEASE_S
 
     @property
     def active(self) -> bool:
@@ -90,7 +91,7 @@ class Tap:
         """Renew ``watcher``'s lease; True if it had none (it missed what happened before)."""
         now = time.monotonic()
         fresh = self._leases.get(watcher, 0.0) <= now
-        self._leases[watcher] = now + LEASE_S
+        self._leases[watcher] = now + self.lease_s
         if self._task is None:
             self._sockets.observer = self
             self._task = self._tasks.spawn(self._flush_loop(), name="admin-tap")
