@@ -8,6 +8,8 @@ member, is the whole fan-out path (Python, uvloop and the kernel's ``send()``), 
 brokers or a load generator. Compare it with ``send_floor.py`` on the same machine.
 
     .venv/bin/python benchmarks/fanout.py 10000 --rounds 20
+    .venv/bin/python benchmarks/fanout.py 10000 --parser msgpack     # socket.io-msgpack-parser
+    .venv/bin/python benchmarks/fanout.py 10000 --binary 1024        # a 1 KiB attachment too
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from send_floor import open_loopback
 from roomcast.connection import Connection, Flusher
 from roomcast.hub import Hub
 from roomcast.metrics import Metrics
+from roomcast.protocol.parser import PARSERS
 from roomcast.transport.http import Request, WebSocketConnection
 from roomcast.types import SessionId
 
@@ -41,11 +44,12 @@ class _Member:
         self.id = conn.sid
 
 
-async def _run(n: int, rounds: int) -> tuple[list[float], int]:
+async def _run(n: int, rounds: int, parser: str, binary: int) -> tuple[list[float], int]:
     loop = asyncio.get_running_loop()
     socks, reader = open_loopback(n)
     flusher = Flusher()
-    hub = Hub(lambda key: None, lambda key: None, flusher)
+    hub = Hub(lambda key: None, lambda key: None, flusher, PARSERS[parser])
+    extra = {"blob": os.urandom(binary)} if binary else {}
     members = []
     for i, sock in enumerate(socks):
         transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, sock)
@@ -67,7 +71,8 @@ async def _run(n: int, rounds: int) -> tuple[list[float], int]:
     per_member = []
     for round_no in range(rounds):
         cpu = time.process_time()
-        sent = hub.broadcast(ROOM, "bench", {**DATA, "seq": round_no}, offset=f"{round_no + 1}-0")
+        data = {**DATA, "seq": round_no, **extra}
+        sent = hub.broadcast(ROOM, "bench", data, offset=f"{round_no + 1}-0")
         await asyncio.sleep(0)  # the flusher's pass, if anything was queued
         cpu = time.process_time() - cpu
         assert sent == n, sent
@@ -83,11 +88,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("members", type=int, nargs="?", default=10_000)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--parser", choices=sorted(PARSERS), default="json")
+    parser.add_argument("--binary", type=int, default=0, help="bytes of an attachment to add")
     args = parser.parse_args()
-    per_member, reader = uvloop.run(_run(args.members, args.rounds))
+    per_member, reader = uvloop.run(_run(args.members, args.rounds, args.parser, args.binary))
     os.waitpid(reader, 0)  # it exits once every connection is closed
     print(
-        f"{args.members} members, {args.rounds} broadcasts: CPU per member "
+        f"{args.members} members, {args.rounds} broadcasts, parser {args.parser}, "
+        f"attachment {args.binary} bytes: CPU per member "
         f"median {statistics.median(per_member):.2f} us, "
         f"min {min(per_member):.2f}, max {max(per_member):.2f}"
     )

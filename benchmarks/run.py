@@ -437,6 +437,8 @@ def server_command(
         "--api-key",
         ctx.api_key,
     ]
+    if "--drain-delay-s" in ctx.roomcast_serve_flags:  # stopped when measured: no drain
+        cmd += ["--drain-delay-s", "0", "--drain-window-s", "0"]
     if "--max-connections" in ctx.roomcast_serve_flags:
         cmd += ["--max-connections", str(max(2 * clients, 100_000))]
     if redis_url is not None:

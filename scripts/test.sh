@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[dev]'
-for dir in tests/interop tests/browser benchmarks/node; do
+for dir in tests/interop tests/browser tests/asyncapi benchmarks/node; do
   if [ -f "$dir/package.json" ]; then
     (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
   fi

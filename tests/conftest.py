@@ -121,6 +121,8 @@ class RoomcastServer:
         # The secrets travel in the environment (ROOMCAST_JWT_SECRET, ROOMCAST_API_KEY).
         command = [sys.executable, "-m", "roomcast", "serve", "--host", "127.0.0.1"]
         command += ["--port", str(self.port), "--drain-seconds", "1"]
+        # Clients told to leave at once: tests that want a gradual drain pass these again.
+        command += ["--drain-delay-s", "0", "--drain-window-s", "0"]
         if self.app:
             command += ["--app", self.app]
         return [*command, *self.args]
@@ -189,18 +191,18 @@ class RoomcastServer:
             process.kill()
             process.wait()
 
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
         """Send ``sig`` (a graceful drain by default) and wait for the exit; return its code."""
         process, self.process = self.process, None
         if process is None:
             return 0
         process.send_signal(sig)
         try:
-            return process.wait(timeout=STOP_TIMEOUT)
+            return process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-            pytest.fail(f"roomcast on port {self.port} ignored {sig.name} for {STOP_TIMEOUT}s")
+            pytest.fail(f"roomcast on port {self.port} ignored {sig.name} for {timeout}s")
 
     def restart(self, sig: signal.Signals = signal.SIGKILL) -> None:
         """Stop the process with ``sig`` and start a new one on the same port."""

@@ -134,9 +134,11 @@ class ClientsError(AssertionError):
 class NodeClients:
     """One ``node tests/interop/mi_clients.mjs`` process and the sockets it holds, by name."""
 
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, script: Path = CLIENTS_SCRIPT) -> None:
+        """``script``: another script of ``tests/interop`` that speaks the same protocol."""
+        self.script = script
         self.process = subprocess.Popen(
-            [node, str(CLIENTS_SCRIPT)],
+            [node, str(script)],
             cwd=INTEROP_DIR,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -182,7 +184,7 @@ class NodeClients:
     def _error(self, why: str) -> ClientsError:
         other = "\n".join(self._other[-10:])
         stderr = "".join(self._stderr)[-4000:]
-        return ClientsError(f"mi_clients.mjs: {why}\nother stdout:\n{other}\nstderr:\n{stderr}")
+        return ClientsError(f"{self.script.name}: {why}\nother stdout:\n{other}\nstderr:\n{stderr}")
 
     def call(self, cmd: str, *, timeout: float = 15.0, **args: Any) -> Any:
         """Run one command and return its result; raise :class:`ClientsError` otherwise."""
@@ -228,6 +230,10 @@ class NodeClients:
             timeout=timeout + 5,
         )
         return answer
+
+    def send(self, name: str, event: str, *args: Any, count: int = 1) -> None:
+        """Emit ``count`` times without an ack (the events are on their way on return)."""
+        self.call("send", name=name, event=event, args=list(args), count=count)
 
     def answer(self, name: str, event: str, value: Any) -> None:
         """From now on, ``name`` acks the server's ``event`` with ``value``."""

@@ -10,7 +10,7 @@ import pytest
 
 import redis_fixtures
 from redis_fixtures import Deliveries
-from roomcast.broker.base import Broker, BrokerState, PublishRequest
+from roomcast.broker.base import Admission, Broker, BrokerState, PublishRequest, UserQuota
 from roomcast.broker.memory import MemoryBroker
 from roomcast.broker.offsets import parse_offset
 from roomcast.broker.redis import RedisBroker
@@ -220,3 +220,51 @@ async def test_write_sessions_saves_and_deletes_in_one_batch(make_broker: MakeBr
     assert await broker.take_session("pid-a") == b"a"
     assert await broker.take_session("pid-b") == b"b"
     assert await broker.take_session("pid-old") is None
+
+
+async def _admitted_eventually(broker: Broker, user: str, member: str, quota: UserQuota) -> None:
+    """Poll ``admit_user`` until it admits (a window ends, a hold expires); fail after 5 s."""
+    deadline = asyncio.get_running_loop().time() + 5
+    while (await broker.admit_user(user, member, quota)).limit is not None:
+        assert asyncio.get_running_loop().time() < deadline, f"{member} never admitted"
+        await asyncio.sleep(0.01)
+
+
+async def test_user_connect_rate_is_a_fixed_window(make_broker: MakeBroker) -> None:
+    """New connections of a user are counted per window: over the count they are refused
+    with the time left in the window; another user is not; the next window admits again."""
+    broker, _ = await make_broker()
+    quota = UserQuota(per_window=2, window_ms=300)
+    assert await broker.admit_user("u", "m1", quota) == Admission()
+    assert await broker.admit_user("u", "m2", quota) == Admission()
+    refused = await broker.admit_user("u", "m3", quota)
+    assert refused.limit == "user_connect_rate"
+    assert 0 < refused.retry_after_ms <= 300
+    assert await broker.admit_user("other", "m1", quota) == Admission()
+    await asyncio.sleep(refused.retry_after_ms / 1000)  # the window's end, as told
+    await _admitted_eventually(broker, "u", "m4", quota)
+
+
+async def test_user_connections_are_held_until_released_or_expired(
+    make_broker: MakeBroker,
+) -> None:
+    """A user holds at most ``concurrent`` connections; a release frees a slot at once, a
+    hold nobody keeps alive frees it after its TTL, and a kept one stays."""
+    broker, _ = await make_broker()
+    quota = UserQuota(concurrent=2, ttl_ms=400)
+    assert await broker.admit_user("u", "a", quota) == Admission()
+    assert await broker.admit_user("u", "b", quota) == Admission()
+    assert await broker.admit_user("u", "c", quota) == Admission("user_connections", 0)
+    assert await broker.admit_user("u", "a", quota) == Admission()  # held already
+    assert await broker.admit_user("v", "c", quota) == Admission()
+    await broker.release_users([("u", "a"), ("u", "unknown"), ("nobody", "x")])
+    assert await broker.admit_user("u", "c", quota) == Admission()
+    await broker.keep_users([("u", "c")], 60_000)
+    await broker.keep_users([], 60_000)
+    # b is not kept alive (its instance died): its slot comes back after the TTL.
+    await _admitted_eventually(broker, "u", "d", quota)
+    assert (await broker.admit_user("u", "e", quota)).limit == "user_connections"
+    # A hold the broker lost (flushed, or admitted while it was down) is held again by a keep.
+    await broker.release_users([("u", "c"), ("u", "d")])
+    await broker.keep_users([("u", "x"), ("u", "y")], 60_000)
+    assert (await broker.admit_user("u", "z", quota)).limit == "user_connections"

@@ -20,6 +20,7 @@ import redis_fixtures
 from conftest_helpers import token_for
 from redis_fixtures import RedisServer, eventually
 from roomcast.broker.keys import Keys
+from roomcast.broker.redis import RedisBroker
 from wire import Raw, connect_sio, publish, running
 
 redis_server_factory = redis_fixtures.redis_server_factory
@@ -262,3 +263,30 @@ async def test_an_upstream_stream_of_the_wrong_type_is_refused_not_unavailable(
         await raw.send('421["typing",{"doc":1}]')
         ack = json.loads(str(await raw.recv(timeout=10))[3:])[0]
         assert ack["ok"] is False and ack["error"]["code"] == "broker_refused", ack
+
+
+async def test_a_redis_that_refuses_writes_still_delivers(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    """The instance registry's heartbeat is a write: a Redis out of memory refuses it, and the
+    broker still starts, stays ready and delivers (counted announce_failed)."""
+    server = redis_server_factory()
+    direct = aioredis.Redis.from_url(server.url)
+    await direct.xadd(Keys("full").room("doc:1"), {"seed": "x"})
+    broker = RedisBroker(server.url, prefix="full", ping_interval=0.2)
+    broker.on_control(lambda message: None)
+    got: list[Any] = []
+    try:
+        await direct.config_set("maxmemory-policy", "noeviction")
+        await direct.config_set("maxmemory", "1")
+        await broker.start(got.append)
+        await broker.subscribe("doc:1")
+        await eventually(lambda: broker.errors["announce_failed"] >= 2, what="heartbeats")
+        assert broker.ready and broker.errors["unexpected"] == 0
+        await direct.config_set("maxmemory", "0")
+        await direct.xadd(Keys("full").room("doc:1"), {"room": "doc:1", "event": "e", "data": "1"})
+        await eventually(lambda: len(got) == 1, what="the delivery")
+    finally:
+        await direct.config_set("maxmemory", "0")
+        await broker.stop()
+        await direct.aclose()

@@ -7,12 +7,14 @@ its WebSockets carry an ``Origin`` that Roomcast checks against ``--allowed-orig
 page server, on an origin not in that list, is refused.
 
 The page connects, joins a room and says so (``{"step": "ready"}``); the test then publishes five
-``news`` events and a ``fence`` event over the HTTP API, the driver waits for the fence, makes an
-ack round trip through the test app's ``echo`` handler, and prints what the page saw.
+``news`` events, a binary ``file`` event and a ``fence`` event over the HTTP API, the driver waits
+for the fence, makes an ack round trip through the test app's ``echo`` handler, and prints what
+the page saw.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.server
 import json
@@ -39,6 +41,7 @@ DRIVER_TIMEOUT_MS = 15_000
 """The driver's own deadline; pytest waits a little longer, so the driver reports it first."""
 EVENTS = [{"n": n, "text": f"héllo {n} ✓"} for n in range(5)]
 ECHO = {"text": "ünïcode ✓", "list": [1, 2.5, None, True]}
+FILE = bytes(range(256))
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -213,7 +216,7 @@ def test_browser_receives_published_events(
     upgrades: list[str],
     final: str,
 ) -> None:
-    """A browser page on an allowed origin connects, joins, gets five published events once each in order, and an ack."""
+    """A browser page on an allowed origin connects, joins, gets five published events once each in order, a binary publication as an ArrayBuffer byte for byte, and an ack."""
     room = f"doc:browser-{'-'.join(transports or ['default'])}"
     page = {"url": server.url, "token": token, "room": room, "transports": transports}
     run = driver(page_servers[0].url(page), expect="fenced", echo=ECHO, awaitTransport=final)
@@ -227,12 +230,18 @@ def test_browser_receives_published_events(
         status, body = server.publish(room, "news", data)
         assert status == 202, body
         offsets.append(body["offset"])
+    blob = {"name": "f.bin", "body": {"$binary": base64.b64encode(FILE).decode()}}
+    status, body = server.publish(room, "file", blob)
+    assert status == 202, body
+    file_offset = body["offset"]
     status, body = server.publish(room, "fence", None)
     assert status == 202, body
 
     result = run.result()
     state = result["state"]
     assert state["events"] == [[data, offset] for data, offset in zip(EVENTS, offsets, strict=True)]
+    received = {"name": "f.bin", "body": {"binary": "ArrayBuffer", "hex": FILE.hex()}}
+    assert state["files"] == [[received, file_offset]]
     assert result["echo"] == [ECHO]
     assert state["upgrades"] == upgrades
     assert result["final"]["transport"] == final

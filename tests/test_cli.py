@@ -188,3 +188,32 @@ def test_every_setting_is_documented() -> None:
     for f in dataclasses.fields(Settings):
         assert f"`--{f.name.replace('_', '-')}`" in doc, f.name
         assert f"`ROOMCAST_{f.name.upper()}`" in doc, f.name
+
+
+def test_dev_mode_stops_at_once_unless_the_drain_is_configured(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """In development mode the drain delay and window are 0, unless given; with a key
+    configured, their defaults hold."""
+    from roomcast.cli import _dev_defaults
+    from roomcast.config import Settings
+
+    dev = _dev_defaults(Settings())
+    assert (dev.drain_delay_s, dev.drain_window_s) == (0.0, 0.0)
+    given = _dev_defaults(Settings(drain_delay_s=3.0), frozenset({"drain_delay_s"}))
+    assert (given.drain_delay_s, given.drain_window_s) == (3.0, 0.0)
+    keyed = _dev_defaults(Settings(jwt_secret=SECRET))
+    assert (keyed.drain_delay_s, keyed.drain_window_s) == (5.0, 10.0)
+    assert "DEVELOPMENT MODE" in capsys.readouterr().out
+
+
+def test_drain_settings_are_read_and_checked() -> None:
+    """The drain settings come from flags or the environment, are reported as given, and a
+    negative one is refused naming it."""
+    from roomcast.config import ConfigError, load_given
+
+    settings, given = load_given({"drain_window_s": "2.5"}, {"ROOMCAST_DRAIN_DELAY_S": "1"})
+    assert (settings.drain_delay_s, settings.drain_window_s) == (1.0, 2.5)
+    assert {"drain_delay_s", "drain_window_s"} <= given and "drain_seconds" not in given
+    with pytest.raises(ConfigError, match="drain_delay_s must be 0 or more"):
+        load_given({"drain_delay_s": "-1"}, {})

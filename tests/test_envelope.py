@@ -15,6 +15,7 @@ from redis.crc import key_slot
 from roomcast.auth import InvalidRoomError
 from roomcast.broker.base import Publication
 from roomcast.broker.envelope import (
+    ATTACHMENT_FIELD,
     FIELDS,
     OPTIONAL_FIELDS,
     REQUIRED_FIELDS,
@@ -32,11 +33,24 @@ SCHEMA: dict[str, Any] = json.loads(SCHEMA_PATH.read_text())
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
+def _rule(name: str) -> dict[str, Any]:
+    if name in SCHEMA["properties"]:
+        rule: dict[str, Any] = SCHEMA["properties"][name]
+        return rule
+    for pattern, rule in SCHEMA["patternProperties"].items():
+        if re.search(pattern, name):
+            return rule  # type: ignore[no-any-return]
+    return SCHEMA["additionalProperties"]  # type: ignore[no-any-return]
+
+
 def schema_errors(instance: dict[str, Any]) -> list[str]:
-    """The subset of JSON Schema the envelope schema uses: required, type, pattern, lengths."""
+    """The subset of JSON Schema the envelope schema uses: required, type, pattern, lengths,
+    and raw bytes (a Redis value) where the schema says ``application/octet-stream``."""
     errors = [f"{name}: missing" for name in SCHEMA["required"] if name not in instance]
     for name, value in instance.items():
-        rule = SCHEMA["properties"].get(name, SCHEMA["additionalProperties"])
+        rule = _rule(name)
+        if isinstance(value, bytes) and rule.get("contentMediaType") == "application/octet-stream":
+            continue
         if rule.get("type") == "string" and not isinstance(value, str):
             errors.append(f"{name}: not a string")
             continue
@@ -58,6 +72,16 @@ json_values = st.recursive(
     ),
     max_leaves=12,
 )
+binary_values = st.recursive(
+    json_values | st.binary(max_size=40),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.text(max_size=8).filter(lambda key: key != "_placeholder"), children, max_size=4
+        )
+    ),
+    max_leaves=12,
+)
 rooms = st.from_regex(r"\A[A-Za-z0-9:_.@/-]{1,40}\Z")
 publications = st.builds(
     Publication,
@@ -65,7 +89,7 @@ publications = st.builds(
     event=st.text(min_size=1, max_size=30).filter(
         lambda e: e not in RESERVED_EVENTS and not e.startswith("roomcast:")
     ),
-    data=json_values,
+    data=binary_values,
     id=st.text(alphabet="0123456789abcdef", min_size=32, max_size=32),
     offset=st.just(""),
     idempotency_key=st.none() | st.text(min_size=1, max_size=40),
@@ -94,8 +118,10 @@ def test_encode_then_decode_round_trips(publication: Publication) -> None:
     assert decoded == Publication(
         **{**_as_dict(publication), "offset": "1700000000000-7"},
     )
-    as_bytes = {k.encode(): v.encode() for k, v in fields.items()}
+    as_bytes = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in fields.items()}
     assert decode_envelope("1-0", as_bytes) == decode_envelope("1-0", fields)
+    fed = decode_feed("1-0", encode_feed(fields), room=publication.topic)
+    assert fed == decode_envelope("1-0", fields)
 
 
 @given(publications)
@@ -113,6 +139,8 @@ def test_schema_matches_the_codec() -> None:
     assert SCHEMA["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert set(SCHEMA["required"]) == set(REQUIRED_FIELDS)
     assert set(SCHEMA["properties"]) == set(FIELDS) == set(REQUIRED_FIELDS + OPTIONAL_FIELDS)
+    assert list(SCHEMA["patternProperties"]) == [r"^attachment:(0|[1-9][0-9]{0,2})$"]
+    assert re.search(next(iter(SCHEMA["patternProperties"])), ATTACHMENT_FIELD.format(255))
     assert all(rule.get("description") for rule in SCHEMA["properties"].values())
     assert schema_errors(valid_fields()) == []
     assert schema_errors({**valid_fields(), "published_at": "soon"}) != []
@@ -258,3 +286,119 @@ def test_namespace_round_trip_and_topic_check() -> None:
     assert "namespace" not in main
     with pytest.raises(EnvelopeError, match=r"^room: "):
         decode_envelope("5-0", main, room="/docs#1")
+
+
+# --------------------------------------------------------------------------- binary data
+
+ALL_BYTES = bytes(range(256))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        ALL_BYTES,
+        b"",
+        {"file": ALL_BYTES, "name": "a.bin", "parts": [b"\x00", {"deep": [b"\xff\xfe"]}]},
+        [b"one", b"two", 3, None],
+        {"same": [b"x", b"x"]},
+    ],
+)
+def test_binary_data_round_trips_byte_for_byte(data: Any) -> None:
+    """Bytes anywhere in the data come back as the same bytes, in the same places, from the
+    entry's fields (as a Redis reply gives them) and from a feed message."""
+    publication = Publication(room="r", event="e", data=data, id="p", published_at_ms=1)
+    fields = encode_envelope(publication)
+    raw = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in fields.items()}
+    assert decode_envelope("1-0", raw, room="r").data == data
+    assert decode_feed("1-0", encode_feed(fields).encode(), room="r").data == data
+    assert schema_errors(fields) == []
+
+
+def test_binary_entry_layout() -> None:
+    """Placeholders in data, the count in attachments, each attachment's raw bytes in its own
+    field; bytearray and memoryview are stored as bytes; JSON-only data has no such fields."""
+    data = {"a": bytearray(b"\x00\x01"), "b": [memoryview(b"\xff")]}
+    fields = encode_envelope(Publication(room="r", event="e", data=data, id="p"))
+    assert json.loads(fields["data"]) == {
+        "a": {"_placeholder": True, "num": 0},
+        "b": [{"_placeholder": True, "num": 1}],
+    }
+    assert (fields["attachments"], fields["attachment:0"], fields["attachment:1"]) == (
+        "2",
+        b"\x00\x01",
+        b"\xff",
+    )
+    assert decode_envelope("1-0", fields).data == {"a": b"\x00\x01", "b": [b"\xff"]}
+    plain = encode_envelope(Publication(room="r", event="e", data={"a": 1}, id="p"))
+    assert "attachments" not in plain
+    assert not [name for name in plain if name.startswith("attachment:")]
+
+
+def test_placeholders_mean_something_only_in_binary_entries() -> None:
+    """An entry without attachments reads exactly as before: a placeholder-shaped object is
+    plain JSON; and such an object beside bytes is refused when encoding, not misread later."""
+    placeholder = {"_placeholder": True, "num": 0}
+    entry = {b"room": b"r", b"event": b"e", b"data": json.dumps({"x": placeholder}).encode()}
+    assert decode_envelope("1-0", entry).data == {"x": placeholder}
+    assert encode_envelope(Publication(room="r", event="e", data=placeholder, id="p"))
+    with pytest.raises(EnvelopeError, match="_placeholder"):
+        encode_envelope(Publication(room="r", event="e", data=[placeholder, b"x"], id="p"))
+
+
+def test_a_plain_xadd_with_an_attachment() -> None:
+    """What another language's XADD writes (fields and values as bytes) is a binary entry."""
+    entry = {
+        b"room": b"r",
+        b"event": b"file",
+        b"data": b'{"name":"a","body":{"_placeholder":true,"num":0}}',
+        b"attachments": b"1",
+        b"attachment:0": b"\x89PNG\r\n\x1a\n\x00",
+    }
+    assert decode_envelope("5-0", entry, room="r").data == {
+        "name": "a",
+        "body": b"\x89PNG\r\n\x1a\n\x00",
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({b"attachments": b"0"}, "attachments: not a count"),
+        ({b"attachments": b"01"}, "attachments: not a count"),
+        ({b"attachments": b"257"}, "attachments: not a count"),
+        ({b"attachments": b"two"}, "attachments: not a count"),
+        ({b"attachments": b"2"}, "attachment:1: missing"),
+        ({b"data": b'[{"_placeholder":true,"num":1}]'}, "data: invalid attachment placeholder"),
+        ({b"data": b'[{"_placeholder":true,"num":"0"}]'}, "data: invalid attachment placeholder"),
+        ({b"data": b"[nope"}, "data: invalid json"),
+    ],
+)
+def test_bad_binary_entries_are_refused(change: dict[bytes, bytes], words: str) -> None:
+    """A binary entry whose count, attachments or placeholders disagree is malformed."""
+    entry = {
+        b"room": b"r",
+        b"event": b"e",
+        b"data": b'[{"_placeholder":true,"num":0}]',
+        b"attachments": b"1",
+        b"attachment:0": b"\x00",
+        **change,
+    }
+    with pytest.raises(EnvelopeError, match=words):
+        decode_envelope("1-0", entry)
+
+
+def test_bad_binary_feed_messages_are_refused() -> None:
+    """A feed message's attachment must be base64 text (the stream then has the entry)."""
+    body = {"room": "r", "event": "e", "data": "[]", "attachments": "1"}
+    with pytest.raises(EnvelopeError, match="attachment:0 is not base64"):
+        decode_feed("1-0", json.dumps({**body, "attachment:0": "!!"}), room="r")
+    with pytest.raises(EnvelopeError, match="attachment:0 must be base64 text"):
+        decode_feed("1-0", json.dumps({**body, "attachment:0": 1}), room="r")
+
+
+def test_data_that_is_neither_json_nor_bytes_is_refused() -> None:
+    """Only JSON values and bytes: anything else names the data field."""
+    with pytest.raises(EnvelopeError, match="data: not json-serializable"):
+        encode_envelope(Publication(room="r", event="e", data=[b"x", object()], id="p"))
+    with pytest.raises(EnvelopeError, match="data: more than 256"):
+        encode_envelope(Publication(room="r", event="e", data=[b"x"] * 257, id="p"))

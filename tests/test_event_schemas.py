@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
+from conftest import http_json
 from prometheus_client.parser import text_string_to_metric_families
 
 import redis_fixtures
@@ -256,6 +257,14 @@ def test_invalid_payloads_never_reach_the_stream_a_handler_or_a_room(
     assert body["error"]["code"] == "invalid_payload"
     assert body["error"]["details"] == [{"path": "/text", "message": "must be string"}]
     assert server.publish(room, "note", {"text": "api ok"})[0] == 202
+    status, body = http_json(
+        "POST",
+        f"{server.url}/api/v1/emit",
+        {"room": room, "event": "note", "data": {"text": {}}, "timeout_ms": 100},
+        {"Authorization": f"Bearer {server.credentials.api_key}"},
+    )
+    assert status == 400, body
+    assert body["error"]["details"] == [{"path": "/text", "message": "must be string"}]
     raw = redis.Redis.from_url(redis_url, decode_responses=True)
     stream = f"{redis_prefix}:room:{{{room}}}"
     try:
@@ -314,6 +323,7 @@ def test_invalid_payloads_never_reach_the_stream_a_handler_or_a_room(
         (("event", "rename"), ("source", "client_event")): 3,
         (("event", "note"), ("source", "client_publish")): 1,
         (("event", "note"), ("source", "api_publish")): 1,
+        (("event", "note"), ("source", "api_emit")): 1,
     }
     dropped_entries = ("roomcast_broker_dropped_entries_total", (("reason", "invalid_payload"),))
     assert metrics[dropped_entries] == 2

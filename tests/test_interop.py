@@ -258,7 +258,8 @@ def test_reconnects_after_server_restart(
 
 
 def test_drain_says_goodbye_to_polling_clients(roomcast_factory: ServerFactory, mint: Mint) -> None:
-    """A draining server hands its close packet to a polling client's next poll (raw Engine.IO)."""
+    """A draining server hands a polling client a PING with its next poll, and its CLOSE packet
+    with the poll after the PONG (raw Engine.IO)."""
     server = roomcast_factory("--drain-seconds", "3")
     path = "/socket.io/?EIO=4&transport=polling"
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
@@ -290,8 +291,10 @@ def test_drain_says_goodbye_to_polling_clients(roomcast_factory: ServerFactory, 
         except (ConnectionError, http.client.HTTPException) as error:
             pytest.fail(f"the poll after SIGTERM got no answer: {error!r}")
         status, body = answer
-        assert status == 200, body
-        assert body.split("\x1e")[-1] == "1", body  # the last packet of the payload: CLOSE
+        assert (status, body) == (200, "2"), body  # told to leave: a PING first
+        assert request("POST", session, "3") == (200, "ok")
+        status, body = request("GET", session)
+        assert (status, body) == (200, "1"), body  # the CLOSE, alone, once the PONG came
     finally:
         connection.close()
 

@@ -87,13 +87,15 @@ async def test_recovery_refused_for_another_user() -> None:
 
 
 def test_dependencies_point_one_way() -> None:
-    """protocol imports nothing of ours; broker (which may use protocol and auth), auth, metrics
-    and config never import hub or node."""
+    """protocol imports nothing of ours; broker (which may use protocol and auth), auth (which
+    may use the room patterns), metrics and config never import hub or node; patterns and
+    schemas import nothing of ours."""
     rules = {
         "protocol": {"roomcast.protocol"},
         "broker": {"roomcast.broker", "roomcast.auth", "roomcast.protocol"},
         "auth.py": {"roomcast.patterns"},
         "patterns.py": set(),
+        "schemas.py": set(),
         "metrics.py": set(),
         "config.py": set(),
     }
@@ -119,6 +121,21 @@ async def test_broker_counters_are_exported() -> None:
         node.broker.dropped["delivery_failed"] += 2  # type: ignore[attr-defined]
         text = (await _get(f"http://127.0.0.1:{node.port}/metrics")).decode()
         assert 'roomcast_broker_dropped_entries_total{reason="delivery_failed"} 2.0' in text
+
+
+async def test_readiness_and_broker_state_are_gauges() -> None:
+    """roomcast_ready follows /readyz, roomcast_broker_up and roomcast_broker_state the broker,
+    read at scrape time."""
+    async with running() as node:
+        text = (await _get(f"http://127.0.0.1:{node.port}/metrics")).decode()
+        assert "roomcast_ready 1.0" in text and "roomcast_broker_up 1.0" in text
+        assert 'roomcast_broker_state{state="connected"} 1.0' in text
+        node.draining = True
+        await node.broker.stop()
+        text = (await _get(f"http://127.0.0.1:{node.port}/metrics")).decode()
+        assert "roomcast_ready 0.0" in text and "roomcast_broker_up 0.0" in text
+        assert 'roomcast_broker_state{state="stopped"} 1.0' in text
+        assert 'roomcast_broker_state{state="connected"} 0.0' in text
 
 
 async def _get(url: str) -> bytes:

@@ -107,6 +107,9 @@ async def test_an_ops_listener_takes_metrics_and_the_api_off_the_main_port() -> 
             status, body = await _get(node.port, "/metrics", key)
             assert status == 404 and '"not_found"' in body
         assert await _publish(node.port) == 404
+        for path in ("/api/v1/sockets?room=doc:1", "/api/v1/rooms/doc:1"):
+            assert (await _get(node.port, path, API_KEY))[0] == 404
+            assert (await _get(ops, path, API_KEY))[0] == 200
         assert (await _get(node.port, "/healthz"))[0] == 200
         assert (await _get(node.port, "/readyz"))[0] == 200
         raw = await connect_sio(node.port, {"token": token_for("doc:*")})

@@ -147,3 +147,23 @@ def test_an_instance_that_missed_a_revocation_catches_up(
     (second,) = gateways(1, *redis_args(redis_url, redis_prefix))
     with pytest.raises(ClientsError, match="token_revoked"):
         node_clients.connect("late", second.url, old)
+
+
+def test_a_reload_read_before_a_revocation_was_stored_does_not_forget_it() -> None:
+    """A revocation learnt from a broadcast survives a reload whose read predates its storing;
+    one only loaded is forgotten once the broker no longer holds it."""
+    from roomcast.auth import Principal
+    from roomcast.revocation import Revocations, TokenRevokedError, jti_entry, user_entry
+
+    principal = Principal("eve", (), (), None, {"iat": 1_000, "jti": "t1"})
+    known = Revocations()
+    known.learn(user_entry("eve", 2_000_000))
+    known.load([])  # a stale read
+    with pytest.raises(TokenRevokedError):
+        known.check(principal)
+    loaded = Revocations()
+    loaded.load([jti_entry("t1")])
+    with pytest.raises(TokenRevokedError):
+        loaded.check(principal)
+    loaded.load([])
+    loaded.check(principal)

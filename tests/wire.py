@@ -29,6 +29,9 @@ def settings(**overrides: Any) -> Settings:
         "ping_interval_ms": 2000,
         "ping_timeout_ms": 2000,
         "connect_timeout_ms": 3000,
+        # Clients told to leave at once: tests of the gradual drain pass these again.
+        "drain_delay_s": 0.0,
+        "drain_window_s": 0.0,
     }
     base.update(overrides)
     return Settings(**base)

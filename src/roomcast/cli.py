@@ -1,5 +1,5 @@
-"""``roomcast serve | publish | token | check-config | admin-hash | ...`` - the only module that
-exits the process."""
+"""``roomcast serve | publish | token | check-config | asyncapi | admin-hash | ...`` - the only
+module that exits the process."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from roomcast import config
 from roomcast.app import Application
 from roomcast.config import ConfigError, Settings
+from roomcast.jsonbytes import BinaryMarkerError, decode_markers
 from roomcast.runner import run
 
 _AUTH_SETTINGS = (
@@ -27,6 +29,9 @@ _AUTH_SETTINGS = (
     "jwt_issuer",
     "jwt_audience",
 )
+
+
+_URL_HELP = "gateway URL (default http://OPS_LISTEN, else http://HOST:PORT)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,15 +61,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     config.add_arguments(token, only=_AUTH_SETTINGS)
 
+    asyncapi = sub.add_parser(
+        "asyncapi", help="write the AsyncAPI 3.0 document of the gateway's events (JSON)"
+    )
+    asyncapi.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
+    config.add_arguments(asyncapi, only=("host", "port", "app", "event_schemas", "upstream_events"))
+
     publish = sub.add_parser("publish", help="publish an event to a room")
     publish.add_argument("--room", required=True)
     publish.add_argument("--event", required=True)
-    publish.add_argument("--data", required=True, help="JSON value")
+    publish.add_argument(
+        "--data", required=True, help='JSON value; {"$binary": "<base64>"} stands for bytes'
+    )
     publish.add_argument("--idempotency-key", default=None)
     publish.add_argument("--namespace", default="/", help="the room's namespace (default /)")
     publish.add_argument(
-        "--url", default=None, help="gateway URL (default http://OPS_LISTEN or http://HOST:PORT)"
+        "--traceparent", default=None, help="W3C trace context the publication continues"
     )
+    publish.add_argument("--url", default=None, help=_URL_HELP)
     config.add_arguments(
         publish,
         only=(
@@ -75,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
             "redis_url",
             "redis_prefix",
             "event_schemas",
+            "tracing",
         ),
     )
 
@@ -85,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     who.add_argument("--user", help="revoke every token of this user issued until now")
     who.add_argument("--jti", help="revoke the token with this id (needs --exp)")
     revoke.add_argument("--exp", type=float, default=None, help="the token's exp (Unix seconds)")
-    revoke.add_argument("--url", default=None, help="gateway URL (default http://HOST:PORT)")
+    revoke.add_argument("--url", default=None, help=_URL_HELP)
     config.add_arguments(revoke, only=("host", "port", "ops_listen", "api_key"))
 
     admin_hash = sub.add_parser(
@@ -101,21 +116,22 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--room")
     which.add_argument("--user")
     sockets.add_argument("--namespace", default="/")
-    sockets.add_argument("--url", default=None, help="gateway URL (default http://HOST:PORT)")
+    sockets.add_argument("--url", default=None, help=_URL_HELP)
     config.add_arguments(sockets, only=("host", "port", "ops_listen", "api_key"))
     return parser
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def _settings(args: argparse.Namespace) -> tuple[Settings, frozenset[str]]:
+    """The settings, and the names of those given by a flag, the environment or the file."""
     flags = {k: v for k, v in vars(args).items() if v is not None}
-    return config.load(flags)
+    return config.load_given(flags)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
-        settings = _settings(args)
-        code = _COMMANDS[args.command](args, settings)
+        settings, given = _settings(args)
+        code = _COMMANDS[args.command](args, settings, given)
     except ConfigError as error:
         print(f"roomcast: configuration error: {error}", file=sys.stderr)
         code = 2
@@ -125,16 +141,31 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
-def _check_config(args: argparse.Namespace, settings: Settings) -> int:
+def _asyncapi(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
+    from roomcast.asyncapi import document
+    from roomcast.node import load_schemas
+
+    app = load_app(settings.app) if settings.app else None
+    text = json.dumps(document(settings, app, load_schemas(settings, app)), indent=2) + "\n"
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+    return 0
+
+
+def _check_config(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
     from roomcast.node import load_schemas, make_authenticator
+    from roomcast.tracing import check
 
     make_authenticator(settings)
     load_schemas(settings)
+    check(settings.tracing)
     print(json.dumps(settings.redacted(), indent=2, default=list))
     return 0
 
 
-def _token(args: argparse.Namespace, settings: Settings) -> int:
+def _token(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
     from roomcast.node import make_authenticator
 
     auth = make_authenticator(settings)
@@ -147,13 +178,23 @@ def _token(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _publish(args: argparse.Namespace, settings: Settings) -> int:
+def _publish(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
     try:
         data = json.loads(args.data)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--data is not valid JSON: {exc}") from exc
-    if settings.redis_url:
-        result = asyncio.run(_publish_redis(settings, args, data))
+    if settings.redis_url:  # the HTTP API reads {"$binary": ...} itself
+        try:
+            data = decode_markers(data)
+        except BinaryMarkerError as exc:
+            raise ConfigError(f"--data: {exc}") from None
+        from roomcast import tracing
+
+        tracing.setup(settings.tracing)  # the Publisher's span, when the OTEL_* variables ask
+        try:
+            result = asyncio.run(_publish_redis(settings, args, data))
+        finally:
+            tracing.shutdown()
         print(json.dumps(result))
         return 0
     body: dict[str, Any] = {"room": args.room, "event": args.event, "data": data}
@@ -161,17 +202,19 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
         body["namespace"] = args.namespace
     if args.idempotency_key:
         body["idempotency_key"] = args.idempotency_key
+    if args.traceparent:
+        body["traceparent"] = args.traceparent
     return _api(args, settings, "POST", "/api/v1/publish", body)
 
 
-def _revoke(args: argparse.Namespace, settings: Settings) -> int:
+def _revoke(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
     if args.jti is not None and args.exp is None:
         raise ConfigError("--jti needs --exp, the token's exp claim")
     body = {"user": args.user} if args.user else {"jti": args.jti, "exp": args.exp}
     return _api(args, settings, "POST", "/api/v1/revoke", body)
 
 
-def _sockets(args: argparse.Namespace, settings: Settings) -> int:
+def _sockets(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
     query = {"room": args.room} if args.room else {"user": args.user}
     query["namespace"] = args.namespace
     return _api(args, settings, "GET", "/api/v1/sockets?" + urllib.parse.urlencode(query), None)
@@ -214,6 +257,7 @@ async def _publish_redis(settings: Settings, args: argparse.Namespace, data: Any
             args.event,
             data,
             idempotency_key=args.idempotency_key,
+            traceparent=args.traceparent,
             namespace=args.namespace,
         )
     finally:
@@ -226,7 +270,7 @@ def _api_base(settings: Settings) -> str:
     return f"http://{settings.ops_listen or f'{settings.host}:{settings.port}'}"
 
 
-def _admin_hash(args: argparse.Namespace, settings: Settings) -> int:
+def _admin_hash(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
     """The hash for ``--admin-password-hash``: the password from stdin (one line) when it is
     not a terminal, else asked for twice without echo."""
     import getpass
@@ -259,24 +303,34 @@ def load_app(spec: str) -> Application:
     return app
 
 
-def _serve(args: argparse.Namespace, settings: Settings) -> int:
+def _serve(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
     app = load_app(settings.app) if settings.app else None
-    settings = _dev_defaults(settings)
+    settings = _dev_defaults(settings, given)
     from roomcast.node import load_schemas, make_authenticator
 
     make_authenticator(settings)  # fail fast on bad key settings
     load_schemas(settings, app)  # and on a bad schema file
+    from roomcast.tracing import check
+
+    check(settings.tracing)  # and on tracing asked for without the otel extra
     if settings.workers > 1:
+        from roomcast.logs import configure as configure_logs
         from roomcast.workers import run_workers
 
+        configure_logs(settings.log_level, settings.log_format, settings.secret_values())
         code: int = run_workers(settings, app)
         return code
     run(settings, app)
     return 0
 
 
-def _dev_defaults(settings: Settings) -> Settings:
-    """Without a JWT key, generate development secrets and print how to use them."""
+_DEV_QUICK_STOP = ("drain_delay_s", "drain_window_s")
+"""Settings that are 0 in development mode unless given: no balancer waits for the drain."""
+
+
+def _dev_defaults(settings: Settings, given: frozenset[str] = frozenset()) -> Settings:
+    """Without a JWT key, generate development secrets and print how to use them; a stop
+    (Ctrl-C) then tells clients to leave at once, unless the drain settings were given."""
     if (
         settings.production
         or settings.jwt_secret
@@ -291,6 +345,8 @@ def _dev_defaults(settings: Settings) -> Settings:
         jwt_secret=secrets.token_urlsafe(48),
         api_key=settings.api_key or secrets.token_hex(24),  # never starts with "-"
     )
+    quick: dict[str, Any] = {name: 0.0 for name in _DEV_QUICK_STOP if name not in given}
+    settings = dataclasses.replace(settings, **quick)
     from roomcast.node import make_authenticator
 
     auth = make_authenticator(settings)
@@ -311,6 +367,7 @@ def _dev_defaults(settings: Settings) -> Settings:
 
 _COMMANDS = {
     "serve": _serve,
+    "asyncapi": _asyncapi,
     "check-config": _check_config,
     "token": _token,
     "publish": _publish,

@@ -22,6 +22,7 @@ Operations: ``emit`` and ``emit_ack`` (send an event, collect acks), ``fetch``, 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -30,8 +31,9 @@ from typing import Any
 import orjson
 
 from roomcast.broker.base import Broker, BrokerError, PublishRequest, PublishResult
+from roomcast.jsonbytes import KEY, BinaryMarkerError, decode_markers
 from roomcast.metrics import Metrics
-from roomcast.operator import Reach, Selector, SelectorError
+from roomcast.operator import MAX_ACK_TIMEOUT_S, Reach, Selector, SelectorError
 from roomcast.revocation import TokenRevokedError, jti_entry, now_ms, user_entry
 from roomcast.socket import Socket
 from roomcast.sockets import SocketServer
@@ -53,12 +55,34 @@ MessageHandler = Callable[[dict[str, Any]], None]
 
 
 class _Pending:
-    __slots__ = ("done", "expected", "results")
+    __slots__ = ("done", "expected", "failed", "results")
 
     def __init__(self, expected: set[str]) -> None:
         self.expected = expected
         self.results: dict[str, dict[str, Any]] = {}
+        self.failed: set[str] = set()
+        """Instances that answered they could not carry the request out (reported missing)."""
         self.done = asyncio.Event()
+
+    def settle(self) -> None:
+        if self.expected <= self.results.keys() | self.failed:
+            self.done.set()
+
+
+def encode_control(message: dict[str, Any]) -> bytes:
+    """A control message as JSON; bytes anywhere in it travel as ``{"$binary": base64}``
+    (:mod:`roomcast.jsonbytes` reads them back)."""
+    return orjson.dumps(message, default=_binary_default)
+
+
+def decode_control(message: bytes) -> Any:
+    return decode_markers(orjson.loads(message))
+
+
+def _binary_default(value: object) -> object:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {KEY: base64.b64encode(value).decode("ascii")}
+    raise TypeError(f"type {type(value).__name__} is not JSON serializable")
 
 
 class Cluster:
@@ -73,7 +97,10 @@ class Cluster:
         *,
         answer_timeout_s: float = 2.0,
         revocation_ttl_s: int = 86_400,
+        publish: Callable[[PublishRequest], Awaitable[PublishResult]] | None = None,
     ) -> None:
+        """``publish`` is the node's (event schemas, tracing); the broker's by default."""
+        self._publish = publish or broker.publish
         self._broker = broker
         self._sockets = sockets
         self._metrics = metrics
@@ -101,7 +128,7 @@ class Cluster:
         """Send a control message of an added kind to ``instance`` (``None``: every one);
         at most once, like every control message.  Raise :class:`BrokerError` if it could
         not be sent."""
-        await self._broker.send_control(orjson.dumps(body), instance)
+        await self._broker.send_control(encode_control(body), instance)
 
     @property
     def answer_timeout_s(self) -> float:
@@ -113,7 +140,7 @@ class Cluster:
 
     # -- requester ----------------------------------------------------------------------------
     async def publish(self, request: PublishRequest) -> PublishResult:
-        result = await self._broker.publish(request)
+        result = await self._publish(request)
         self._metrics.published.labels("server_api").inc()
         return result
 
@@ -124,6 +151,8 @@ class Cluster:
         could not be sent at all."""
         if op not in OPERATIONS and op not in self._operations:
             raise ValueError(f"op: unknown operation {op!r}")
+        if not 0 < timeout_s <= MAX_ACK_TIMEOUT_S + self._answer_timeout_s:
+            raise ValueError(f"timeout: must be in (0, {MAX_ACK_TIMEOUT_S}] seconds")
         expected = set(await self._broker.instances())
         expected.add(self.instance)  # even before its first announcement
         request_id = uuid.uuid4().hex
@@ -137,7 +166,7 @@ class Cluster:
             "args": args,
         }
         try:
-            await self._broker.send_control(orjson.dumps(message))
+            await self._broker.send_control(encode_control(message))
             try:
                 async with asyncio.timeout(timeout_s):
                     await pending.done.wait()
@@ -157,9 +186,9 @@ class Cluster:
     def on_message(self, message: bytes) -> None:
         """A control message from the broker (a request to answer, or an answer)."""
         try:
-            body = orjson.loads(message)
+            body = decode_control(message)
             kind = body["t"]
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        except (orjson.JSONDecodeError, BinaryMarkerError, KeyError, TypeError) as exc:
             self._dropped("bad_control_message", f"{exc!r}")
             return
         if kind == "rep":
@@ -177,13 +206,13 @@ class Cluster:
         if pending is None or not isinstance(instance, str):
             self._dropped("late_control_answer", f"answer to {str(body.get('id'))[:40]}")
             return
-        if "error" in body:
-            log.warning("instance %s could not answer: %s", instance, body["error"])
-            return  # counted as missing
         result = body.get("result")
-        pending.results[instance] = result if isinstance(result, dict) else {}
-        if pending.expected <= pending.results.keys():
-            pending.done.set()
+        if "error" in body or not isinstance(result, dict):
+            log.warning("instance %s could not answer: %s", instance, body.get("error"))
+            pending.failed.add(instance)  # reported missing, without waiting for it
+        else:
+            pending.results[instance] = result
+        pending.settle()
 
     def _dropped(self, reason: str, detail: str) -> None:
         self._metrics.dropped.labels(reason).inc()
@@ -208,36 +237,38 @@ class Cluster:
             self._dropped("bad_control_request", f"{op} for {requester}: {exc}")
             answer["error"] = str(exc)
         try:
-            await self._broker.send_control(orjson.dumps(answer), requester)
+            encoded = encode_control(answer)
+        except TypeError as exc:  # a value no control message can carry
+            self._dropped("bad_control_answer", f"{op} for {requester}: {exc}")
+            encoded = encode_control({**answer, "result": None, "error": str(exc)})
+        try:
+            await self._broker.send_control(encoded, requester)
         except BrokerError as exc:
             self._dropped("control_answer_unsent", f"{op} for {requester}: {exc}")
 
     def matching(self, selector: Selector) -> list[Socket]:
         """The local sockets ``selector`` reaches."""
         server = self._sockets
+        rooms, excluded = selector.rooms, selector.except_rooms
         if selector.socket is not None:
             found = server.sockets.get(SocketId(selector.socket))
             candidates: list[Socket] = [found] if found is not None else []
-        elif selector.rooms:
+        elif rooms:
             seen: dict[str, Socket] = {}
-            for room in selector.rooms:
-                members = server.hub.rooms.get((selector.namespace, room), {})
-                for member in members:
+            for room in rooms:
+                for member in server.hub.rooms.get((selector.namespace, room), {}):
                     socket = server.sockets.get(SocketId(member.id))
                     if socket is not None:
                         seen[socket.id] = socket
-                by_id = server.sockets.get(SocketId(room))
-                if by_id is not None:  # a socket id is the room of that socket
-                    seen[by_id.id] = by_id
             candidates = list(seen.values())
         else:
             candidates = list(server.sockets.values())
-        excluded = selector.except_rooms
         return [
             socket
             for socket in candidates
             if socket.connected
             and socket.namespace.name == selector.namespace
+            and (not rooms or socket.rooms & rooms)
             and (selector.user is None or socket.user_id == selector.user)
             and (not excluded or (socket.id not in excluded and not socket.rooms & excluded))
         ]
@@ -279,16 +310,21 @@ class Cluster:
             for socket in sockets:
                 socket.emit(event, *event_args)
             return {"sockets": len(sockets)}
-        timeout_s = float(args.get("timeout_s", 5.0))
-        return await self._gather_acks(sockets, event, event_args, timeout_s)
+        timeout_s = args.get("timeout_s")
+        if (
+            not isinstance(timeout_s, int | float)
+            or isinstance(timeout_s, bool)
+            or not 0 < timeout_s <= MAX_ACK_TIMEOUT_S
+        ):
+            raise ValueError(f"timeout_s: must be a number in (0, {MAX_ACK_TIMEOUT_S}]")
+        return await self._gather_acks(sockets, event, event_args, float(timeout_s))
 
     async def _gather_acks(
         self, sockets: list[Socket], event: str, args: list[Any], timeout_s: float
     ) -> dict[str, Any]:
         async def ask(socket: Socket) -> tuple[str, list[Any] | None]:
             try:
-                async with asyncio.timeout(timeout_s):
-                    return socket.id, await socket.call(event, *args)
+                return socket.id, await socket.call(event, *args, ack_timeout_s=timeout_s)
             except TimeoutError:
                 return socket.id, None
             except asyncio.CancelledError:
@@ -317,12 +353,12 @@ class Cluster:
             entry = user_entry(user, now)
             until = now + self._revocation_ttl_s * 1000
         elif jti is not None and exp is not None:
-            entry, until = jti_entry(jti), int(exp * 1000)
+            # Kept a minute past exp: a token is refused until then even by a clock behind.
+            entry, until = jti_entry(jti), max(int(exp * 1000), now) + 60_000
         else:
             raise ValueError("revoke: give a user, or a jti with its exp")
-        if until > now:
-            await self._broker.revoke(entry, until)
-        self._sockets.revocations.add(entry)
+        await self._broker.revoke(entry, until)
+        self._sockets.revocations.learn(entry)
         results, missing = await self.request(
             "revoke", Selector(), {"entry": entry}, self._answer_timeout_s
         )
@@ -331,7 +367,7 @@ class Cluster:
     def apply_revocation(self, entry: str) -> int:
         """Know of ``entry``, and disconnect the local sockets it revokes."""
         server = self._sockets
-        server.revocations.add(entry)
+        server.revocations.learn(entry)
         return self.kick_revoked()
 
     def kick_revoked(self) -> int:

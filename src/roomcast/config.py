@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -23,14 +24,22 @@ from roomcast.broker.topics import InvalidNamespaceError, validate_namespace
 
 ENV_PREFIX = "ROOMCAST_"
 _BCRYPT_RE = re.compile(r"\A\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}\Z")
+TRACING_MODES = ("auto", "on", "off")
+"""Values of the ``tracing`` setting (see :mod:`roomcast.tracing`)."""
+PARSER_NAMES = ("json", "msgpack")
+"""The ``parser`` setting's values (``roomcast.protocol.parser.PARSERS`` has one of each)."""
 
 
 class ConfigError(ValueError):
     """A setting has a bad value; the message names the key and the value."""
 
 
-def _setting(default: Any, help: str, *, secret: bool = False) -> Any:
-    return field(default=default, metadata={"help": help, "secret": secret})
+def _setting(default: Any, help: str, *, secret: bool = False, production: Any = None) -> Any:
+    """One setting; ``production``: its default with ``--production`` (when not given)."""
+    metadata = {"help": help, "secret": secret}
+    if production is not None:
+        metadata["production"] = production
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +47,8 @@ class Settings:
     host: str = _setting("127.0.0.1", "address to listen on")
     port: int = _setting(8000, "port to listen on")
     production: bool = _setting(
-        False, "refuse to start without a JWT key, an API key and an origin list"
+        False,
+        "refuse to start without a JWT key, an API key and an origin list; turn the rate limits on",
     )
     workers: int = _setting(1, "worker processes sharing the port (SO_REUSEPORT)")
     room_affinity: bool = _setting(
@@ -46,6 +56,7 @@ class Settings:
     )
     app: str = _setting("", "load server-side handlers from module:attribute")
     log_level: str = _setting("info", "debug, info, warning or error")
+    log_format: str = _setting("text", "text, or json: one JSON object per line")
 
     jwt_secret: str = _setting("", "HS256/384/512 secret for client tokens", secret=True)
     jwt_public_key_file: str = _setting("", "PEM public key file for RS256/ES256 tokens")
@@ -83,6 +94,11 @@ class Settings:
     max_payload: int = _setting(1_000_000, "max bytes of one HTTP body or WebSocket message")
     max_attachments: int = _setting(10, "max binary attachments of one Socket.IO packet")
     max_nesting: int = _setting(32, "max JSON nesting depth of one Socket.IO packet")
+    parser: str = _setting(
+        "json",
+        "Socket.IO parser every client must use: json (the default parser) or msgpack "
+        "(socket.io-msgpack-parser)",
+    )
     outbound_buffer_limit: int = _setting(
         4 * 1024 * 1024, "bytes queued for one client before it is dropped as too slow"
     )
@@ -105,6 +121,52 @@ class Settings:
     )
     max_rooms_per_socket: int = _setting(
         1000, "rooms one socket may be in; a join beyond it is refused with too_many_rooms"
+    )
+    event_rate: float = _setting(
+        0.0,
+        "client events per second one socket may send, sustained; over it the ack says "
+        "rate_limited (0: no limit)",
+        production=100.0,
+    )
+    event_burst: int = _setting(
+        0, "client events one socket may send at once (0: one second's worth)", production=500
+    )
+    join_rate: float = _setting(
+        0.0, "joins per second one socket may make, sustained (0: no limit)", production=20.0
+    )
+    join_burst: int = _setting(
+        0, "joins one socket may make at once (0: one second's worth)", production=200
+    )
+    rate_limit_disconnect: float = _setting(
+        10.0,
+        "disconnect a socket refused this many bursts more than its rate refills "
+        "(rate_limited; 0: never)",
+    )
+    user_connect_rate: int = _setting(
+        0,
+        "new connections one user may open per user_connect_window_s, on every instance "
+        "together (0: no limit)",
+        production=120,
+    )
+    user_connect_window_s: float = _setting(60.0, "the window of user_connect_rate")
+    max_connections_per_user: int = _setting(
+        0,
+        "connections one user may hold at once, on every instance together (0: no limit)",
+        production=100,
+    )
+    user_connections_ttl_s: float = _setting(
+        30.0,
+        "how long a connection counts for its user after its instance last said it is open "
+        "(an instance that dies stops saying so)",
+    )
+    api_rate: float = _setting(
+        0.0,
+        "publish API requests per second per API key, per worker, sustained; over it 429 "
+        "(0: no limit)",
+        production=5000.0,
+    )
+    api_burst: int = _setting(
+        0, "publish API requests per API key at once (0: one second's worth)", production=10_000
     )
     revocation_ttl_s: int = _setting(
         86_400,
@@ -134,7 +196,28 @@ class Settings:
     upstream_stream: str = _setting(
         "", "Redis stream for upstream client events (default <prefix>:upstream)"
     )
-    drain_seconds: float = _setting(10.0, "time given to clients to leave on SIGTERM")
+    drain_delay_s: float = _setting(
+        5.0,
+        "on SIGTERM, /readyz answers 503 for this long while everyone is still served, so "
+        "balancers and endpoints stop sending new clients before any is told to leave "
+        "(development mode: 0 unless set)",
+    )
+    drain_window_s: float = _setting(
+        10.0,
+        "after the drain delay, clients are told to leave at a steady rate over this long, "
+        "so the remaining instances take them gradually (development mode: 0 unless set)",
+    )
+    drain_seconds: float = _setting(
+        10.0,
+        "after the last client was told to leave, time for polling clients to collect their "
+        "close and for recovery states to be written, before the listener closes",
+    )
+    tracing: str = _setting(
+        "auto",
+        "OpenTelemetry traces (needs roomcast[otel]): on, off, or auto: on when "
+        "OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+        "OTEL_TRACES_EXPORTER=otlp is set",
+    )
 
     admin_username: str = _setting(
         "", "Socket.IO Admin UI login name; with admin_password_hash it enables the admin namespace"
@@ -179,6 +262,28 @@ class Settings:
             value = getattr(self, name)
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value!r}")
+        for name in (
+            "event_rate",
+            "event_burst",
+            "join_rate",
+            "join_burst",
+            "rate_limit_disconnect",
+            "user_connect_rate",
+            "max_connections_per_user",
+            "api_rate",
+            "api_burst",
+        ):
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:  # also refuses nan
+                raise ConfigError(f"{name} must be a finite number, 0 or more, got {value!r}")
+        for name in ("user_connect_window_s", "user_connections_ttl_s"):
+            value = getattr(self, name)
+            if not 0.1 <= value < math.inf:
+                raise ConfigError(f"{name} must be at least 0.1 and finite, got {value!r}")
+        for name in ("drain_delay_s", "drain_window_s", "drain_seconds"):
+            value = getattr(self, name)
+            if not value >= 0:  # also refuses nan
+                raise ConfigError(f"{name} must be 0 or more, got {value!r}")
         if self.max_connections_per_ip < 0:
             raise ConfigError(
                 f"max_connections_per_ip must be 0 or more, got {self.max_connections_per_ip!r}"
@@ -194,6 +299,8 @@ class Settings:
             raise ConfigError(f"port must be at most 65535, got {self.port!r}")
         if any(a.lower() == "none" for a in self.jwt_algorithms):
             raise ConfigError("jwt_algorithms must not contain 'none'")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json, got {self.log_format!r}")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError(
                 f"log_level must be debug, info, warning or error, got {self.log_level!r}"
@@ -208,6 +315,12 @@ class Settings:
                     f"{self.host}:{self.port}"
                 )
         self._validate_admin()
+        if self.tracing not in TRACING_MODES:
+            raise ConfigError(
+                f"tracing must be one of {', '.join(TRACING_MODES)}, got {self.tracing!r}"
+            )
+        if self.parser not in PARSER_NAMES:
+            raise ConfigError(f"parser must be {' or '.join(PARSER_NAMES)}, got {self.parser!r}")
         if self.app and ":" not in self.app:
             raise ConfigError(f"app must be module:attribute, got {self.app!r}")
         if self.production:
@@ -251,6 +364,20 @@ class Settings:
             raise ConfigError(f"admin_namespace: {exc}") from None
         if self.admin_namespace == "/":
             raise ConfigError("admin_namespace must not be '/', the clients' namespace")
+
+    def secret_values(self) -> list[str]:
+        """Every secret setting's value, and the password of every URL setting: what no log
+        line may contain (``roomcast.logs.Redactor``)."""
+        values: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["secret"] and isinstance(value, str) and value:
+                values.append(value)
+            elif isinstance(value, str) and "://" in value and "@" in value:
+                password = urlsplit(value).password
+                if password:
+                    values.append(password)
+        return values
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with secrets masked, for logs and ``check-config``."""
@@ -330,9 +457,10 @@ def add_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | None = 
     for f in dataclasses.fields(Settings):
         if only is not None and f.name not in only:
             continue
-        help_text = (
-            f"{f.metadata['help']} (env {ENV_PREFIX}{f.name.upper()}, default {f.default!r})"
-        )
+        default = f"default {f.default!r}"
+        if "production" in f.metadata:
+            default += f", {f.metadata['production']!r} with --production"
+        help_text = f"{f.metadata['help']} (env {ENV_PREFIX}{f.name.upper()}, {default})"
         if f.type in ("bool", bool):
             parser.add_argument(
                 _flag(f.name),
@@ -351,6 +479,16 @@ def load(
     config_file: str | None = None,
 ) -> Settings:
     """Build :class:`Settings` from flags > env > file > defaults, then validate."""
+    return load_given(flags, environ, config_file)[0]
+
+
+def load_given(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> tuple[Settings, frozenset[str]]:
+    """:func:`load`, and the names of the settings that were given (not defaults).  With
+    ``production``, a setting given nowhere takes its production default (the rate limits)."""
     flags = flags or {}
     environ = os.environ if environ is None else environ
     path = config_file or flags.get("config") or environ.get(ENV_PREFIX + "CONFIG")
@@ -374,6 +512,11 @@ def load(
             values[name] = _coerce(name, f.type, environ[ENV_PREFIX + name.upper()])
         elif name in from_file:
             values[name] = _coerce(name, f.type, from_file[name])
+    given = frozenset(values)
+    if values.get("production", False):
+        for name, f in known.items():
+            if name not in values and "production" in f.metadata:
+                values[name] = f.metadata["production"]
     settings = Settings(**values)
     settings.validate()
-    return settings
+    return settings, given

@@ -32,6 +32,11 @@ TIMER_TICK: Final = 0.02
 :meth:`Connection._schedule`): a timer may fire early by less than a tick, never late."""
 
 
+PollingText = str | Callable[[], str]
+"""A broadcast's polling form: the text, or a callable that makes it (and keeps it) on first use,
+so that a broadcast nobody polls for does not pay for it (base64 of binary messages)."""
+
+
 class State(enum.Enum):
     OPEN = "open"
     CLOSED = "closed"
@@ -109,7 +114,7 @@ class Flusher:
         self._scheduled = True
         self.loop.call_soon(self.flush)
 
-    def send_all(self, conns: Iterable[Connection], frame: bytes, text: str) -> None:
+    def send_all(self, conns: Iterable[Connection], frame: bytes, text: PollingText) -> None:
         """:meth:`Connection.send_encoded` to every connection of a broadcast.
 
         Its fast path (an idle WebSocket connection writes the frame at once) is unrolled here,
@@ -151,6 +156,7 @@ class Flusher:
 
 class Connection:
     __slots__ = (
+        "_dismissing",
         "_flusher",
         "_metrics",
         "_open",
@@ -158,6 +164,7 @@ class Connection:
         "_out_size",
         "_poll",
         "_poll_headers",
+        "_pongs_owed",
         "_queue",
         "_timer",
         "_transport",
@@ -207,6 +214,9 @@ class Connection:
         self._poll: Exchange | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._waiting_pong = False
+        self._dismissing: str | None = None
+        """The reason of :meth:`dismiss` while it waits for the client's PONG."""
+        self._pongs_owed = 0
         self._open = True
         self._poll_headers: list[tuple[str, str]] = []
         """False once closed or overflowing: nothing more is queued or written."""
@@ -248,8 +258,9 @@ class Connection:
             else:
                 self._enqueue("4" + message)
 
-    def send_encoded(self, frame: bytes, text: str) -> None:
-        """The broadcast hot path: a pre-built WebSocket frame, or its polling text form.
+    def send_encoded(self, frame: bytes, text: PollingText) -> None:
+        """The broadcast hot path: a pre-built WebSocket frame, or its polling text form (or
+        what makes that text once, for the first polling member: see :data:`PollingText`).
 
         A connection that sent nothing in this loop iteration or the one before writes the
         frame at once: in a big room the first members then receive while the loop still
@@ -260,7 +271,7 @@ class Connection:
         every broadcast."""
         transport = self._transport
         if transport is None:
-            self._enqueue(text)
+            self._enqueue(text if isinstance(text, str) else text())
             return
         out = self._out
         if out is not None:
@@ -341,9 +352,15 @@ class Connection:
         )
 
     def _closed_drop(self) -> None:
-        """A message for a connection that is closing (or was dropped as too slow)."""
-        self._metrics.dropped.labels("connection_closed").inc()
-        log.debug("dropped a message for closed connection %s", self.sid)
+        """A message for a connection that is closing (or was dropped as too slow); one for a
+        client being dismissed reaches it on the instance it recovers on."""
+        reason = "connection_closed" if self._dismissing is None else "dismissed"
+        self._metrics.dropped.labels(reason).inc()
+        log.debug(
+            "dropped a message for closed connection %s",
+            self.sid,
+            extra={"sid": self.sid, "reason": reason},
+        )
 
     def _overflow(self, written: int = 0) -> None:
         """Drop what is queued and close on the next loop iteration: this may run inside a
@@ -361,7 +378,12 @@ class Connection:
         self._queue = []
         self._metrics.slow_client_disconnects.inc()
         self._metrics.dropped.labels("slow_client").inc(lost)
-        log.warning("closing %s: outbound buffer over %d bytes (slow client)", self.sid, self.limit)
+        log.warning(
+            "closing %s: outbound buffer over %d bytes (slow client)",
+            self.sid,
+            self.limit,
+            extra={"sid": self.sid, "reason": "slow_client"},
+        )
         asyncio.get_running_loop().call_soon(self._close_slow)
 
     def _close_slow(self) -> None:
@@ -406,11 +428,25 @@ class Connection:
         self.release_poll("6")
         queue, self._queue = self._queue, []
         self._out_size = 0
+        frames: list[bytes] = []
         for packet in queue:
             if isinstance(packet, bytes):
-                self._push(binary_frame(packet))
+                frames.append(binary_frame(packet))
+            elif packet.startswith("b") or engineio.SEPARATOR in packet:
+                # a broadcast's polling form (``hub.PollingForm``): binary messages as base64,
+                # or several messages joined
+                frames.extend(
+                    binary_frame(part) if binary else text_frame(part)
+                    for binary, part in engineio.split_payload(packet)
+                )
             else:
-                self._push(text_frame(packet.encode("utf-8")))
+                frames.append(text_frame(packet.encode("utf-8")))
+        if self._dismissing is not None:  # what was queued before the dismissal, and its PING
+            if frames:
+                ws.write(b"".join(frames))
+            return
+        for frame in frames:
+            self._push(frame)
 
     # -- receiving ----------------------------------------------------------------------------
     def receive(self, packet: engineio.Packet) -> None:
@@ -419,7 +455,11 @@ class Connection:
             if self.handler is not None:
                 self.handler.on_message(packet.data)
         elif kind is PacketType.PONG:
-            if self._waiting_pong:
+            if self._dismissing is not None:
+                self._pongs_owed -= 1
+                if self._pongs_owed <= 0:
+                    self.close(self._dismissing)
+            elif self._waiting_pong:
                 self._waiting_pong = False
                 self._schedule(self.ping_interval, self._ping)
         elif kind is PacketType.CLOSE:
@@ -468,6 +508,43 @@ class Connection:
         self._timer = None
         self.close("ping timeout", notify=False)
 
+    # -- dismissal ----------------------------------------------------------------------------
+    def dismiss(self, reason: str) -> None:
+        """Close with a CLOSE packet that the client handles after everything sent before it.
+
+        socket.io-client hands a decoded packet to its socket on the next tick, so messages it
+        reads together with a CLOSE (one polling payload, or frames of one TCP read) reach the
+        socket after it disconnected: it keeps them for later without moving its recovery
+        offset, and, recovering elsewhere, gets them a second time. So everything queued is
+        sent, then a PING, and nothing more (a later message is dropped and counted; the
+        client recovers it elsewhere); the CLOSE goes alone once the PONG is back, or at
+        pingTimeout if it never comes."""
+        if self.state is State.CLOSED or self._dismissing is not None:
+            return
+        if not self._open:  # being closed as too slow
+            self.close(reason)
+            return
+        self._dismissing = reason
+        self.flush()
+        self._open = False
+        self._pongs_owed = 2 if self._waiting_pong else 1  # pongs come back in order
+        if self.ws is not None:
+            self.ws.write(text_frame(b"2"))
+        else:
+            self._queue.append("2")
+            if self._poll is not None:
+                self._answer_poll()
+        self._schedule(self.ping_timeout, self._dismiss_timed_out)
+
+    @property
+    def dismissing(self) -> bool:
+        return self._dismissing is not None
+
+    def _dismiss_timed_out(self) -> None:
+        self._timer = None
+        assert self._dismissing is not None
+        self.close(self._dismissing)
+
     # -- closing ------------------------------------------------------------------------------
     def detach(self) -> None:
         """The session moved to another worker: stop it here without closing the connection
@@ -500,7 +577,7 @@ class Connection:
         if notify and self.ws is not None:
             self.flush()
             self.ws.write(text_frame(b"1"))
-        elif notify and self._open:
+        elif notify and (self._open or self._dismissing is not None):
             # Polling: what is queued, then CLOSE, goes to the held poll or, if none is held,
             # is kept by the endpoint for the client's next poll.
             self._queue.append("1")

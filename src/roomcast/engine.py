@@ -20,6 +20,7 @@ from roomcast.metrics import Metrics
 from roomcast.protocol import engineio
 from roomcast.protocol.engineio import PacketType
 from roomcast.protocol.errors import EngineIOError, ProtocolError
+from roomcast.transport.admission import Admission
 from roomcast.transport.http import Exchange, Request
 from roomcast.transport.websocket import text_frame
 from roomcast.transport.ws_connection import WebSocketConnection
@@ -54,8 +55,12 @@ class EngineServer:
         handler_factory: HandlerFactory,
         metrics: Metrics,
         flusher: Flusher,
+        admission: Admission | None = None,
     ) -> None:
+        """``admission``: where handshakes (new sessions) wait for their turn; without it they
+        are handled as soon as they are read."""
         self.options = options
+        self._admission = admission
         self._factory = handler_factory
         self._metrics = metrics
         self._flusher = flusher
@@ -71,6 +76,26 @@ class EngineServer:
 
     # -- HTTP entry point -------------------------------------------------------------------------
     def handle(self, request: Request, exchange: Exchange) -> None:
+        admission = self._admission
+        if admission is not None and request.method == "GET" and "sid" not in request.query:
+            admission.submit(lambda: self._admitted(request, exchange))
+            return
+        self._handle(request, exchange)
+
+    def _admitted(self, request: Request, exchange: Exchange) -> None:
+        """A handshake's turn came (see ``Admission``); its client may have gone meanwhile."""
+        if exchange.aborted:
+            self._metrics.engine_request_errors.labels("gone_before_handshake").inc()
+            return
+        try:
+            self._handle(request, exchange)
+        except Exception:  # a loop callback's boundary: answer, log, count
+            self._metrics.engine_request_errors.labels("internal_error").inc()
+            log.exception("handshake failed")
+            if not exchange.done:
+                exchange.respond(500, "internal error")
+
+    def _handle(self, request: Request, exchange: Exchange) -> None:
         cors = self._cors_headers(request)
         try:
             if cors is None:
@@ -165,7 +190,7 @@ class EngineServer:
 
     def protocol_error(self, conn: Connection, error: ProtocolError) -> None:
         self._metrics.protocol_errors.labels(error.reason).inc()
-        log.info("closing %s: %s", conn.sid, error)
+        log.info("closing %s: %s", conn.sid, error, extra={"sid": conn.sid, "reason": error.reason})
         conn.close(f"protocol error: {error}", notify=False)
 
     # -- WebSocket --------------------------------------------------------------------------------
@@ -186,7 +211,7 @@ class EngineServer:
         if conn.ws is not None or conn.upgrading:
             # Refused after the handshake, so that WebSocket clients see a plain close.
             self._metrics.engine_request_errors.labels("already_upgraded").inc()
-            log.info("closing a second websocket for session %s", sid)
+            log.info("closing a second websocket for session %s", sid, extra={"sid": sid})
             ws = exchange.accept_websocket(_Ignored(), key, self.options.max_payload, [])
             ws.close(1008, "session already upgraded")
             return

@@ -31,6 +31,14 @@ def _room_arg(socket: Socket, args: list[Any], ack_id: int | None) -> str | None
 
 
 def _join(socket: Socket, args: list[Any], ack_id: int | None) -> None:
+    bucket = socket.joins_bucket
+    if bucket is not None and not bucket.take():
+        socket.rate_limited(bucket, "joins", ack_id)
+        return
+    _join_counted(socket, args, ack_id)
+
+
+def _join_counted(socket: Socket, args: list[Any], ack_id: int | None) -> None:
     room = _room_arg(socket, args, ack_id)
     if room is None:
         return
@@ -41,7 +49,7 @@ def _join(socket: Socket, args: list[Any], ack_id: int | None) -> None:
     limit = socket.client.server.options.max_rooms
     if room not in socket.rooms and len(socket.rooms) >= limit:
         socket.client.server.metrics.refused_events.labels("too_many_rooms").inc()
-        log.info("join refused on %s: already in %d rooms", socket.id, limit)
+        socket.client.server.refusals.refused("rooms", f"socket {socket.id} in {limit} rooms")
         if ack_id is not None:
             socket.ack(ack_id, ack_error("too_many_rooms", f"a socket may be in {limit} rooms"))
         return
@@ -52,8 +60,9 @@ def _join(socket: Socket, args: list[Any], ack_id: int | None) -> None:
 
 
 def join_event(socket: Socket, room: str, ack_id: int | None) -> None:
-    """The client's ``join`` event, as if just received (a session that moved here with it)."""
-    _join(socket, [room], ack_id)
+    """The client's ``join`` event, as if just received (a session that moved here with it;
+    its join rate was counted where it came from)."""
+    _join_counted(socket, [room], ack_id)
 
 
 def join_here(socket: Socket, room: str, ack_id: int | None) -> None:
@@ -77,7 +86,12 @@ async def _ack_when_subscribed(socket: Socket, room: str, ack_id: int) -> None:
     except BrokerError as exc:
         socket.leave(room)
         server.metrics.refused_events.labels("room_unavailable").inc()
-        log.warning("join of %r refused by the broker: %s", room, exc)
+        log.warning(
+            "join of %r refused by the broker: %s",
+            room,
+            exc,
+            extra={"socket": socket.id, "user": socket.user_id, "room": room},
+        )
         socket.ack(ack_id, ack_error("room_unavailable", "the broker cannot deliver this room"))
         return
     socket.ack(ack_id, ACK_OK)
@@ -175,7 +189,12 @@ async def _do_refresh(socket: Socket, token: str, ack_id: int | None) -> None:
             )
     except AuthError as error:
         server.metrics.refreshes.labels(error.code).inc()
-        log.info("refresh refused on %s: %s", socket.id, error)
+        log.info(
+            "refresh refused on %s: %s",
+            socket.id,
+            error,
+            extra={"socket": socket.id, "user": socket.user_id, "reason": error.code},
+        )
         if ack_id is not None:
             socket.ack(ack_id, ack_error(error.code, str(error)))
         return

@@ -218,7 +218,13 @@ class Handoff:
                 conn = move.socket.conn
                 move.socket.client.detach()
                 self._engine.forget(conn)
-                log.debug("session %s moved to worker %d (room %s)", conn.sid, target, move.room)
+                log.debug(
+                    "session %s moved to worker %d (room %s)",
+                    conn.sid,
+                    target,
+                    move.room,
+                    extra={"sid": conn.sid, "room": move.room},
+                )
             self._metrics.handoffs.labels("sent").inc(len(batch))
 
     def _send(self, target: int, payload: bytes, batch: list[_Move]) -> None:
@@ -249,7 +255,13 @@ class Handoff:
             return
         conn.moving = None
         self._metrics.handoffs.labels("kept").inc()
-        log.debug("session %s stays on worker %d: %s", conn.sid, self.index, reason)
+        log.debug(
+            "session %s stays on worker %d: %s",
+            conn.sid,
+            self.index,
+            reason,
+            extra={"sid": conn.sid, "room": move.room},
+        )
         if socket.connected:
             join_here(socket, move.room, move.ack_id)
         for message in kept:
@@ -363,7 +375,7 @@ class Handoff:
             try:
                 self._restore(conn, ws, restored)
             except Exception:
-                log.exception("cannot restore session %s", conn.sid)
+                log.exception("cannot restore session %s", conn.sid, extra={"sid": conn.sid})
                 self._metrics.handoffs.labels("failed").inc()
                 conn.close("handoff failed", notify=False)
                 ws.transport.abort()

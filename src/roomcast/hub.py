@@ -6,14 +6,18 @@ leaving through two callbacks, and the node turns those into broker subscription
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
 from roomcast.broker.offsets import parse_offset
-from roomcast.protocol.socketio import encode_event_prefix
-from roomcast.transport.websocket import text_frame
+from roomcast.connection import PollingText
+from roomcast.protocol.engineio import SEPARATOR
+from roomcast.protocol.parser import Parser
+from roomcast.protocol.socketio import JSON_PARSER, Packet, PacketType, encode_event_prefix
+from roomcast.transport.websocket import binary_frame, text_frame
 
 if TYPE_CHECKING:
     from roomcast.connection import Connection, Flusher
@@ -33,7 +37,7 @@ RoomKey = tuple[str, str]
 """(namespace, room)"""
 
 Position = tuple[int, int]
-Held = tuple[str, Position, bytes, str]
+Held = tuple[str, Position, bytes, PollingText]
 """A broadcast held for a recovering socket: (publication id, offset, frame, polling text)."""
 
 
@@ -49,16 +53,61 @@ class _Holding:
         newer one is sent and makes the socket a member."""
 
 
+class PollingForm:
+    """The polling form of a broadcast's messages, made on first use and kept: ``b`` and base64
+    for a binary message, the record separator between messages (which no encoded message
+    contains).  A connection that upgrades with such a text still queued splits it again
+    (``Connection.use_websocket``)."""
+
+    __slots__ = ("_messages", "_text")
+
+    def __init__(self, messages: list[str | bytes]) -> None:
+        self._messages = messages
+        self._text: str | None = None
+
+    def __call__(self) -> str:
+        text = self._text
+        if text is None:
+            text = self._text = SEPARATOR.join(
+                "b" + base64.b64encode(m).decode("ascii") if isinstance(m, bytes) else "4" + m
+                for m in self._messages
+            )
+        return text
+
+
+def encode_messages(messages: list[str | bytes]) -> tuple[bytes, PollingForm]:
+    """The Engine.IO messages of one packet as one WebSocket write (a frame per message), and
+    their polling form (see :class:`PollingForm`)."""
+    frames = [
+        binary_frame(m) if isinstance(m, bytes) else text_frame(b"4" + m.encode("utf-8"))
+        for m in messages
+    ]
+    return frames[0] if len(frames) == 1 else b"".join(frames), PollingForm(messages)
+
+
 class Hub:
-    __slots__ = ("_flusher", "_on_first", "_on_last", "_pending", "last_offset", "rooms")
+    __slots__ = (
+        "_flusher",
+        "_json",
+        "_on_first",
+        "_on_last",
+        "_parser",
+        "_pending",
+        "last_offset",
+        "rooms",
+    )
 
     def __init__(
         self,
         on_first_member: Callable[[RoomKey], None],
         on_last_member: Callable[[RoomKey], None],
         flusher: Flusher,
+        parser: Parser = JSON_PARSER,
     ) -> None:
         self._flusher = flusher
+        self._parser = parser
+        """How broadcasts are encoded: once per broadcast, the same bytes for every member."""
+        self._json = parser is JSON_PARSER
         """Writes a broadcast to its members' connections (see :meth:`Flusher.send_all`)."""
         self.rooms: dict[RoomKey, dict[Member, Connection]] = {}
         """Each room's member sockets, with their connections (the broadcast loop walks the
@@ -160,14 +209,28 @@ class Hub:
         publication_id: str = "",
         exclude: str | None = None,
     ) -> int:
-        """Encode the event once and write the same bytes to every member; return the count."""
+        """Encode the event once and write the same bytes to every member; return the count.
+
+        ``data`` may hold ``bytes`` anywhere: with the JSON parser they become binary
+        attachments (a text frame and a binary frame per attachment, written together)."""
         members = self.rooms.get(key)
         held = self._pending.get(key)
         if not members and not held:
             return 0
         args = [event, data, offset] if offset is not None else [event, data]
-        text = encode_event_prefix(key[0]) + orjson.dumps(args).decode("utf-8")
-        frame = text_frame(text.encode("utf-8"))
+        text: PollingText
+        if self._json:
+            try:
+                text = encode_event_prefix(key[0]) + orjson.dumps(args).decode("utf-8")
+                frame = text_frame(text.encode("utf-8"))
+            except orjson.JSONEncodeError:  # bytes in the data: a binary event
+                frame, text = encode_messages(
+                    JSON_PARSER.encode(Packet(PacketType.EVENT, key[0], args))
+                )
+        else:
+            frame, text = encode_messages(
+                self._parser.encode(Packet(PacketType.EVENT, key[0], args))
+            )
         position = parse_offset(offset) if offset else (0, 0)
         if position > self.last_offset.get(key, (0, 0)):
             self.last_offset[key] = position

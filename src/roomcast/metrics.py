@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 
 class Metrics:
@@ -20,6 +21,11 @@ class Metrics:
         )
         self.sockets = Gauge("roomcast_sockets", "Connected Socket.IO sockets", registry=r)
         self.rooms = Gauge("roomcast_rooms", "Rooms with local members", registry=r)
+        self.ready = Gauge(
+            "roomcast_ready",
+            "1 while /readyz answers ready (the value is read at scrape)",
+            registry=r,
+        )
         self.disconnects = Counter(
             "roomcast_disconnects", "Closed sessions by reason", ["reason"], registry=r
         )
@@ -47,6 +53,20 @@ class Metrics:
             "roomcast_refused_client_events",
             "Built-in client events (join, leave, publish) refused, by code",
             ["code"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "roomcast_rate_limited",
+            "Requests refused by a rate limit, by limit (events, joins, rooms, "
+            "user_connect_rate, user_connections, api)",
+            ["limit"],
+            registry=r,
+        )
+        self.rate_limit_errors = Counter(
+            "roomcast_rate_limit_errors",
+            "Broker failures of the per-user connection limits, by operation (admit: a connect "
+            "let in unchecked; release, keep: a hold not written, healed by its TTL)",
+            ["op"],
             registry=r,
         )
         self.auth_failures = Counter(
@@ -136,7 +156,24 @@ class BrokerCollector:
     def __init__(self, broker: object) -> None:
         self._broker = broker
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "roomcast_broker_up",
+            "1 if the broker is connected and able to deliver (Redis: notifications verified)",
+            value=1 if getattr(self._broker, "ready", False) else 0,
+        )
+        state = getattr(self._broker, "state", None)
+        if isinstance(state, enum.Enum):
+            states = GaugeMetricFamily(
+                "roomcast_broker_state",
+                "1 for the broker's current state (starting, connected, disconnected, stopped), "
+                "0 for the others: connected with roomcast_broker_up 0 means notifications are "
+                "not verified yet",
+                labels=["state"],
+            )
+            for member in type(state):
+                states.add_metric([str(member.value)], 1 if member is state else 0)
+            yield states
         dropped = CounterMetricFamily(
             "roomcast_broker_dropped_entries",
             "Stream entries the broker did not deliver, by reason",

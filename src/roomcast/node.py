@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket as socketlib
 from typing import Any
@@ -13,10 +14,12 @@ from roomcast.auth import Authenticator, AuthSettings
 from roomcast.broker.base import (
     Broker,
     BrokerError,
+    DeliveryHandler,
     PayloadCheck,
     Publication,
     PublishRequest,
     PublishResult,
+    UserQuota,
 )
 from roomcast.broker.memory import MemoryBroker
 from roomcast.broker.topics import topic
@@ -31,16 +34,25 @@ from roomcast.http.peers import peer_path
 from roomcast.http.routes import Router
 from roomcast.http.server_api import ServerApiRoutes
 from roomcast.hub import Hub, RoomKey
+from roomcast.limits import Rate, SocketRates
 from roomcast.metrics import BrokerCollector, Metrics
+from roomcast.protocol.parser import parser_named
 from roomcast.protocol.socketio import Limits
 from roomcast.schemas import EventSchemas, InvalidPayloadError, SchemaError
 from roomcast.sockets import SocketOptions, SocketServer
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
+from roomcast.tracing import setup as setup_tracing
+from roomcast.transport import listener
+from roomcast.transport.admission import Admission
 from roomcast.transport.http import HttpConnection
 from roomcast.transport.limits import ClientAddresses, HttpLimits
 
 log = logging.getLogger("roomcast.node")
+
+SHUTDOWN_REASON = "server shutting down"
+BACKLOG = 4096
+"""The kernel's accept queue (capped by net.core.somaxconn)."""
 
 
 def make_broker(settings: Settings, payload_check: PayloadCheck | None = None) -> Broker:
@@ -116,10 +128,14 @@ class Node:
             settings, self._check_publication if self.schemas else None
         )
         self.auth = make_authenticator(settings)
+        self.tracing = setup_tracing(settings.tracing)
+        """OpenTelemetry spans, or None when tracing is off (see :mod:`roomcast.tracing`)."""
         self.metrics.registry.register(BrokerCollector(self.broker))
+        self.metrics.ready.set_function(lambda: 1.0 if self.readiness()[0] else 0.0)
         self.subscriptions = Subscriptions(self.broker, self.tasks)
         self.flusher = Flusher()
-        self.hub = Hub(self._first_member, self._last_member, self.flusher)
+        parser = parser_named(settings.parser)
+        self.hub = Hub(self._first_member, self._last_member, self.flusher, parser)
         self.sockets = SocketServer(
             self.app,
             self.hub,
@@ -135,16 +151,30 @@ class Node:
                 max_rooms=settings.max_rooms_per_socket,
                 limits=Limits(settings.max_attachments, settings.max_nesting),
                 event_schemas=self.schemas,
+                parser=parser,
+                rates=SocketRates(
+                    events=Rate.of(settings.event_rate, settings.event_burst),
+                    joins=Rate.of(settings.join_rate, settings.join_burst),
+                    disconnect_factor=settings.rate_limit_disconnect,
+                ),
+                user_quota=UserQuota(
+                    per_window=settings.user_connect_rate,
+                    window_ms=int(settings.user_connect_window_s * 1000),
+                    concurrent=settings.max_connections_per_user,
+                    ttl_ms=int(settings.user_connections_ttl_s * 1000),
+                ),
             ),
             self.subscriptions,
         )
         self.sockets.builtins = BUILTINS
+        self.sockets.tracing = self.tracing
         self.cluster = Cluster(
             self.broker,
             self.sockets,
             self.metrics,
             self.tasks,
             revocation_ttl_s=settings.revocation_ttl_s,
+            publish=self.publish,
         )
         self.broker.on_control(self.cluster.on_message)
         self.admin: Admin | None = None
@@ -167,8 +197,9 @@ class Node:
             worker_index=worker[0] if worker else 0,
             worker_sockets=worker[1] if worker else (),
         )
+        self.admission = Admission()
         self.engine = EngineServer(
-            self.engine_options, self.sockets.client, self.metrics, self.flusher
+            self.engine_options, self.sockets.client, self.metrics, self.flusher, self.admission
         )
         self.engines = [self.engine]
         if self.admin is not None:
@@ -195,6 +226,8 @@ class Node:
                 production=settings.production,
                 api_key=settings.api_key,
             ),
+            api_rate=Rate.of(settings.api_rate, settings.api_burst),
+            refusals=self.sockets.refusals,
         )
         self.router.mount("/socket.io/", self.engine)
         self.router.server_api = ServerApiRoutes(
@@ -204,6 +237,7 @@ class Node:
             tasks=self.tasks,
             metrics=self.metrics,
             max_payload=settings.max_payload,
+            schemas=self.schemas,
         )
         self.handoff: Handoff | None = None
         if worker is not None and len(worker[1]) > 1 and settings.room_affinity:
@@ -211,7 +245,7 @@ class Node:
                 worker[0], worker[1], self.engine, self.sockets.session_writer, self.metrics
             )
             self.sockets.handoff = self.handoff
-        self._server: asyncio.Server | None = None
+        self._listeners: list[listener.Listener] = []
         self._unix: asyncio.Server | None = None
         self._peer: asyncio.Server | None = None
         self._ops: asyncio.Server | None = None
@@ -234,7 +268,9 @@ class Node:
 
     def mount_engine(self, path: str, factory: Any) -> EngineServer:
         """Serve a raw Engine.IO application (``factory(conn) -> EngineHandler``) at ``path``."""
-        engine = EngineServer(self.engine_options, factory, self.metrics, self.flusher)
+        engine = EngineServer(
+            self.engine_options, factory, self.metrics, self.flusher, self.admission
+        )
         self.engines.append(engine)
         self.router.mount(path, engine)
         return engine
@@ -244,7 +280,11 @@ class Node:
 
         Raise :class:`InvalidPayloadError` if the event has a schema that ``data`` fails."""
         self.schemas.check(request.event, request.data)
-        return await self.broker.publish(request)
+        if self.tracing is None:
+            return await self.broker.publish(request)
+        return await self.tracing.publish(
+            self.broker.publish, request, source="http", instance=self.broker.instance_id
+        )
 
     def _check_publication(self, publication: Publication) -> str | None:
         """The broker's :data:`PayloadCheck`: a stream entry whose data fails its schema."""
@@ -262,7 +302,11 @@ class Node:
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self, sock: socketlib.socket | None = None) -> None:
-        await self.broker.start(self.sockets.deliver, batch=self.flusher.batch)
+        deliver: DeliveryHandler = self.sockets.deliver  # off: nothing between broker and hub
+        if self.tracing is not None:
+            deliver = self.tracing.delivery(self.sockets.deliver, self.broker.instance_id)
+        await self.broker.start(deliver, batch=self.flusher.batch)
+        self.app.attach(self.cluster)  # before the first client: handlers may use app.of()
         try:
             self.sockets.revocations.load(await self.broker.revocations())
         except BrokerError as exc:  # the sync task tries again
@@ -286,15 +330,16 @@ class Node:
             return HttpConnection(self.router, addresses)
 
         if sock is not None:
-            self._server = await loop.create_server(factory, sock=sock, backlog=4096)
+            sock.listen(BACKLOG)
+            sockets = [sock]
         else:
-            self._server = await loop.create_server(
-                factory,
-                self.settings.host,
-                self.settings.port,
-                backlog=4096,
-                reuse_port=self.settings.workers > 1,
+            sockets = listener.bind(
+                settings.host, settings.port, backlog=BACKLOG, reuse_port=settings.workers > 1
             )
+        self._listeners = [
+            listener.Listener(s, factory, self.tasks, lambda reason: refused.labels(reason).inc())
+            for s in sockets
+        ]
         if self.settings.ops_listen:
             host, port = ops_address(self.settings.ops_listen)
             self._ops = await loop.create_server(
@@ -314,11 +359,12 @@ class Node:
         if self.settings.recovery_max_disconnection_ms:
             self.tasks.spawn(self._touch_sessions(), name="touch-sessions")
         self.tasks.spawn(self._sync_revocations(), name="sync-revocations")
-        self.app.attach(self.cluster)
+        if settings.max_connections_per_user:
+            self.tasks.spawn(self.sockets.users.run(self._held), name="limits-keep")
         for hook in self.app.startup:
             self.tasks.spawn(hook(), name=f"startup-{getattr(hook, '__name__', 'hook')}")
         self.started = True
-        log.info("listening on %s", ", ".join(str(s.getsockname()) for s in self._server.sockets))
+        log.info("listening on %s", ", ".join(str(s.socket.getsockname()) for s in self._listeners))
         if self._ops is not None:
             log.info(
                 "operational endpoints on %s",
@@ -327,9 +373,13 @@ class Node:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        port: int = self._server.sockets[0].getsockname()[1]
+        assert self._listeners
+        port: int = self._listeners[0].socket.getsockname()[1]
         return port
+
+    def _held(self) -> list[tuple[str, str]]:
+        """This worker's live sockets as their users' held connections (``limits``)."""
+        return [(s.user_id, s.hold) for s in self.sockets.sockets.values()]
 
     async def _sync_revocations(self) -> None:
         """Reload revocations from the broker now and then: an instance that missed one (cut
@@ -337,11 +387,10 @@ class Node:
         while True:
             await asyncio.sleep(self.settings.revocation_sync_s)
             try:
-                entries = await self.broker.revocations()
+                self.sockets.revocations.load(await self.broker.revocations())
             except BrokerError as exc:
                 log.warning("could not reload revocations: %s", exc)
-                continue
-            self.sockets.revocations.load(entries)
+            # Also sockets that connected while a revocation of theirs was on its way.
             self.cluster.kick_revoked()
 
     @property
@@ -365,34 +414,86 @@ class Node:
                     self.metrics.recoveries.labels("touch_failed").inc()
                     log.warning("could not refresh recovery state: %s", exc)
 
-    async def drain(self) -> None:
-        """Stop accepting, tell clients to go (they reconnect elsewhere and recover), wait."""
+    async def drain(self, hurry: asyncio.Event | None = None) -> None:
+        """SIGTERM: let balancers and kubelets see it, then send clients elsewhere, gradually.
+
+        1. ``/readyz`` answers 503 at once, while everyone is still served (new sessions too)
+           for ``drain_delay_s``: health checks see it and stop sending new clients here.
+        2. Clients are told to leave at a steady rate over ``drain_window_s`` (they reconnect
+           through the balancer to the other instances and recover there); new sessions are
+           refused with 503 from here on.
+        3. Within ``drain_seconds``, the last clients leave (a polling one collects its CLOSE
+           packet with its next poll) and their recovery states are written; then the listener
+           closes.
+
+        ``hurry`` set (a second signal) skips what is left of the delay and the window.
+        """
         self.draining = True
+        hurry = hurry or asyncio.Event()
+        settings = self.settings
+        log.info(
+            "draining: not ready; clients are told to leave in %.1f s, over %.1f s",
+            settings.drain_delay_s,
+            settings.drain_window_s,
+        )
+        await _wait(hurry, settings.drain_delay_s)
         for engine in self.engines:
             engine.accepting = False
-        for engine in self.engines:
-            for conn in list(engine.sessions.values()):
-                conn.close("server shutting down")
+        told = await self._dismiss(settings.drain_window_s, hurry)
+        log.info("draining: %d clients told to leave", told)
         try:
-            async with asyncio.timeout(self.settings.drain_seconds):
+            async with asyncio.timeout(settings.drain_seconds):
+                while any(e.sessions or e.farewells for e in self.engines):
+                    if hurry.is_set():
+                        for engine in self.engines:
+                            engine.close_all(SHUTDOWN_REASON)
+                    await _wait(hurry, 0.05)
                 # the recovery states of the sockets just closed, so clients recover elsewhere
                 await self.sockets.session_writer.flush()
-                # polling clients collect their CLOSE packet with their next poll
-                while any(e.farewells for e in self.engines):  # noqa: ASYNC110 - a bounded drain
-                    await asyncio.sleep(0.05)
         except TimeoutError:
-            log.warning("drain: not finished within %ss", self.settings.drain_seconds)
-        if self._server is not None:
-            self._server.close()
+            log.warning("drain: not finished within %ss", settings.drain_seconds)
+        for each in self._listeners:
+            each.close()
+
+    async def _dismiss(self, window: float, hurry: asyncio.Event) -> int:
+        """Tell every client to leave (:meth:`Connection.dismiss`), at a steady rate over
+        ``window`` seconds (at once when it is 0 or ``hurry`` is set); return how many."""
+        loop = asyncio.get_running_loop()
+        queue = [(engine, conn) for engine in self.engines for conn in engine.sessions.values()]
+        total = len(queue)
+        started = loop.time()
+        done = told = 0
+        # One tick per close, but at most 100 ticks a second (a timer per close would cost more
+        # than the closes) and at least 4: the rate stays steady over the window.
+        tick = min(max(window / max(total, 1), 0.01), 0.25)
+        while done < total:
+            elapsed = loop.time() - started
+            due = total
+            if window > 0 and elapsed < window and not hurry.is_set():
+                due = min(total, int(total * elapsed / window) + 1)
+            while done < due:
+                engine, conn = queue[done]
+                done += 1
+                if engine.sessions.get(conn.sid) is conn:  # not closed, nor moved to a worker
+                    conn.dismiss(SHUTDOWN_REASON)
+                    told += 1
+            if done < total:
+                await _wait(hurry, tick)
+        # sessions that arrived meanwhile (handed over by another worker before it saw the drain)
+        for engine in self.engines:
+            for conn in list(engine.sessions.values()):
+                if not conn.dismissing:
+                    conn.dismiss(SHUTDOWN_REASON)
+                    told += 1
+        return told
 
     async def stop(self) -> None:
-        self.app.attach(None)
         if not self.draining:
             self.draining = True
             for engine in self.engines:
                 engine.close_all("server stopped")
-        if self._server is not None:
-            self._server.close()
+        for each in self._listeners:
+            each.close()
         for server in (self._unix, self._peer, self._ops):
             if server is not None:
                 server.close()
@@ -401,7 +502,15 @@ class Node:
         if self.handoff is not None:
             self.handoff.close()
         await self.tasks.close()
+        self.app.attach(None)
         await self.broker.stop()
-        if self._server is not None:
-            await self._server.wait_closed()
         self.started = False
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Wait ``seconds``, or less if ``event`` is or gets set."""
+    if seconds <= 0 or event.is_set():
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()

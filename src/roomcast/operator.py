@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 DEFAULT_ACK_TIMEOUT_S = 5.0
+MAX_ACK_TIMEOUT_S = 60.0
 
 
 class SelectorError(ValueError):
@@ -52,8 +53,10 @@ class SelectorError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Selector:
     """Which sockets an operation reaches: those of ``namespace`` in any of ``rooms`` (every
-    socket of the namespace when empty), except those in ``except_rooms`` (a socket id counts
-    as the room of that socket, as in Socket.IO), of ``user`` and with id ``socket`` when set."""
+    socket of the namespace when empty), except those in ``except_rooms`` (there a socket id
+    counts as the room of that socket, as in Socket.IO), of ``user`` and with id ``socket``
+    when set; every condition given must hold.  To reach one socket, use ``socket``: in
+    ``rooms`` a socket id is just a room name."""
 
     namespace: str = MAIN
     rooms: frozenset[str] = frozenset()
@@ -114,6 +117,26 @@ class SocketInfo:
     transport: str
     connected_at: float
     """Seconds since the Unix epoch."""
+
+    @classmethod
+    def from_json(cls, value: object) -> SocketInfo | None:
+        """Parse one instance's description of a socket; ``None`` if it is not one."""
+        if not isinstance(value, dict):
+            return None
+        try:
+            rooms = value["rooms"]
+            info = cls(
+                id=str(value["id"]),
+                namespace=str(value["namespace"]),
+                user=str(value["user"]),
+                rooms=[str(room) for room in rooms] if isinstance(rooms, list) else [],
+                instance=str(value["instance"]),
+                transport=str(value["transport"]),
+                connected_at=float(value["connected_at"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+        return info
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -225,9 +248,9 @@ class BroadcastOperator:
         return self._with(socket=sid)
 
     def timeout(self, seconds: float) -> BroadcastOperator:
-        """The time :meth:`emit_with_ack` waits for the clients' acks."""
-        if not seconds > 0:
-            raise ValueError(f"timeout: must be positive, got {seconds}")
+        """The time :meth:`emit_with_ack` waits for the clients' acks (at most a minute)."""
+        if not 0 < seconds <= MAX_ACK_TIMEOUT_S:
+            raise ValueError(f"timeout: must be in (0, {MAX_ACK_TIMEOUT_S}] seconds, got {seconds}")
         return BroadcastOperator(self._api, self._selector, seconds)
 
     # -- actions --------------------------------------------------------------------------------
@@ -248,7 +271,7 @@ class BroadcastOperator:
         results, missing = await api.request(
             "emit", sel, {"event": event, "args": list(args)}, api.answer_timeout_s
         )
-        return Reach(sum(int(r.get("sockets", 0)) for r in results), missing)
+        return Reach(_count(results), missing)
 
     def _is_publication(self, args: tuple[Any, ...]) -> bool:
         sel = self._selector
@@ -274,15 +297,22 @@ class BroadcastOperator:
         acks: list[tuple[str, Any]] = []
         missing: list[str] = []
         for result in results:
-            acks.extend((str(sid), response) for sid, response in result.get("acks", ()))
-            missing.extend(str(sid) for sid in result.get("missing", ()))
+            for pair in _list(result, "acks"):
+                if isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str):
+                    acks.append((pair[0], pair[1]))
+            missing.extend(sid for sid in _list(result, "missing") if isinstance(sid, str))
         return AckResult(acks, missing, missing_instances)
 
     async def fetch_sockets(self) -> SocketList:
         api = self._api()
         results, missing = await api.request("fetch", self._selector, {}, api.answer_timeout_s)
         return SocketList(
-            (SocketInfo(**item) for result in results for item in result.get("sockets", ())),
+            (
+                info
+                for result in results
+                for item in _list(result, "sockets")
+                if (info := SocketInfo.from_json(item)) is not None
+            ),
             missing,
         )
 
@@ -292,8 +322,8 @@ class BroadcastOperator:
         results, missing = await api.request("count", self._selector, {}, api.answer_timeout_s)
         users: set[str] = set()
         for result in results:
-            users.update(result.get("users", ()))
-        return RoomCount(sum(int(r.get("sockets", 0)) for r in results), len(users), missing)
+            users.update(user for user in _list(result, "users") if isinstance(user, str))
+        return RoomCount(_count(results), len(users), missing)
 
     async def sockets_join(self, rooms: str | Iterable[str]) -> Reach:
         return await self._act("join", {"rooms": _room_list(rooms)})
@@ -314,7 +344,19 @@ class BroadcastOperator:
     async def _act(self, op: str, args: dict[str, Any]) -> Reach:
         api = self._api()
         results, missing = await api.request(op, self._selector, args, api.answer_timeout_s)
-        return Reach(sum(int(r.get("sockets", 0)) for r in results), missing)
+        return Reach(_count(results), missing)
+
+
+def _list(result: dict[str, Any], name: str) -> list[Any]:
+    """An answer's list field; anything else (another version's answer) counts as empty."""
+    value = result.get(name)
+    return value if isinstance(value, list) else []
+
+
+def _count(results: list[dict[str, Any]]) -> int:
+    """The sum of the answers' ``sockets`` counts (a count that is not one counts 0)."""
+    counts = (r.get("sockets") for r in results)
+    return sum(c for c in counts if isinstance(c, int) and not isinstance(c, bool) and c >= 0)
 
 
 def _room_list(rooms: str | Iterable[str]) -> list[str]:

@@ -6,12 +6,18 @@ PublishResult(id='...', offset='1700000000000-0', duplicate=False)
 
 Both build a :class:`~roomcast.broker.base.PublishRequest` and call ``broker.publish``; the
 broker encodes the one envelope format (:mod:`roomcast.broker.envelope`).
+
+With tracing on in this process (``roomcast.tracing.enable()`` in a service that set
+OpenTelemetry up itself; ``roomcast publish`` with the ``OTEL_*`` variables), each publish is a
+``roomcast publish`` span, a child of ``traceparent`` or else of the current span.
 """
 
 from __future__ import annotations
 
+import roomcast.tracing as tracing
 from roomcast.auth import validate_room
 from roomcast.broker.base import Broker, JSONValue, PublishRequest, PublishResult
+from roomcast.broker.envelope import check_traceparent
 from roomcast.broker.topics import validate_namespace
 from roomcast.protocol.socketio import check_event_name
 from roomcast.schemas import EventSchemas
@@ -62,28 +68,41 @@ class Publisher:
         """Publish ``event`` with ``data`` to ``room`` of ``namespace`` (every namespace has
         its own rooms; a namespace no gateway application defines reaches nobody).
 
+        ``data`` is any JSON value, and may hold ``bytes`` (``bytearray``, ``memoryview``)
+        anywhere: clients receive them as binary attachments (a ``Buffer`` in Node, an
+        ``ArrayBuffer`` in browsers).
+
         Raise :class:`~roomcast.auth.InvalidRoomError` for a bad room name,
-        :class:`~roomcast.broker.envelope.EnvelopeError` for data that is not JSON or a bad
-        field, :class:`~roomcast.protocol.errors.EventNameError` for an event name clients may
-        not be sent (socket.io's own, or ``roomcast:...``), and
+        :class:`~roomcast.broker.envelope.EnvelopeError` for data that is neither JSON nor
+        bytes, or a bad field, :class:`~roomcast.protocol.errors.EventNameError` for an event
+        name clients may not be sent (socket.io's own, or ``roomcast:...``), and
         :class:`~roomcast.broker.base.BrokerUnavailableError` when nothing was stored
         (retrying with the same ``idempotency_key`` is then safe), and
         :class:`~roomcast.schemas.InvalidPayloadError` when the event has a schema that
         ``data`` fails (its ``details`` name the failing path).
+
+        ``traceparent``, a W3C trace context, travels with the publication: the instances that
+        deliver it make their spans children of it (with tracing on there).
         """
         validate_room(room)
         validate_namespace(namespace)
         check_event_name(event)
+        if traceparent is not None:  # refused with tracing on or off alike
+            check_traceparent(traceparent)
         self._schemas.check(event, data)
-        return await self._broker.publish(
-            PublishRequest(
-                room=room,
-                namespace=namespace,
-                event=event,
-                data=data,
-                idempotency_key=idempotency_key,
-                traceparent=traceparent,
-            )
+        request = PublishRequest(
+            room=room,
+            namespace=namespace,
+            event=event,
+            data=data,
+            idempotency_key=idempotency_key,
+            traceparent=traceparent,
+        )
+        traced = tracing.active
+        if traced is None:
+            return await self._broker.publish(request)
+        return await traced.publish(
+            self._broker.publish, request, source="publisher", instance=self._broker.instance_id
         )
 
     async def close(self) -> None:

@@ -17,6 +17,8 @@ from typing import ClassVar
 
 from roomcast.auth import AuthError, Principal
 
+_RECENT_S = 60.0
+
 __all__ = ["Revocations", "TokenRevokedError", "jti_entry", "user_entry"]
 
 log = logging.getLogger("roomcast.auth")
@@ -43,9 +45,17 @@ class Revocations:
         self._users: dict[str, int] = {}
         """User -> the latest revocation (ms): tokens issued before it are refused."""
         self._jtis: set[str] = set()
+        self._recent: dict[str, float] = {}
+        """Entries learnt here (a broadcast, this instance's own revoke) and when (monotonic):
+        a reload whose read was issued before they were stored must not forget them."""
 
     def __len__(self) -> int:
         return len(self._users) + len(self._jtis)
+
+    def learn(self, entry: str) -> None:
+        """Take an entry as it is announced, before a reload can see it stored."""
+        self._recent[entry] = time.monotonic()
+        self.add(entry)
 
     def add(self, entry: str) -> None:
         """Take one stored entry; a malformed one is logged and ignored."""
@@ -61,11 +71,18 @@ class Revocations:
         log.warning("ignored a malformed revocation entry %r", entry[:80])
 
     def load(self, entries: list[str]) -> None:
-        """Replace what is known by what the broker holds (expired entries are gone there)."""
+        """Replace what is known by what the broker holds (expired entries are gone there),
+        keeping what was learnt in the last minute (the read may predate its storing)."""
         self._users.clear()
         self._jtis.clear()
         for entry in entries:
             self.add(entry)
+        since = time.monotonic() - _RECENT_S
+        for entry, learnt in list(self._recent.items()):
+            if learnt < since:
+                del self._recent[entry]
+            else:
+                self.add(entry)
 
     def check(self, principal: Principal) -> None:
         """Raise :class:`TokenRevokedError` if ``principal``'s token is revoked."""

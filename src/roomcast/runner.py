@@ -16,6 +16,9 @@ from typing import Any
 
 from roomcast.app import Application
 from roomcast.config import Settings
+from roomcast.logs import configure as configure_logs
+from roomcast.logs import identify
+from roomcast.tracing import shutdown as shutdown_tracing
 
 log = logging.getLogger("roomcast")
 
@@ -27,17 +30,19 @@ def run(
     mounts: dict[str, Any] | None = None,
     worker: tuple[int, tuple[str, ...]] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then drain.  ``mounts`` adds raw Engine.IO apps by path."""
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    """Serve until SIGTERM/SIGINT, then drain (a second signal hurries the drain).  ``mounts``
+    adds raw Engine.IO apps by path."""
+    configure_logs(settings.log_level, settings.log_format, settings.secret_values())
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(_run(settings, app, sock, mounts or {}, worker))
+    try:
+        asyncio.run(_run(settings, app, sock, mounts or {}, worker))
+    finally:
+        shutdown_tracing()  # export the spans still queued
 
 
 async def _run(
@@ -50,14 +55,23 @@ async def _run(
     from roomcast.node import Node
 
     node = Node(settings, app, worker=worker)
+    identify(instance=node.broker.instance_id, worker=f"{worker[0]:02d}" if worker else "")
     for path, factory in mounts.items():
         node.mount_engine(path, factory)
     _tune_gc()
     await node.start(sock)
     stop = asyncio.Event()
+    hurry = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set() and not hurry.is_set():
+            log.info("second signal: clients are told to leave now")
+            hurry.set()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     # One write() even with an unbuffered stdout (PYTHONUNBUFFERED), where print() writes the
     # text and its newline separately: the workers share the pipe, and their lines interleaved.
     if node.ops_port is not None:
@@ -66,8 +80,7 @@ async def _run(
     sys.stdout.write(f"roomcast ready on {settings.host}:{node.port} (pid {os.getpid()})\n")
     sys.stdout.flush()
     await stop.wait()
-    log.info("draining")
-    await node.drain()
+    await node.drain(hurry)
     await node.stop()
 
 

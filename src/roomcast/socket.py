@@ -14,25 +14,34 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import orjson
+from typing import TYPE_CHECKING, Any, Protocol
 
 from roomcast.app import Namespace, Registered
 from roomcast.auth import Authenticator, Principal, validate_room
-from roomcast.broker.base import Broker, BrokerError, BrokerUnavailableError, Publication
+from roomcast.broker.base import (
+    Broker,
+    Publication,
+    UserQuota,
+)
 from roomcast.broker.offsets import parse_offset
 from roomcast.connection import Connection
-from roomcast.http.errors import ack_error, ack_invalid_payload
+from roomcast.http.errors import ack_error, ack_invalid_payload, ack_rate_limited
 from roomcast.hub import Hub
+from roomcast.limits import Bucket, Refusals, SocketRates, UserConnections
+from roomcast.logs import log_context
 from roomcast.metrics import Metrics
-from roomcast.protocol.socketio import Limits, Packet, PacketType
+from roomcast.observer import Observer
+from roomcast.protocol.parser import Parser
+from roomcast.protocol.socketio import JSON_PARSER, Limits, Packet, PacketType
 from roomcast.revocation import Revocations
 from roomcast.schemas import EventSchema, InvalidPayloadError, payload_of
 from roomcast.sessions import session_key
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
 from roomcast.types import SocketId
+
+if TYPE_CHECKING:
+    from roomcast.tracing import Tracing
 
 log = logging.getLogger("roomcast.sockets")
 
@@ -66,29 +75,17 @@ class SocketOptions:
     ack_timeout_s: float = 30.0
     event_schemas: Mapping[str, EventSchema] = field(default_factory=dict)
     """``--event-schemas``: client events (and publications) of these names are checked."""
-
-
-class Observer(Protocol):
-    """Sees what happens to sockets (the Admin UI's recorder, ``roomcast.admin.tap.Tap``).
-
-    The server holds one only while someone watches (``SocketServer.observer``); otherwise
-    each of these places costs one attribute test.  Nothing here runs per broadcast member."""
-
-    def connected(self, socket: Socket) -> None: ...
-
-    def disconnected(self, socket: Socket, reason: str) -> None: ...
-
-    def joined(self, socket: Socket, room: str) -> None: ...
-
-    def left(self, socket: Socket, room: str) -> None: ...
-
-    def received(self, socket: Socket, data: list[Any]) -> None:
-        """A client event (name and arguments)."""
-        ...
-
-    def sent(self, socket: Socket, data: list[Any]) -> None:
-        """An event sent to this socket alone (name and arguments)."""
-        ...
+    parser: Parser = JSON_PARSER
+    """``--parser``: the packet codec every client of this server speaks."""
+    rates: SocketRates = field(default_factory=SocketRates)
+    """Events and joins per socket (``roomcast.limits``)."""
+    user_quota: UserQuota = field(default_factory=UserQuota)
+    """New and concurrent connections per user (``roomcast.limits.UserConnections``)."""
+    connects_in_flight: int = 16
+    """Namespace connects (token check, recovery) in progress at once; the others wait in
+    order. A reconnection storm otherwise starts thousands of recoveries together: they queue
+    for the broker's connections, their commands time out, and clients lose their sessions
+    (3,000 clients at once: 154 did)."""
 
 
 class SocketHost(Protocol):
@@ -117,7 +114,13 @@ class SocketHost(Protocol):
     @property
     def revocations(self) -> Revocations: ...
     @property
-    def observer(self) -> Observer | None: ...
+    def refusals(self) -> Refusals: ...
+    @property
+    def users(self) -> UserConnections: ...
+    @property
+    def tracing(self) -> Tracing | None: ...
+    @property
+    def observer(self) -> Observer[Socket] | None: ...
 
     def drop(self, reason: str, detail: str) -> None: ...
 
@@ -145,6 +148,20 @@ class SocketClient(Protocol):
         ...
 
 
+KICK_GRACE_S = 1.0
+"""How long a connection whose last socket was disconnected for a rate limit may stay open."""
+
+
+def _close_if_idle(client: SocketClient) -> None:
+    if not client.sockets and not client.conn.closed:
+        client.conn.close("rate_limited_linger: no namespace left after a rate_limited kick")
+
+
+def hold_name(sid: str, namespace: str) -> str:
+    """A socket's place among its user's connections: its session and namespace."""
+    return sid + namespace
+
+
 class Socket:
     """One client's membership of one namespace: the object handlers receive."""
 
@@ -156,7 +173,9 @@ class Socket:
         "client",
         "conn",
         "connected",
+        "events_bucket",
         "id",
+        "joins_bucket",
         "namespace",
         "owed",
         "pid",
@@ -194,10 +213,18 @@ class Socket:
         """Tasks running that will answer the client (an ack): the socket must not move."""
         self.since = 0.0
         """When the socket connected (seconds since the Unix epoch)."""
+        rates = client.server.options.rates
+        self.events_bucket: Bucket | None = rates.events.bucket() if rates.events else None
+        self.joins_bucket: Bucket | None = rates.joins.bucket() if rates.joins else None
 
     @property
     def user_id(self) -> str:
         return self.principal.user_id
+
+    @property
+    def hold(self) -> str:
+        """What holds this socket's place among its user's connections (``limits``)."""
+        return hold_name(self.conn.sid, self.namespace.name)
 
     @property
     def session_key(self) -> str:
@@ -236,9 +263,8 @@ class Socket:
             self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
         if self.recovering is None and save:
             server.save_session(self, server.options.recovery_ms)
-        observer = server.observer
-        if observer is not None:
-            observer.connected(self)
+        if self.recovering is None and (observer := server.observer) is not None:
+            observer.connected(self)  # a recovered socket: once it has its rooms back
 
     def detach(self) -> None:
         """See :meth:`Client.detach`."""
@@ -248,7 +274,8 @@ class Socket:
         """No longer connected on this worker: out of the server's sockets, no expiry timer."""
         server = self.client.server
         self.connected = False
-        server.sockets.pop(self.id, None)
+        if server.sockets.get(self.id) is self:  # else a recovery took the id over
+            del server.sockets[self.id]
         server.metrics.sockets.dec()
         if self._expiry is not None:
             self._expiry.cancel()
@@ -294,10 +321,8 @@ class Socket:
             hub.settle(self, (self.namespace.name, room), replayed[room], seen)
         server = self.client.server
         server.save_session(self, server.options.recovery_ms)
-        observer = server.observer
-        if observer is not None:
-            for room in rooms:
-                observer.joined(self, room)
+        if (observer := server.observer) is not None:
+            observer.connected(self)
 
     def _token_expired(self) -> None:
         self._expiry = None
@@ -310,6 +335,13 @@ class Socket:
         if not self.connected:
             return
         self.client.server.metrics.disconnects.labels(code).inc()
+        log.info(
+            "ending socket %s of %r: %s",
+            self.id,
+            self.principal.user_id,
+            code,
+            extra={"socket": self.id, "user": self.principal.user_id, "reason": code},
+        )
         self.emit("roomcast:disconnect", {"code": code, "message": message})
         self.disconnect()
 
@@ -334,21 +366,31 @@ class Socket:
             self.client.send(Packet(PacketType.DISCONNECT, self.namespace.name))
             self.closed("server namespace disconnect", client_initiated=True)
 
-    def closed(self, reason: str, *, client_initiated: bool) -> None:
+    def supersede(self) -> None:
+        """The session reconnected on another connection (a client whose old transport has
+        not timed out yet): end this socket, leaving its recovery state to the new one."""
+        if self.connected:
+            self.client.send(Packet(PacketType.DISCONNECT, self.namespace.name))
+            self.closed("superseded by a reconnection", client_initiated=False, keep_state=True)
+
+    def closed(self, reason: str, *, client_initiated: bool, keep_state: bool = False) -> None:
+        """The socket is gone: out of its rooms; its recovery state is saved (a transport that
+        ended), forgotten (the client left, or a protocol error) or, ``keep_state``, left as
+        it is (another socket took the session over)."""
         if not self.connected:
             return
         self._unregister()
         client = self.client
         server = client.server
+        server.users.release(self.user_id, self.hold)
         client.sockets.pop(self.namespace.name, None)
         for room in self.rooms:
             server.hub.leave(self, (self.namespace.name, room))
-        observer = server.observer
-        if observer is not None:
-            for room in self.rooms:
-                observer.left(self, room)
-            observer.disconnected(self, reason)
-        if client_initiated or reason.startswith("protocol error"):
+        if (observer := server.observer) is not None:
+            observer.disconnected(self, reason, self.rooms)
+        if keep_state:
+            pass
+        elif client_initiated or reason.startswith("protocol error"):
             server.forget_session(self)
         else:
             server.save_session(self, server.options.recovery_ms, final=True)
@@ -366,17 +408,15 @@ class Socket:
         if self.connected or self.recovering is not None:
             data = [event, *args]
             self.client.send(Packet(PacketType.EVENT, self.namespace.name, data))
-            observer = self.client.server.observer
-            if observer is not None:
+            if (observer := self.client.server.observer) is not None:
                 observer.sent(self, data)
         else:
             self.client.server.drop("socket_disconnected", f"event {event!r} for {self.id}")
 
-    async def call(self, event: str, *args: Any) -> list[Any]:
+    async def call(self, event: str, *args: Any, ack_timeout_s: float | None = None) -> list[Any]:
         """Send an event that asks for an ack; return the ack's arguments.
 
-        Raises ``TimeoutError`` after the configured ack timeout; wrap the call in
-        ``asyncio.timeout()`` for a shorter one.
+        Raises ``TimeoutError`` after ``ack_timeout_s`` (default: the configured ack timeout).
         """
         self._ack_seq += 1
         ack_id = self._ack_seq
@@ -384,11 +424,12 @@ class Socket:
         self._acks[ack_id] = future
         data = [event, *args]
         self.client.send(Packet(PacketType.EVENT, self.namespace.name, data, ack_id))
-        observer = self.client.server.observer
-        if observer is not None:
+        if (observer := self.client.server.observer) is not None:
             observer.sent(self, data)
         try:
-            async with asyncio.timeout(self.client.server.options.ack_timeout_s):
+            default = self.client.server.options.ack_timeout_s
+            limit = default if ack_timeout_s is None else ack_timeout_s
+            async with asyncio.timeout(limit):
                 return await future
         finally:
             self._acks.pop(ack_id, None)
@@ -400,8 +441,7 @@ class Socket:
         if server.hub.join(self, (self.namespace.name, room)):
             self.rooms.add(room)
             server.save_session(self, server.options.recovery_ms)
-            observer = server.observer
-            if observer is not None:
+            if (observer := server.observer) is not None:
                 observer.joined(self, room)
 
     def leave(self, room: str) -> None:
@@ -409,23 +449,25 @@ class Socket:
         if server.hub.leave(self, (self.namespace.name, room)):
             self.rooms.discard(room)
             server.save_session(self, server.options.recovery_ms)
-            observer = server.observer
-            if observer is not None:
+            if (observer := server.observer) is not None:
                 observer.left(self, room)
 
     # -- client events ----------------------------------------------------------------------------
     def on_event(self, data: list[Any], ack_id: int | None) -> None:
         server = self.client.server
         server.metrics.client_events.inc()
-        observer = server.observer
-        if observer is not None:
+        bucket = self.events_bucket
+        if bucket is not None and not bucket.take():
+            self.rate_limited(bucket, "events", ack_id)
+            return
+        if (observer := server.observer) is not None:
             observer.received(self, data)
         name, args = data[0], data[1:]
         registered = self.namespace.events.get(name) if isinstance(name, str) else None
         if registered is not None:
             self._run(registered, name, args, ack_id)
             return
-        if self.namespace.internal:
+        if self.namespace.internal:  # the gateway's own namespace: its handlers only
             server.drop("no_handler", f"event {str(name)[:40]!r} from {self.id}")
             if ack_id is not None:
                 self.ack(ack_id, ack_error("unknown_event", "no such event here"))
@@ -433,12 +475,6 @@ class Socket:
         builtin = server.builtins.get(name)
         if builtin is not None:
             builtin(self, args, ack_id)
-            return
-        if isinstance(name, str) and name in server.options.upstream_events:
-            schema = server.options.event_schemas.get(name)
-            if schema is not None and self.refused(name, payload_of(args), schema, ack_id):
-                return
-            self.answer_later(self._upstream(name, args, ack_id), f"upstream-{self.id}")
             return
         server.drop("no_handler", f"event {str(name)[:40]!r} from {self.id}")
         if ack_id is not None:
@@ -460,6 +496,9 @@ class Socket:
         )
 
     async def _call_handler(self, call: Coroutine[Any, Any, Any], ack_id: int | None) -> None:
+        # This task's own context: every line logged while the handler runs (the
+        # application's too) names the socket and its user.
+        log_context.set({"socket": self.id, "user": self.user_id, "namespace": self.namespace.name})
         try:
             result = await call
         except Exception:  # task boundary: log, count, and answer the client's ack
@@ -497,6 +536,23 @@ class Socket:
             self.ack(ack_id, ack_invalid_payload(error))
         return True
 
+    def rate_limited(self, bucket: Bucket, limit: str, ack_id: int | None) -> None:
+        """``bucket`` refused an event: count and log it (bounded), answer its ack with
+        ``rate_limited`` and the retry-after; a socket far over its limit is disconnected."""
+        server = self.client.server
+        server.refusals.refused(limit, f"socket {self.id} of user {self.user_id[:40]!r}")
+        if not bucket.overflowed(server.options.rates.disconnect_factor):
+            if ack_id is not None:
+                self.ack(ack_id, ack_rate_limited(limit, bucket.retry_after_ms()))
+            return
+        self.kick("rate_limited", f"far over the {limit} rate limit")
+        if not self.client.sockets:
+            # The official client closes its connection on this notice; one that goes on
+            # sending to the closed namespace loses the connection after a grace.  (Closed at
+            # once, the close would overtake the notice: the client handles packets a tick
+            # after it reads them, but a close at once.)
+            asyncio.get_running_loop().call_later(KICK_GRACE_S, _close_if_idle, self.client)
+
     def answer_later(self, call: Coroutine[Any, Any, None], name: str) -> None:
         """Run ``call``, which may answer the client, in a task; the socket owes it meanwhile."""
         self.owed += 1
@@ -517,29 +573,3 @@ class Socket:
             self.client.server.drop("unknown_ack", f"ack {ack_id} from {self.id}")
             return
         future.set_result(data)
-
-    async def _upstream(self, name: str, args: list[Any], ack_id: int | None) -> None:
-        server = self.client.server
-        fields = {
-            "event": name,
-            "data": orjson.dumps(args[0] if len(args) == 1 else args).decode(),
-            "user_id": self.user_id,
-            "sid": self.id,
-            "ts": str(int(time.time() * 1000)),
-        }
-        if self.namespace.name != "/":
-            fields["namespace"] = self.namespace.name
-        try:
-            entry_id = await server.broker.append_upstream(fields)
-        except BrokerUnavailableError as exc:
-            server.drop("upstream_unavailable", f"event {name!r} from {self.id}: {exc}")
-            if ack_id is not None:
-                self.ack(ack_id, ack_error("unavailable", "upstream stream unavailable, retry"))
-            return
-        except BrokerError as exc:  # refused by the broker itself: a retry would not help
-            server.drop("upstream_refused", f"event {name!r} from {self.id}: {exc}")
-            if ack_id is not None:
-                self.ack(ack_id, ack_error("broker_refused", "the broker refused the event"))
-            return
-        if ack_id is not None:
-            self.ack(ack_id, {"ok": True, "id": entry_id})

@@ -19,16 +19,26 @@ from roomcast.broker.base import Broker, BrokerError, History, Publication
 from roomcast.broker.offsets import OffsetError, parse_offset
 from roomcast.broker.topics import topic
 from roomcast.connection import Connection
-from roomcast.http.errors import connect_error_payload
+from roomcast.http.errors import connect_error_payload, connect_rate_limited
 from roomcast.hub import Hub
+from roomcast.limits import Refusals, UserConnections
 from roomcast.metrics import Metrics
+from roomcast.observer import Observer
 from roomcast.protocol.errors import ProtocolError, SocketIOError
-from roomcast.protocol.socketio import Decoder, Packet, PacketType
+from roomcast.protocol.socketio import Packet, PacketType
 from roomcast.revocation import Revocations
 from roomcast.sessions import PID_RE, SessionWriter, session_key
-from roomcast.socket import ANONYMOUS, BuiltinEvent, Mover, Observer, Socket, SocketOptions
+from roomcast.socket import (
+    ANONYMOUS,
+    BuiltinEvent,
+    Mover,
+    Socket,
+    SocketOptions,
+    hold_name,
+)
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
+from roomcast.tracing import Tracing
 from roomcast.types import SocketId
 
 __all__ = ["Client", "Mover", "SocketOptions", "SocketServer"]
@@ -60,15 +70,22 @@ class SocketServer:
         self.options = options
         self.sockets: dict[SocketId, Socket] = {}
         self.session_writer = SessionWriter(broker, metrics, tasks)
+        self.refusals = Refusals(metrics)
+        """Counts and logs what a rate limit refused (``roomcast.limits``)."""
+        self.users = UserConnections(broker, metrics, tasks, options.user_quota, self.refusals)
+        """New and concurrent connections per user."""
         self.revocations = Revocations()
         """Revoked users and token ids (kept in step by the node and the cluster)."""
         self.handoff: Mover | None = None
         """With several workers: moves a socket to the worker that owns its first room."""
         self.builtins: Mapping[Any, BuiltinEvent] = {}
         """The built-in events of the main namespace (``events.BUILTINS``, set by the node)."""
+        self.tracing: Tracing | None = None
+        """OpenTelemetry spans when tracing is on (set by the node)."""
+        self.connecting = asyncio.Semaphore(options.connects_in_flight)
         self.internal: dict[str, Namespace] = {}
         """The gateway's own namespaces (the Admin UI's), beside the application's."""
-        self.observer: Observer | None = None
+        self.observer: Observer[Socket] | None = None
         """What watches sockets, while someone does (the Admin UI's recorder); else None."""
 
     def namespace(self, name: str) -> Namespace | None:
@@ -83,7 +100,8 @@ class SocketServer:
         log.info("dropped message (%s): %s", reason, detail)
 
     # -- broker delivery: the hot path -----------------------------------------------------------
-    def deliver(self, publication: Publication) -> None:
+    def deliver(self, publication: Publication) -> int:
+        """Send ``publication`` to its room's local members; return how many it was sent to."""
         sent = self.hub.broadcast(
             (publication.namespace, publication.room),
             publication.event,
@@ -97,6 +115,7 @@ class SocketServer:
         if publication.published_at_ms:
             lag = time.time() - publication.published_at_ms / 1000
             self.metrics.publish_latency.observe(max(lag, 0.0))
+        return sent
 
     # -- recovery state ----------------------------------------------------------------------------
     def save_session(self, socket: Socket, ttl_ms: int, *, final: bool = False) -> None:
@@ -136,7 +155,7 @@ class Client:
         self._pending: dict[str, list[Packet]] = {}
         """Packets that arrived while their namespace's CONNECT was being processed."""
         self._replaying = False
-        self._decoder = Decoder(server.options.limits)
+        self._decoder = server.options.parser.decoder(server.options.limits)
         self._connect_timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
             server.options.connect_timeout_ms / 1000, self._connect_timed_out
         )
@@ -148,7 +167,7 @@ class Client:
             self.conn.close("connect timeout: no namespace connected")
 
     def send(self, packet: Packet) -> None:
-        self.conn.send_messages(packet.serialize())
+        self.conn.send_messages(self.server.options.parser.encode(packet))
 
     # -- moving between workers (``handoff``) -----------------------------------------------------
     @property
@@ -231,10 +250,14 @@ class Client:
             raise SocketIOError(f"unexpected {kind.name} packet from a client")
 
     async def _connect(self, nsp: str, payload: dict[str, Any] | None) -> None:
+        socket = None
         try:
-            socket = await self._accept(nsp, payload or {})
+            async with self.server.connecting:
+                socket = await self._accept(nsp, payload or {})
         finally:
             queued = self._pending.pop(nsp, [])
+            if socket is None:
+                self.server.users.abandoned(hold_name(self.conn.sid, nsp))
         if socket is None or self.conn.closed:
             return
         self._replaying = True  # in order with each other: none of them moves the session
@@ -265,6 +288,11 @@ class Client:
                 return None
         if self.conn.closed:
             return None
+        refusal = await server.users.admit(principal.user_id, hold_name(self.conn.sid, nsp))
+        if refusal is not None:
+            payload = connect_rate_limited(refusal.limit, refusal.retry_after_ms, refusal.message)
+            self._refuse(nsp, payload, "rate_limited")
+            return None
         recovered = None if namespace.internal else await self._recover(nsp, auth, principal)
         socket = recovered or Socket(self, namespace, principal, auth)
         try:
@@ -286,7 +314,14 @@ class Client:
         if self.conn.closed:
             socket.abandon_recovery()
             return None
+        try:  # again: a revocation may have come while the connect waited
+            server.revocations.check(socket.principal)
+        except AuthError as error:
+            socket.abandon_recovery()
+            self._refuse(nsp, connect_error_payload(error.code, str(error)), error.code)
+            return None
         socket.connected_at()
+        server.users.connected(socket.hold)
         if self._connect_timer is not None:
             self._connect_timer.cancel()
             self._connect_timer = None
@@ -300,7 +335,13 @@ class Client:
 
     def _refuse(self, nsp: str, payload: dict[str, Any], code: str) -> None:
         self.server.metrics.auth_failures.labels(code).inc()
-        log.info("refused namespace %s on %s: %s", nsp[:40], self.conn.sid, payload.get("message"))
+        log.info(
+            "refused namespace %s on %s: %s",
+            nsp[:40],
+            self.conn.sid,
+            payload.get("message"),
+            extra={"sid": self.conn.sid, "namespace": nsp[:40], "reason": code},
+        )
         self.send(Packet(PacketType.CONNECT_ERROR, nsp, payload))
 
     async def _recover(self, nsp: str, auth: dict[str, Any], principal: Principal) -> Socket | None:
@@ -344,6 +385,11 @@ class Client:
             log.info("recovery refused: session of %r offered to %r", saved_nsp, nsp[:40])
             return None
         namespace = server.app.namespaces[nsp]
+        old = server.sockets.get(SocketId(sid))
+        if old is not None:  # the old transport has not timed out yet: the session moves on
+            server.metrics.recoveries.labels("superseded").inc()
+            log.info("socket %s recovered on a new connection; its old one ends", sid[:40])
+            old.supersede()
         socket = Socket(self, namespace, principal, auth, sid=SocketId(sid), pid=pid)
         rooms = [r for r in saved_rooms if isinstance(r, str) and principal.may_join(r)]
         for room in rooms:

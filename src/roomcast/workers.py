@@ -106,6 +106,7 @@ def supervise(
                         index,
                         process.exitcode,
                         crashes[index],
+                        extra={"worker": f"{index:02d}"},
                     )
                     stopping, status = True, 1
                     stop_all()
@@ -117,6 +118,7 @@ def supervise(
                     index,
                     process.exitcode,
                     delay,
+                    extra={"worker": f"{index:02d}"},
                 )
                 restart_at[index] = now + delay
             deadline = restart_at[index]

@@ -9,10 +9,13 @@
 //
 // Commands (each names its client with `name`):
 //   connect {url, token, options?}        -> {id, recovered, transport}; rejects on connect_error
+//                                            (options.parser "msgpack": socket.io-msgpack-parser)
 //                                            (options.auth, when given, replaces {token})
 //   emit {event, args, timeoutMs?}        -> the ack's arguments (an array)
+//   send {event, args, count?}            -> {}; emits `count` times (default 1), no ack
 //   waitEvents {count, untilEvent?, timeoutMs}
 //                                         -> every event so far ({event, data, offset, n,
+//                                            data as lib.mjs's describe() shows binary parts,
 //                                            connection: how many connects preceded it,
 //                                            engine: the Engine.IO session id it came on}),
 //                                            once there are >= count (and one named untilEvent)
@@ -27,7 +30,8 @@
 //   close {}                              -> {}
 // The process ends when stdin closes.
 import { createInterface } from "node:readline";
-import { io } from "socket.io-client";
+import msgpackParser from "socket.io-msgpack-parser";
+import { describe, io } from "./lib.mjs";
 
 const clients = new Map();
 
@@ -44,12 +48,14 @@ class Client {
     this.connectErrors = [];
     this.waiters = new Set();
     this.answers = new Map();
+    const { parser, ...rest } = options ?? {};
     this.socket = io(url, {
       forceNew: true,
       reconnection: false,
       timeout: 5_000,
-      ...options,
-      auth: options.auth ?? { token },
+      ...rest,
+      ...(parser === "msgpack" ? { parser: msgpackParser } : {}),
+      auth: rest.auth ?? { token },
     });
     this.socket.onAny((event, ...args) => {
       if (typeof args.at(-1) === "function") {
@@ -60,7 +66,7 @@ class Client {
       }
       this.events.push({
         event,
-        data: args[0] ?? null,
+        data: describe(args[0] ?? null),
         offset: args[1] ?? null,
         args,
         n: args.length,
@@ -163,6 +169,14 @@ const commands = {
         }
       });
     });
+  },
+
+  async send({ name, event, args = [], count = 1 }) {
+    const { socket } = client(name);
+    for (let i = 0; i < count; i += 1) {
+      socket.emit(event, ...args);
+    }
+    return {};
   },
 
   async waitEvents({ name, count = 0, untilEvent = null, timeoutMs = 10_000 }) {

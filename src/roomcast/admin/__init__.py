@@ -26,7 +26,6 @@ from roomcast.admin.console import Console
 from roomcast.admin.stats import InstanceStats
 from roomcast.admin.tap import Tap
 from roomcast.app import Application, ConnectRefusedError
-from roomcast.auth import Principal
 from roomcast.broker.base import BrokerError
 from roomcast.cluster import Cluster
 from roomcast.config import ConfigError, Settings
@@ -152,9 +151,6 @@ class Admin:
             self._new_sessions[socket.id] = login.session
             self._tasks.spawn(self._share(login.session), name="admin-session")
         log.info("admin %r connected from %s", self._username, socket.conn.request.client)
-        socket.principal = Principal(
-            user_id=f"admin:{self._username}", rooms=(), publish=(), expires_at=None, claims={}
-        )
         socket.conn.limit = max(socket.conn.limit, ADMIN_OUTBOUND_LIMIT)
 
     async def _share(self, session_id: str) -> None:

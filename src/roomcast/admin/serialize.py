@@ -65,16 +65,19 @@ def handshake(socket: Socket) -> dict[str, Any]:
 
 def serialize(socket: Socket, instance: str, rooms: list[str] | None = None) -> dict[str, Any]:
     """The socket's ``SerializedSocket``; ``rooms`` when taken earlier (a snapshot)."""
+    data: dict[str, Any] = {
+        "user": socket.user_id,
+        "instance": instance,
+        "connectedAt": iso_time(socket.since),
+    }
+    if socket.namespace.internal:
+        data["admin"] = True  # an Admin UI's own socket
     return {
         "id": socket.id,
         "clientId": client_id(socket.conn.sid),
         "transport": transport(socket),
         "nsp": socket.namespace.name,
-        "data": {
-            "user": socket.user_id,
-            "instance": instance,
-            "connectedAt": iso_time(socket.since),
-        },
+        "data": data,
         "handshake": handshake(socket),
         "rooms": sorted(socket.rooms) if rooms is None else rooms,
     }

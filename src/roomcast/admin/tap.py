@@ -154,8 +154,12 @@ class Tap:
     def connected(self, socket: Socket) -> None:
         self._record(["socket_connected", serialize(socket, self._instance), iso_time()])
 
-    def disconnected(self, socket: Socket, reason: str) -> None:
-        self._record(["socket_disconnected", socket.namespace.name, socket.id, reason, iso_time()])
+    def disconnected(self, socket: Socket, reason: str, rooms: set[str]) -> None:
+        now = iso_time()
+        nsp = socket.namespace.name
+        for room in rooms:
+            self._record(["room_left", nsp, room, socket.id, now])
+        self._record(["socket_disconnected", nsp, socket.id, reason, now])
 
     def joined(self, socket: Socket, room: str) -> None:
         self._record(["room_joined", socket.namespace.name, room, socket.id, iso_time()])

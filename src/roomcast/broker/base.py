@@ -97,6 +97,29 @@ class History:
     complete: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class UserQuota:
+    """What one user may open, counted across every instance on the broker (see
+    :meth:`Broker.admit_user`); 0 turns a limit off."""
+
+    per_window: int = 0
+    """New connections (namespace connects) per fixed window of ``window_ms``."""
+    window_ms: int = 60_000
+    concurrent: int = 0
+    """Connections held at once; each is forgotten ``ttl_ms`` after it was last kept alive."""
+    ttl_ms: int = 30_000
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The answer of :meth:`Broker.admit_user`: ``limit`` is None when admitted, else the
+    limit that refused (``user_connect_rate`` or ``user_connections``); ``retry_after_ms``:
+    when the window ends (``user_connect_rate``; 0 for the other, which frees on a close)."""
+
+    limit: str | None = None
+    retry_after_ms: int = 0
+
+
 class BrokerError(Exception):
     """Base of all broker failures."""
 
@@ -109,8 +132,9 @@ class BrokerUnavailableError(BrokerError):
     """
 
 
-DeliveryHandler = Callable[[Publication], None]
-"""Called by the broker, in the event loop, for every publication of a subscribed room."""
+DeliveryHandler = Callable[[Publication], object]
+"""Called by the broker, in the event loop, for every publication of a subscribed room (what it
+returns is ignored)."""
 
 ControlHandler = Callable[[bytes], None]
 """Called by the broker, in the event loop, for every control message sent to this instance."""
@@ -189,7 +213,18 @@ class Broker(Protocol):
     async def revocations(self) -> list[str]:
         """Every revocation entry not yet expired."""
 
-    async def append_upstream(self, fields: dict[str, str]) -> str:
+    async def admit_user(self, user: str, member: str, quota: UserQuota) -> Admission:
+        """Count a new connection of ``user`` in the current window and, if both limits allow
+        it, hold it as ``member`` (one atomic step; a refused one holds nothing)."""
+
+    async def release_users(self, held: list[tuple[str, str]]) -> None:
+        """Forget held connections ``(user, member)`` (closed)."""
+
+    async def keep_users(self, held: list[tuple[str, str]], ttl_ms: int) -> None:
+        """Keep held connections ``(user, member)`` alive for ``ttl_ms`` more (live sockets);
+        one not held (a broker that lost it) is held again."""
+
+    async def append_upstream(self, fields: dict[str, str | bytes]) -> str:
         """Append a client event to the upstream stream; return its id once stored.
 
         Raise :class:`BrokerUnavailableError` if it was not stored.

@@ -9,6 +9,13 @@ publishers written in other languages.
 Stream fields are strings, so ``data`` is a JSON text and ``published_at`` a decimal number of
 milliseconds.  Fields this version does not know are ignored, so publishers may add their own.
 
+Binary data (``bytes`` anywhere in ``data``) is stored as Socket.IO sends it: in the ``data``
+JSON each ``bytes`` value is a placeholder ``{"_placeholder":true,"num":N}``, ``attachments``
+gives their count and field ``attachment:N`` holds the N-th one's bytes as they are (stream
+field values are binary-safe).  Placeholders mean something only in an entry that has
+``attachments``, so entries without it read exactly as before.  In a feed message, whose body
+is JSON, the attachment fields are base64.
+
 A plain ``XADD <stream> * room r event e data '{}'`` is a whole envelope: without ``id`` the
 publication id is the stream entry id, and without ``published_at`` its time is the entry id's
 milliseconds.  Without ``namespace`` the room is one of the main namespace ``/``.
@@ -16,31 +23,40 @@ milliseconds.  Without ``namespace`` the room is one of the main namespace ``/``
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Mapping
-from typing import Final
+from typing import Any, Final, TypeAlias
 
 import orjson
 
 from roomcast.auth import InvalidRoomError, validate_room
 from roomcast.broker.base import Publication
 from roomcast.broker.topics import MAIN, InvalidNamespaceError, topic, validate_namespace
-from roomcast.protocol.errors import EventNameError
-from roomcast.protocol.socketio import MAX_EVENT_NAME, check_event_name
+from roomcast.protocol.errors import EventNameError, SocketIOError
+from roomcast.protocol.socketio import MAX_EVENT_NAME, check_event_name, dumps_binary, reconstruct
 
 __all__ = [
+    "ATTACHMENT_FIELD",
     "FIELDS",
+    "MAX_ATTACHMENTS",
     "MAX_EVENT_LENGTH",
     "MAX_IDEMPOTENCY_KEY_LENGTH",
     "OPTIONAL_FIELDS",
     "REQUIRED_FIELDS",
     "EnvelopeError",
+    "check_traceparent",
+    "decode_data",
     "decode_envelope",
     "decode_feed",
     "encode_data",
     "encode_envelope",
     "encode_feed",
 ]
+
+Fields: TypeAlias = dict[str, str | bytes]
+"""An envelope as ``{field: value}``: text, and the raw bytes of attachment fields."""
 
 REQUIRED_FIELDS: Final = ("room", "event", "data")
 OPTIONAL_FIELDS: Final = (
@@ -51,9 +67,14 @@ OPTIONAL_FIELDS: Final = (
     "traceparent",
     "exclude_sid",
     "origin",
+    "attachments",
 )
 FIELDS: Final = REQUIRED_FIELDS + OPTIONAL_FIELDS
-
+ATTACHMENT_FIELD: Final = "attachment:{}"
+"""The name of attachment field N (``attachment:0``, ``attachment:1``, ...)."""
+MAX_ATTACHMENTS: Final = 256
+"""``bytes`` values one publication may hold."""
+_COUNT_RE: Final = re.compile(r"\A[1-9][0-9]{0,2}\Z")
 MAX_EVENT_LENGTH: Final = MAX_EVENT_NAME
 MAX_ID_LENGTH: Final = 128
 MAX_IDEMPOTENCY_KEY_LENGTH: Final = 256
@@ -72,15 +93,61 @@ def _show(value: object) -> str:
     return text if len(text) <= _SHOW_LIMIT else text[: _SHOW_LIMIT - 3] + "..."
 
 
-def encode_data(data: object) -> str:
-    """Return ``data`` as compact JSON text; raise :class:`EnvelopeError` if it is not JSON."""
+def encode_data(data: object) -> tuple[str, list[bytes]]:
+    """Return ``data`` as compact JSON text and its attachments: each ``bytes`` value
+    (``bytearray``, ``memoryview``) becomes a placeholder and its bytes an attachment.
+    Raise :class:`EnvelopeError` if ``data`` is neither JSON nor bytes, or if it holds
+    bytes beside an object that looks like a placeholder (it would read back as bytes)."""
     try:
-        return orjson.dumps(data).decode()
+        return orjson.dumps(data).decode(), []
     except orjson.JSONEncodeError as exc:
-        raise EnvelopeError(f"data: not json-serializable: {exc}") from None
+        error = exc
+    attachments: list[bytes] = []
+    try:
+        text = dumps_binary(data, attachments)
+    except TypeError:  # orjson's JSONEncodeError, or bytes' default hook
+        raise EnvelopeError(f"data: not json-serializable: {error}") from None
+    if not attachments:
+        raise EnvelopeError(f"data: not json-serializable: {error}")
+    if len(attachments) > MAX_ATTACHMENTS:
+        raise EnvelopeError(f"data: more than {MAX_ATTACHMENTS} bytes values")
+    if _holds_placeholder(data):
+        raise EnvelopeError(
+            'data: an object of the form {"_placeholder": true, "num": N} beside bytes '
+            "would read back as bytes"
+        )
+    return text.decode(), attachments
 
 
-def encode_envelope(publication: Publication) -> dict[str, str]:
+def _holds_placeholder(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if len(item) == 2 and item.get("_placeholder") is True and "num" in item:
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return False
+
+
+def decode_data(text: str, attachments: list[bytes] | None = None) -> Any:
+    """The data of :func:`encode_data`'s JSON text and attachments; with attachments, every
+    placeholder is replaced by its bytes.  Raise :class:`EnvelopeError` naming the problem."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise EnvelopeError(f"data: invalid json {_show(text)}") from None
+    if attachments is None:
+        return value
+    try:
+        return reconstruct(value, attachments)
+    except SocketIOError as exc:
+        raise EnvelopeError(f"data: {exc}") from None
+
+
+def encode_envelope(publication: Publication) -> Fields:
     """Return the stream entry fields of ``publication`` (its ``offset`` is not part of them).
 
     Raise :class:`EnvelopeError` (or :class:`~roomcast.auth.InvalidRoomError`, also a
@@ -93,13 +160,18 @@ def encode_envelope(publication: Publication) -> dict[str, str]:
         raise EnvelopeError(
             f"published_at: must not be negative, got {publication.published_at_ms}"
         )
-    fields = {
+    data, attachments = encode_data(publication.data)
+    fields: Fields = {
         "room": publication.room,
         "event": publication.event,
-        "data": encode_data(publication.data),
+        "data": data,
         "id": publication.id,
         "published_at": str(publication.published_at_ms),
     }
+    if attachments:
+        fields["attachments"] = str(len(attachments))
+        for num, attachment in enumerate(attachments):
+            fields[ATTACHMENT_FIELD.format(num)] = attachment
     if publication.namespace != MAIN:
         try:
             fields["namespace"] = validate_namespace(publication.namespace)
@@ -122,7 +194,7 @@ def encode_envelope(publication: Publication) -> dict[str, str]:
 
 def decode_envelope(
     entry_id: str,
-    fields: Mapping[str, str] | Mapping[bytes, bytes],
+    fields: Mapping[str, str | bytes] | Mapping[bytes, bytes],
     *,
     room: str | None = None,
 ) -> Publication:
@@ -154,10 +226,7 @@ def decode_envelope(
         except InvalidRoomError as exc:
             raise EnvelopeError(f"room: {exc}") from None
     event = _check_event(text["event"])
-    try:
-        data = orjson.loads(text["data"])
-    except orjson.JSONDecodeError:
-        raise EnvelopeError(f"data: invalid json {_show(text['data'])}") from None
+    data = decode_data(text["data"], _attachments(text, fields))
     publication_id = _check_text("id", text.get("id", entry_id), MAX_ID_LENGTH)
     published_at = text.get("published_at")
     if published_at is None:  # a plain XADD: the entry id holds the time
@@ -183,10 +252,44 @@ def decode_envelope(
     )
 
 
-def encode_feed(fields: Mapping[str, str]) -> str:
+def _attachments(
+    text: Mapping[str, str], fields: Mapping[str, str | bytes] | Mapping[bytes, bytes]
+) -> list[bytes] | None:
+    """The attachments of a binary entry (one with ``attachments``), else ``None``."""
+    count = text.get("attachments")
+    if count is None:
+        return None
+    if _COUNT_RE.match(count) is None or int(count) > MAX_ATTACHMENTS:
+        raise EnvelopeError(f"attachments: not a count of 1-{MAX_ATTACHMENTS}: {_show(count)}")
+    attachments: list[bytes] = []
+    for num in range(int(count)):
+        name = ATTACHMENT_FIELD.format(num)
+        value = fields.get(name)  # type: ignore[call-overload]
+        if value is None:
+            value = fields.get(name.encode())  # type: ignore[call-overload]
+        if isinstance(value, bytes):
+            attachments.append(value)
+        elif value is None:
+            raise EnvelopeError(f"{name}: missing (attachments is {count})")
+        else:
+            raise EnvelopeError(f"{name}: must be bytes, got {type(value).__name__}")
+    return attachments
+
+
+def encode_feed(fields: Mapping[str, str | bytes]) -> str:
     """The fields of an entry as one JSON object: the body of a Redis feed message, which
-    hands the entry to subscribed instances with its notification (see ``docs/redis.md``)."""
-    return orjson.dumps(fields).decode()
+    hands the entry to subscribed instances with its notification (see ``docs/redis.md``).
+    Attachment fields are base64 in it."""
+    try:
+        return orjson.dumps(fields).decode()
+    except orjson.JSONEncodeError:
+        pass
+    return orjson.dumps(
+        {
+            name: base64.b64encode(value).decode("ascii") if isinstance(value, bytes) else value
+            for name, value in fields.items()
+        }
+    ).decode()
 
 
 def decode_feed(entry_id: str, body: bytes | str, *, room: str) -> Publication:
@@ -199,6 +302,15 @@ def decode_feed(entry_id: str, body: bytes | str, *, room: str) -> Publication:
         raise EnvelopeError(f"feed: invalid json {_show(body)}") from None
     if not isinstance(fields, dict):
         raise EnvelopeError(f"feed: not a json object: {_show(fields)}")
+    if "attachments" in fields:
+        for name, value in fields.items():
+            if name.startswith("attachment:"):
+                if not isinstance(value, str):
+                    raise EnvelopeError(f"feed: {name} must be base64 text")
+                try:
+                    fields[name] = base64.b64decode(value, validate=True)
+                except (binascii.Error, ValueError):
+                    raise EnvelopeError(f"feed: {name} is not base64") from None
     return decode_envelope(entry_id, fields, room=room)
 
 
@@ -209,7 +321,9 @@ _NAMES: Final[dict[str | bytes, str]] = {
 """Known field names, as ``str`` or as the ``bytes`` a Redis reply holds."""
 
 
-def _as_text(fields: Mapping[str, str] | Mapping[bytes, bytes]) -> dict[str, str]:
+def _as_text(
+    fields: Mapping[str, str | bytes] | Mapping[bytes, bytes],
+) -> dict[str, str]:
     """Decode the known fields to ``str``; a field that is not UTF-8 is an error."""
     text: dict[str, str] = {}
     for raw_name, raw_value in fields.items():
@@ -254,3 +368,10 @@ def _optional(text: Mapping[str, str], name: str, max_length: int) -> str | None
 def _check_traceparent(value: object) -> None:
     if not isinstance(value, str) or _TRACEPARENT_RE.match(value) is None:
         raise EnvelopeError(f"traceparent: not a w3c traceparent: {_show(value)}")
+
+
+def check_traceparent(value: object) -> str:
+    """Return ``value`` if it is a W3C ``traceparent``; raise :class:`EnvelopeError` if not."""
+    _check_traceparent(value)
+    assert isinstance(value, str)
+    return value

@@ -82,6 +82,15 @@ class Keys:
         """The sorted set of revocation entries, scored by when each may be forgotten (ms)."""
         return f"{self.prefix}:revocations"
 
+    def user_connects(self, user: str) -> str:
+        """New connections of ``user`` in the current window: ``<prefix>:connects:{<user>}``."""
+        return f"{self.prefix}:connects:{{{user}}}"
+
+    def user_held(self, user: str) -> str:
+        """The sorted set of ``user``'s open connections, scored by when each may be forgotten
+        (ms): ``<prefix>:held:{<user>}``, in the slot of :meth:`user_connects`."""
+        return f"{self.prefix}:held:{{{user}}}"
+
     def instances(self) -> str:
         """The sorted set of live instances, scored by when each last said so (ms)."""
         return f"{self.prefix}:instances"

@@ -10,6 +10,7 @@ import uuid
 from collections import OrderedDict, deque
 
 from roomcast.broker.base import (
+    Admission,
     BatchScope,
     BrokerState,
     ControlHandler,
@@ -18,6 +19,7 @@ from roomcast.broker.base import (
     Publication,
     PublishRequest,
     PublishResult,
+    UserQuota,
 )
 from roomcast.broker.offsets import OffsetClock, parse_offset
 from roomcast.broker.topics import validate_topic
@@ -55,10 +57,14 @@ class MemoryBroker:
         self._next_sweep = 0.0
         self._next_history_sweep_ms = 0
         self.dropped: collections.Counter[str] = collections.Counter()
-        self.upstream: deque[tuple[str, dict[str, str]]] = deque(maxlen=10_000)
+        self.upstream: deque[tuple[str, dict[str, str | bytes]]] = deque(maxlen=10_000)
         self.instance_id = uuid.uuid4().hex[:16]
         self._revocations: dict[str, int] = {}
         self._control: ControlHandler | None = None
+        self._connects: dict[str, tuple[float, int]] = {}
+        """User -> (end of the current window, connects counted in it)."""
+        self._held: dict[str, dict[str, float]] = {}
+        """User -> held connection -> until when (monotonic seconds)."""
 
     @property
     def state(self) -> BrokerState:
@@ -188,7 +194,42 @@ class MemoryBroker:
             if entry is not None:
                 self._sessions[pid] = (deadline, entry[1])
 
-    async def append_upstream(self, fields: dict[str, str]) -> str:
+    async def admit_user(self, user: str, member: str, quota: UserQuota) -> Admission:
+        """The same fixed window and held set as on Redis, in this process."""
+        now = time.monotonic()
+        if quota.per_window:
+            if len(self._connects) > 10_000:  # windows that ended: forget them (amortised)
+                self._connects = {u: w for u, w in self._connects.items() if w[0] > now}
+            ends, count = self._connects.get(user, (0.0, 0))
+            if ends <= now:
+                ends, count = now + quota.window_ms / 1000, 0
+            self._connects[user] = (ends, count + 1)
+            if count + 1 > quota.per_window:
+                return Admission("user_connect_rate", max(1, int((ends - now) * 1000)))
+        if quota.concurrent:
+            held = self._held.setdefault(user, {})
+            if member not in held and len(held) >= quota.concurrent:
+                for gone in [m for m, until in held.items() if until <= now]:  # only when full
+                    del held[gone]
+                if len(held) >= quota.concurrent:
+                    return Admission("user_connections")
+            held[member] = now + quota.ttl_ms / 1000
+        return Admission()
+
+    async def release_users(self, held: list[tuple[str, str]]) -> None:
+        for user, member in held:
+            members = self._held.get(user)
+            if members is not None:
+                members.pop(member, None)
+                if not members:
+                    del self._held[user]
+
+    async def keep_users(self, held: list[tuple[str, str]], ttl_ms: int) -> None:
+        until = time.monotonic() + ttl_ms / 1000
+        for user, member in held:
+            self._held.setdefault(user, {})[member] = until
+
+    async def append_upstream(self, fields: dict[str, str | bytes]) -> str:
         """Kept in a bounded local list; only useful for tests and development."""
         offset = self._clock.next(int(time.time() * 1000))
         self.upstream.append((offset, fields))

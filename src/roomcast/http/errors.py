@@ -47,13 +47,31 @@ class ApiError(Exception):
     """A refused API request; ``code`` is a stable machine-readable label."""
 
     def __init__(
-        self, status: int, code: str, message: str, details: list[dict[str, str]] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: list[dict[str, str]] | None = None,
+        *,
+        retry_after_ms: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details
+        self.retry_after_ms = retry_after_ms
+        """With 429: when to retry (the body's ``retry_after_ms``, and ``Retry-After``)."""
+        self.limit: str | None = None
+        """With 429: the limit that refused (the body's ``limit``)."""
+
+    @classmethod
+    def rate_limited(cls, limit: str, retry_after_ms: int) -> ApiError:
+        """429 ``rate_limited`` naming the limit, with when to retry."""
+        error = cls(429, "rate_limited", f"over the {limit} rate limit, retry later")
+        error.retry_after_ms = retry_after_ms
+        error.limit = limit
+        return error
 
     @classmethod
     def invalid_payload(cls, error: InvalidPayloadError) -> ApiError:
@@ -65,8 +83,13 @@ def api_error_response(exchange: Exchange, error: ApiError) -> None:
     value: dict[str, Any] = {"code": error.code, "message": error.message}
     if error.details is not None:
         value["details"] = error.details
-    body = orjson.dumps({"error": value})
     headers = [("WWW-Authenticate", "Bearer")] if error.status == 401 else []
+    if error.limit is not None:
+        value["limit"] = error.limit
+    if error.retry_after_ms is not None:
+        value["retry_after_ms"] = error.retry_after_ms
+        headers.append(("Retry-After", str(max(1, -(-error.retry_after_ms // 1000)))))
+    body = orjson.dumps({"error": value})
     exchange.respond(error.status, body, headers, content_type="application/json")
 
 
@@ -81,6 +104,22 @@ def connect_error_payload(code: str, message: str) -> dict[str, Any]:
 
 def ack_error(code: str, message: str) -> dict[str, Any]:
     return {"ok": False, "error": {"code": code, "message": message}}
+
+
+def ack_rate_limited(limit: str, retry_after_ms: int) -> dict[str, Any]:
+    """The ack of an event over a rate limit (``roomcast.limits``)."""
+    answer = ack_error("rate_limited", f"over the {limit} rate limit, retry later")
+    answer["error"]["limit"] = limit
+    answer["error"]["retry_after_ms"] = retry_after_ms
+    return answer
+
+
+def connect_rate_limited(limit: str, retry_after_ms: int, message: str) -> dict[str, Any]:
+    """The CONNECT_ERROR data of a connect over a per-user limit (``roomcast.limits``)."""
+    payload = connect_error_payload("rate_limited", message)
+    payload["data"]["limit"] = limit
+    payload["data"]["retry_after_ms"] = retry_after_ms
+    return payload
 
 
 def ack_invalid_payload(error: InvalidPayloadError) -> dict[str, Any]:

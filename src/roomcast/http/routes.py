@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import re
@@ -23,6 +24,8 @@ from roomcast.http import peers
 from roomcast.http.access import Access, Listener, Route
 from roomcast.http.errors import ApiError, api_error_response, json_response
 from roomcast.http.server_api import ServerApiRoutes
+from roomcast.jsonbytes import BinaryMarkerError, decode_markers, may_hold_markers
+from roomcast.limits import Rate, Refusals
 from roomcast.protocol.errors import EventNameError
 from roomcast.protocol.socketio import check_event_name
 from roomcast.schemas import InvalidPayloadError
@@ -71,10 +74,13 @@ class Router:
         peer_sockets: dict[str, str] | None = None,
         namespaces: Container[str] = ("/",),
         access: Access | None = None,
+        api_rate: Rate | None = None,
+        refusals: Refusals | None = None,
     ) -> None:
         """With ``--workers``: ``worker`` names this worker (``"00"``), ``peer_sockets`` maps the
         others' names to their peer unix sockets, and ``/metrics`` and ``/readyz`` answer for
-        all. ``access`` says which listener serves what (default: everything public, no key)."""
+        all. ``access`` says which listener serves what (default: everything public, no key).
+        ``api_rate``: publish requests per API key (there is one key), counted by ``refusals``."""
         self.engines: dict[str, HttpHandler] = {}
         self._metrics = metrics
         self._tasks = tasks
@@ -89,6 +95,8 @@ class Router:
         self.server_api: ServerApiRoutes | None = None
         """The server API routes (set by the node once it has a cluster)."""
         self._access = access or Access()
+        self._api_bucket = api_rate.bucket() if api_rate is not None else None
+        self._refusals = refusals
         self.ops: HttpHandler = _ListenerView(self, Listener.OPS)
         self.peer: HttpHandler = _ListenerView(self, Listener.PEER)
 
@@ -179,7 +187,16 @@ class Router:
             if request.method != "POST":
                 raise ApiError(405, "method_not_allowed", "use POST")
             self.check_key(request)
+            bucket = self._api_bucket
+            if bucket is not None and not bucket.take():
+                if self._refusals is not None:
+                    self._refusals.refused("api", "publish API")
+                raise ApiError.rate_limited("api", bucket.retry_after_ms())
             publish = parse_publish_body(request.body, self._max_payload)
+            if publish.traceparent is None and "traceparent" in request.headers:
+                traceparent = header_traceparent(request.headers["traceparent"])
+                if traceparent is not None:
+                    publish = dataclasses.replace(publish, traceparent=traceparent)
             if publish.namespace not in self._namespaces:
                 raise ApiError(
                     400,
@@ -204,22 +221,27 @@ class Router:
             result = await self._publish(request)
         except InvalidPayloadError as exc:
             self._metrics.invalid_payloads.labels("api_publish", request.event).inc()
-            log.info("publish to %s refused: %s", request.room, exc)
+            log.info("publish to %s refused: %s", request.room, exc, extra=_context(request))
             api_error_response(exchange, ApiError.invalid_payload(exc))
             return
         except BrokerUnavailableError as exc:
             self._metrics.dropped.labels("broker_unavailable").inc()
-            log.warning("publish to %s refused: %s", request.room, exc)
+            log.warning("publish to %s refused: %s", request.room, exc, extra=_context(request))
             api_error_response(exchange, ApiError(503, "broker_unavailable", str(exc)))
             return
         except BrokerError as exc:  # refused by Redis itself: a retry would not help
             self._metrics.dropped.labels("broker_refused").inc()
-            log.error("publish to %s refused by the broker: %s", request.room, exc)
+            log.error(
+                "publish to %s refused by the broker: %s",
+                request.room,
+                exc,
+                extra=_context(request),
+            )
             api_error_response(exchange, ApiError(502, "broker_refused", str(exc)))
             return
         except Exception:  # task boundary: the publisher must get an answer, never a hang
             self._metrics.dropped.labels("publish_failed").inc()
-            log.exception("publish to %s failed", request.room)
+            log.exception("publish to %s failed", request.room, extra=_context(request))
             api_error_response(exchange, ApiError(500, "internal_error", "publish failed"))
             return
         self._metrics.published.labels("http").inc()
@@ -232,8 +254,26 @@ class Router:
             json_response(exchange, 200 if result.duplicate else 202, body)
 
 
+def header_traceparent(value: str) -> str | None:
+    """A W3C ``traceparent`` header's value, or None (logged) when it is not a valid one: as
+    the W3C recommendation asks, a bad header is ignored (the publication starts no trace
+    from it), never a reason to refuse the publication. A ``traceparent`` body field wins."""
+    value = value.strip()
+    if (
+        _TRACEPARENT.fullmatch(value) is None
+        or value.startswith("ff")
+        or value[3:35] == "0" * 32
+        or value[36:52] == "0" * 16
+    ):
+        log.info("ignored an invalid traceparent header: %r", value[:80])
+        return None
+    return value
+
+
 def parse_publish_body(body: bytes, max_payload: int) -> PublishRequest:
-    """Validate ``{"room", "event", "data", "idempotency_key"?}``; errors name the field."""
+    """Validate ``{"room", "event", "data", "idempotency_key"?}``; errors name the field.
+
+    In ``data``, ``{"$binary": "<base64>"}`` stands for bytes (:mod:`roomcast.jsonbytes`)."""
     if len(body) > max_payload:
         raise ApiError(413, "payload_too_large", f"body of {len(body)} bytes exceeds {max_payload}")
     try:
@@ -270,11 +310,22 @@ def parse_publish_body(body: bytes, max_payload: int) -> PublishRequest:
         namespace = validate_namespace(value.get("namespace", MAIN))
     except InvalidNamespaceError as exc:
         raise ApiError(400, "invalid_namespace", str(exc)) from None
+    data = value["data"]
+    if may_hold_markers(body):
+        try:
+            data = decode_markers(data)
+        except BinaryMarkerError as exc:
+            raise ApiError(400, "invalid_binary", str(exc)) from None
     return PublishRequest(
         room=room,
         namespace=namespace,
         event=event,
-        data=value["data"],
+        data=data,
         idempotency_key=key,
         traceparent=traceparent,
     )
+
+
+def _context(request: PublishRequest) -> dict[str, str]:
+    """The context fields of a log line about ``request`` (``roomcast.logs``)."""
+    return {"room": request.room, "namespace": request.namespace}

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -36,6 +36,7 @@ from roomcast.metrics import Metrics
 from roomcast.operator import BroadcastOperator, Reach, SelectorError
 from roomcast.protocol.errors import EventNameError
 from roomcast.protocol.socketio import check_event_name
+from roomcast.schemas import EventSchema, InvalidPayloadError
 from roomcast.tasks import TaskSet
 from roomcast.transport.http import Exchange, Request
 
@@ -59,6 +60,7 @@ class ServerApiRoutes:
         tasks: TaskSet,
         metrics: Metrics,
         max_payload: int,
+        schemas: Mapping[str, EventSchema] | None = None,
     ) -> None:
         """``operator(namespace)`` is ``app.of``: it raises ``ValueError`` for a namespace the
         application does not define."""
@@ -68,6 +70,7 @@ class ServerApiRoutes:
         self._tasks = tasks
         self._metrics = metrics
         self._max_payload = max_payload
+        self._schemas = schemas or {}
 
     @staticmethod
     def serves(path: str) -> bool:
@@ -210,6 +213,13 @@ class ServerApiRoutes:
             raise ApiError(400, "invalid_event", str(exc)) from None
         if "data" not in body:
             raise ApiError(400, "invalid_body", "missing field 'data'")
+        schema = self._schemas.get(str(event))
+        issues = None if schema is None else schema.issues(body["data"])
+        if issues is not None:
+            self._metrics.invalid_payloads.labels("api_emit", str(event)).inc()
+            error = InvalidPayloadError(str(event), issues)
+            log.info("emit refused: %s", error)
+            raise ApiError.invalid_payload(error)
         timeout_ms = body.get("timeout_ms", 5_000)
         if not isinstance(timeout_ms, int) or not 1 <= timeout_ms <= MAX_TIMEOUT_MS:
             raise ApiError(400, "invalid_timeout", f"timeout_ms must be 1-{MAX_TIMEOUT_MS}")

@@ -61,6 +61,19 @@ def encode_payload(packets: list[str | bytes]) -> str:
     return SEPARATOR.join(parts)
 
 
+def split_payload(text: str) -> list[tuple[bool, bytes]]:
+    """``(binary, payload)`` for each packet of a polling payload that this server encoded
+    itself, in its WebSocket form: the decoded bytes of a binary packet (``b`` and base64),
+    the UTF-8 text of any other."""
+    out: list[tuple[bool, bytes]] = []
+    for part in text.split(SEPARATOR):
+        if part.startswith("b"):
+            out.append((True, base64.b64decode(part[1:])))
+        else:
+            out.append((False, part.encode("utf-8")))
+    return out
+
+
 def decode_payload(body: bytes, *, max_payload: int) -> list[Packet]:
     """Split a polling POST body into packets; raise on any malformed one."""
     if len(body) > max_payload:

@@ -1,15 +1,18 @@
-"""Socket.IO v5 packets (sans-I/O; orjson is the only non-stdlib import, for speed).
+"""Socket.IO v5 packets and the default (JSON) parser (sans-I/O; orjson is the only non-stdlib
+import, for speed).
 
 Encoding: ``<type>[<attachments>-][<namespace>,][<ack id>][<JSON payload>]``.  Binary events and
 acks replace each ``bytes`` value with ``{"_placeholder": true, "num": N}`` and send the
-attachments as separate binary Engine.IO messages after the text packet.
+attachments as separate binary Engine.IO messages after the text packet.  The other parser,
+``socket.io-msgpack-parser``'s, is in :mod:`roomcast.protocol.msgpack_parser`; both satisfy
+:class:`roomcast.protocol.parser.Parser`.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -77,7 +80,7 @@ class Packet:
         attachments: list[bytes] = []
         body = b""
         if self.data is not None:
-            body = _dumps(self.data, attachments)
+            body = dumps_binary(self.data, attachments)
         kind = self.type
         if attachments and kind is PacketType.EVENT:
             kind = PacketType.BINARY_EVENT
@@ -95,7 +98,10 @@ class Packet:
         return out
 
 
-def _dumps(data: Any, attachments: list[bytes]) -> bytes:
+def dumps_binary(data: Any, attachments: list[bytes]) -> bytes:
+    """``data`` as JSON, each ``bytes`` (``bytearray``, ``memoryview``) value replaced by a
+    placeholder ``{"_placeholder": true, "num": N}`` and appended to ``attachments``."""
+
     def default(obj: Any) -> Any:
         if isinstance(obj, (bytes, bytearray, memoryview)):
             attachments.append(bytes(obj))
@@ -201,16 +207,18 @@ def _parse(text: str, limits: Limits) -> tuple[Packet, int]:
     return Packet(kind, namespace, payload, ack_id), expected
 
 
-def _reconstruct(value: Any, attachments: list[bytes]) -> Any:
+def reconstruct(value: Any, attachments: list[bytes]) -> Any:
+    """``value`` with every placeholder replaced by its attachment; raise
+    :class:`SocketIOError` for a placeholder that names none."""
     if isinstance(value, list):
-        return [_reconstruct(v, attachments) for v in value]
+        return [reconstruct(v, attachments) for v in value]
     if isinstance(value, dict):
         if value.get("_placeholder") is True and len(value) == 2:
             num = value.get("num")
             if isinstance(num, int) and not isinstance(num, bool) and 0 <= num < len(attachments):
                 return attachments[num]
             raise SocketIOError(f"invalid attachment placeholder {num!r}")
-        return {k: _reconstruct(v, attachments) for k, v in value.items()}
+        return {k: reconstruct(v, attachments) for k, v in value.items()}
     return value
 
 
@@ -241,15 +249,30 @@ class Decoder:
             if len(pending.attachments) < self._expected:
                 return None
             self._pending = None
-            pending.data = _reconstruct(pending.data, pending.attachments)
+            pending.data = reconstruct(pending.data, pending.attachments)
             return pending
         if self._pending is not None:
             raise SocketIOError("text packet received while waiting for attachments")
         packet, expected = _parse(message, self._limits)
         if expected == 0:
             if packet.type in _BINARY:
-                packet.data = _reconstruct(packet.data, [])
+                packet.data = reconstruct(packet.data, [])
             return packet
         self._pending = packet
         self._expected = expected
         return None
+
+
+class JsonParser:
+    """Socket.IO's default parser: text packets, binary attachments as extra messages."""
+
+    name = "json"
+
+    def encode(self, packet: Packet) -> list[str | bytes]:
+        return packet.serialize()
+
+    def decoder(self, limits: Limits) -> Decoder:
+        return Decoder(limits)
+
+
+JSON_PARSER: Final = JsonParser()

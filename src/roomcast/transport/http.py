@@ -115,6 +115,7 @@ class HttpConnection(asyncio.Protocol):
         "_body",
         "_body_size",
         "_current",
+        "_early",
         "_handler",
         "_head_size",
         "_header_count",
@@ -159,6 +160,9 @@ class HttpConnection(asyncio.Protocol):
         self._paused = False
         """Reading stopped: a complete request waits behind the one in progress."""
         self._refused = False
+        self._early: bytes | None = None
+        """Bytes read after an upgrade request whose answer waits (for its turn to open a
+        session): reading stops meanwhile, and the WebSocket gets them first."""
 
     @classmethod
     def adopted(
@@ -395,8 +399,12 @@ class HttpConnection(asyncio.Protocol):
         exchange = Exchange(self, False)
         self._current = exchange
         self._handler.handle(request, exchange)
-        if self._ws is not None and rest:
-            self._ws.data_received(rest)
+        if self._ws is not None:
+            if rest:
+                self._ws.data_received(rest)
+        elif not exchange.done and self._transport is not None:
+            self._early = rest
+            self._transport.pause_reading()
 
     def switch_to_websocket(
         self, peer: WebSocketPeer, key: str, max_size: int, headers: list[tuple[str, str]]
@@ -414,7 +422,16 @@ class HttpConnection(asyncio.Protocol):
         self._current = None
         self._ws = WebSocketConnection(self._transport, peer, max_size)
         self._headers = {}
+        early, self._early = self._early, None
+        if early is not None:  # answered later than read: go on reading, early bytes first
+            self._transport.resume_reading()
+            if early:
+                asyncio.get_running_loop().call_soon(self._feed_early, self._ws, early)
         return self._ws
+
+    @staticmethod
+    def _feed_early(ws: WebSocketConnection, data: bytes) -> None:
+        ws.data_received(data)
 
     def forward(self, request: Request, unix_path: str) -> None:
         """Pipe this connection, starting with ``request``, to another worker's unix socket.

@@ -37,6 +37,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from roomcast.broker.base import (
+    Admission,
     BatchScope,
     BrokerError,
     BrokerState,
@@ -48,6 +49,7 @@ from roomcast.broker.base import (
     Publication,
     PublishRequest,
     PublishResult,
+    UserQuota,
 )
 from roomcast.broker.envelope import encode_envelope, encode_feed
 from roomcast.broker.keys import Keys, keyspace_channel
@@ -75,6 +77,7 @@ from roomcast.broker.redis.notifications import Notifications
 from roomcast.broker.redis.publish import PublishLane
 from roomcast.broker.redis.sessions import RedisSessions
 from roomcast.broker.redis.upstream import append_upstream
+from roomcast.broker.redis.users import RedisUsers
 from roomcast.broker.topics import validate_namespace, validate_topic
 
 __all__ = ["RedisBroker"]
@@ -155,7 +158,11 @@ class RedisBroker:
             self._conn, self._keys, instance_id=self.instance_id, ping_interval=ping_interval
         )
         self._control = Control(
-            self._conn, self._keys, instance_id=self.instance_id, ping_interval=ping_interval
+            self._conn,
+            self._keys,
+            instance_id=self.instance_id,
+            ping_interval=ping_interval,
+            errors=self.errors,
         )
         self._delivery = Delivery(
             self._entries,
@@ -166,6 +173,7 @@ class RedisBroker:
             errors=self.errors,
         )
         self._sessions = RedisSessions(self._conn, self._keys)
+        self._users = RedisUsers(self._conn, self._keys)
 
         self._state = BrokerState.STOPPED
         self._stopped = False
@@ -238,7 +246,6 @@ class RedisBroker:
         self._supervisor = asyncio.create_task(self._supervise(), name="roomcast-redis-broker")
 
     async def stop(self) -> None:
-        await self._control.withdraw()
         self._stopped = True
         supervisor, self._supervisor = self._supervisor, None
         self._state = BrokerState.STOPPED
@@ -250,6 +257,7 @@ class RedisBroker:
                 logger.error(
                     "redis broker tasks did not stop within %.1fs", self._socket_timeout * 2
                 )
+        await self._control.withdraw()  # the watcher is stopped: it cannot announce again
         await self._lane.close(self._socket_timeout)
         await self._close_listeners()
         await self._conn.close()
@@ -287,7 +295,7 @@ class RedisBroker:
                 if is_cluster
                 else (self._keys.feed(room, conn.db), encode_feed(fields))
             )
-            args: list[str | int] = [
+            args: list[str | int | bytes] = [
                 self._history_size,
                 self._history_ttl_ms,
                 self._idempotency_window_ms,
@@ -400,7 +408,16 @@ class RedisBroker:
     async def revocations(self) -> list[str]:
         return await self._control.revocations()
 
-    async def append_upstream(self, fields: dict[str, str]) -> str:
+    async def admit_user(self, user: str, member: str, quota: UserQuota) -> Admission:
+        return await self._users.admit(user, member, quota)
+
+    async def release_users(self, held: list[tuple[str, str]]) -> None:
+        await self._users.release(held)
+
+    async def keep_users(self, held: list[tuple[str, str]], ttl_ms: int) -> None:
+        await self._users.keep(held, ttl_ms)
+
+    async def append_upstream(self, fields: dict[str, str | bytes]) -> str:
         """``XADD <prefix>:upstream [MAXLEN ~ upstream_maxlen] * <fields>``; return the entry id."""
         return await append_upstream(self._conn, self._keys, fields, maxlen=self._upstream_maxlen)
 
@@ -470,13 +487,13 @@ class RedisBroker:
         if self._control.handler is not None:
             # Classic pub/sub reaches every node's subscribers: one listener is enough.
             by_node[next(iter(self._listeners))].extend(self._control.channels)
-            await self._control.announce()
         for name, channels in by_node.items():
             conn = self._listeners.get(name)
             if conn is None:
                 raise _TopologyChangedError(f"no pub/sub connection to node {name}")
             for chunk in chunks(channels, _SUBSCRIBE_CHUNK):
                 await conn.send_command("SUBSCRIBE", *chunk, check_health=False)
+        await self._control.announce()  # after subscribing: no request is sent into a gap
         self._state = BrokerState.CONNECTED
 
     async def _run_epoch(self) -> None:

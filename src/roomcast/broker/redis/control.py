@@ -10,26 +10,52 @@ the server API reports it as an instance that did not answer.
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
-from typing import Any
+from typing import Any, Final
 
 from roomcast.broker.base import ControlHandler
 from roomcast.broker.keys import Keys
 from roomcast.broker.redis.connection import RedisConnection, text
-from roomcast.broker.redis.errors import REDIS_FAILURES, broker_error
+from roomcast.broker.redis.errors import REDIS_FAILURES, UNAVAILABLE_ERRORS, broker_error
 
 __all__ = ["Control"]
 
 logger = logging.getLogger("roomcast.broker")
 
 
+# The registry is scored with Redis's clock, so an instance whose own clock is off is still
+# counted live (or dead) correctly.  KEYS[1]: the registry.
+# ANNOUNCE: ARGV[1] instance id, ARGV[2] ms after which a member is removed.
+_ANNOUNCE_LUA: Final = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+return now
+"""
+# LIVE: ARGV[1] ms for which an announcement counts.
+_LIVE_LUA: Final = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[1]), '+inf')
+"""
+
+
 class Control:
     """The control channels of one instance, and the instance registry."""
 
     def __init__(
-        self, connection: RedisConnection, keys: Keys, *, instance_id: str, ping_interval: float
+        self,
+        connection: RedisConnection,
+        keys: Keys,
+        *,
+        instance_id: str,
+        ping_interval: float,
+        errors: collections.Counter[str],
     ) -> None:
+        self._errors = errors
         self._connection = connection
         self._keys = keys
         self._instance_id = instance_id
@@ -56,15 +82,21 @@ class Control:
             raise broker_error(exc) from exc
 
     async def announce(self) -> None:
-        """Say this instance is alive, and forget instances silent for too long."""
+        """Say this instance is alive, and forget instances silent for too long.  Best
+        effort: a Redis that refuses the write (out of memory, a read-only replica) costs the
+        server API this instance's answers being waited for, never the delivery of rooms."""
         if self.handler is None:
             return
-        client = await self._connection.ensure()
-        now_ms = int(time.time() * 1000)
-        pipe = client.pipeline(transaction=False)
-        pipe.zadd(self._keys.instances(), {self._instance_id: now_ms})
-        pipe.zremrangebyscore(self._keys.instances(), "-inf", now_ms - self._live_ms * 10)
-        await pipe.execute()
+        try:
+            client = await self._connection.ensure()
+            await client.eval(
+                _ANNOUNCE_LUA, 1, self._keys.instances(), self._instance_id, self._live_ms * 10
+            )
+        except UNAVAILABLE_ERRORS:
+            raise  # the link is down: the epoch ends, as for any command
+        except REDIS_FAILURES as exc:
+            self._errors["announce_failed"] += 1
+            logger.warning("could not announce instance %s: %s", self._instance_id, exc)
 
     async def withdraw(self) -> None:
         """This instance stops: it is no longer live (best effort; else it ages out)."""
@@ -105,9 +137,8 @@ class Control:
         try:
             async with self._connection.deadline():
                 client = await self._connection.ensure()
-                since = int(time.time() * 1000) - self._live_ms
-                members: list[Any] = await client.zrangebyscore(
-                    self._keys.instances(), since, "+inf"
+                members: list[Any] = await client.eval(
+                    _LIVE_LUA, 1, self._keys.instances(), self._live_ms
                 )
         except REDIS_FAILURES as exc:
             raise broker_error(exc) from exc

@@ -51,7 +51,7 @@ _PUBLISH_SHA: Final = hashlib.sha1(PUBLISH_LUA.encode()).hexdigest()
 """What ``EVALSHA`` names the script by (Redis keys scripts by the SHA-1 of their body)."""
 
 
-_Queued: TypeAlias = "tuple[list[str], list[str | int], asyncio.Future[Any]]"
+_Queued: TypeAlias = "tuple[list[str], list[str | int | bytes], asyncio.Future[Any]]"
 """A queued publish: its script's keys and arguments, and its publisher's future."""
 
 _UNREAD: Final = object()
@@ -144,7 +144,7 @@ class PublishLane:
             task.cancel()
             await asyncio.wait([task], timeout=wait_s)
 
-    def submit(self, keys: list[str], args: list[str | int]) -> asyncio.Future[Any]:
+    def submit(self, keys: list[str], args: list[str | int | bytes]) -> asyncio.Future[Any]:
         """Queue one publish script; the future gets its reply (see :meth:`_run`)."""
         future: asyncio.Future[Any] = self._running_loop().create_future()
         self._queue.append((keys, args, future))

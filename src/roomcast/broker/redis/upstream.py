@@ -10,7 +10,11 @@ __all__ = ["append_upstream"]
 
 
 async def append_upstream(
-    connection: RedisConnection, keys: Keys, fields: dict[str, str], *, maxlen: int | None
+    connection: RedisConnection,
+    keys: Keys,
+    fields: dict[str, str | bytes],
+    *,
+    maxlen: int | None,
 ) -> str:
     """``XADD <prefix>:upstream [MAXLEN ~ maxlen] * <fields>``; return the entry id."""
     if not fields:
