@@ -8,14 +8,17 @@ application takes it.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, ClassVar
 
 from roomcast.auth import AuthError, InvalidRoomError, validate_room
 from roomcast.broker.base import BrokerError, BrokerUnavailableError, PublishRequest
+from roomcast.broker.envelope import ATTACHMENT_FIELD, EnvelopeError, encode_data
 from roomcast.broker.topics import topic
 from roomcast.http.errors import ACK_OK, ack_error
 from roomcast.protocol.errors import EventNameError
 from roomcast.protocol.socketio import check_event_name
+from roomcast.schemas import payload_of
 from roomcast.socket import BuiltinEvent, Socket
 
 log = logging.getLogger("roomcast.sockets")
@@ -210,6 +213,67 @@ class TokenUserError(AuthError):
     """A refresh token for another user than the socket's."""
 
     code: ClassVar[str] = "user_mismatch"
+
+
+def upstream_event(name: str) -> BuiltinEvent:
+    """The built-in of a configured upstream event ``name``: checked against its schema, then
+    appended to the upstream stream for backend services; the ack carries the entry id."""
+
+    def upstream(socket: Socket, args: list[Any], ack_id: int | None) -> None:
+        schema = socket.client.server.options.event_schemas.get(name)
+        if schema is not None and socket.refused(name, payload_of(args), schema, ack_id):
+            return
+        socket.answer_later(_append_upstream(socket, name, args, ack_id), f"upstream-{socket.id}")
+
+    return upstream
+
+
+async def _append_upstream(socket: Socket, name: str, args: list[Any], ack_id: int | None) -> None:
+    server = socket.client.server
+    try:
+        data, attachments = encode_data(args[0] if len(args) == 1 else args)
+    except EnvelopeError as exc:  # e.g. more bytes values than an entry may hold
+        server.drop("upstream_refused", f"event {name!r} from {socket.id}: {exc}")
+        if ack_id is not None:
+            socket.ack(ack_id, ack_error("invalid_payload", str(exc)))
+        return
+    fields: dict[str, str | bytes] = {
+        "event": name,
+        "data": data,
+        "user_id": socket.user_id,
+        "sid": socket.id,
+        "ts": str(int(time.time() * 1000)),
+    }
+    if attachments:  # binary: placeholders in data, the bytes beside it (as in rooms)
+        fields["attachments"] = str(len(attachments))
+        for num, attachment in enumerate(attachments):
+            fields[ATTACHMENT_FIELD.format(num)] = attachment
+    if socket.namespace.name != "/":
+        fields["namespace"] = socket.namespace.name
+    tracing = server.tracing
+    try:
+        if tracing is None:
+            entry_id = await server.broker.append_upstream(fields)
+        else:
+            entry_id = await tracing.upstream(
+                server.broker.append_upstream,
+                fields,
+                socket=socket.id,
+                user=socket.user_id,
+                instance=server.broker.instance_id,
+            )
+    except BrokerUnavailableError as exc:
+        server.drop("upstream_unavailable", f"event {name!r} from {socket.id}: {exc}")
+        if ack_id is not None:
+            socket.ack(ack_id, ack_error("unavailable", "upstream stream unavailable, retry"))
+        return
+    except BrokerError as exc:  # refused by the broker itself: a retry would not help
+        server.drop("upstream_refused", f"event {name!r} from {socket.id}: {exc}")
+        if ack_id is not None:
+            socket.ack(ack_id, ack_error("broker_refused", "the broker refused the event"))
+        return
+    if ack_id is not None:
+        socket.ack(ack_id, {"ok": True, "id": entry_id})
 
 
 BUILTINS: dict[Any, BuiltinEvent] = {

@@ -27,7 +27,7 @@ from roomcast.cluster import Cluster
 from roomcast.config import Settings, ops_address
 from roomcast.connection import Flusher
 from roomcast.engine import EngineOptions, EngineServer
-from roomcast.events import BUILTINS
+from roomcast.events import BUILTINS, upstream_event
 from roomcast.handoff import Handoff
 from roomcast.http.access import Access
 from roomcast.http.peers import peer_path
@@ -166,7 +166,9 @@ class Node:
             ),
             self.subscriptions,
         )
-        self.sockets.builtins = BUILTINS
+        # Upstream events first: a built-in of the same name wins, as it always did.
+        upstream = {name: upstream_event(name) for name in settings.upstream_events}
+        self.sockets.builtins = {**upstream, **BUILTINS}
         self.sockets.tracing = self.tracing
         self.cluster = Cluster(
             self.broker,
