@@ -8,10 +8,8 @@ every instance: the parts talk over the cluster's control channel.
 * :mod:`~roomcast.admin.tap`: what each instance records and sends (only while watched);
 * :mod:`~roomcast.admin.stats`: each instance's ``server_stats``;
 * :mod:`~roomcast.admin.console`: the instance an Admin UI is connected to;
-* this module: the namespace's handlers (login, the UI's actions) and the wiring.
-
-The UI's actions (``join``, ``leave``, ``_disconnect``, ``emit``) go through the server API
-(:class:`roomcast.operator.BroadcastOperator`), so they reach the sockets on every instance.
+* :mod:`~roomcast.admin.actions`: the UI's actions, through the server API (every instance);
+* this module: the namespace (the login, the handlers) and the wiring.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
+from roomcast.admin.actions import Actions
 from roomcast.admin.auth import AdminAuth, LoginRefusedError, session_digest
 from roomcast.admin.console import Console
 from roomcast.admin.stats import InstanceStats
@@ -31,9 +30,7 @@ from roomcast.cluster import Cluster
 from roomcast.config import ConfigError, Settings
 from roomcast.connection import Connection
 from roomcast.metrics import Metrics
-from roomcast.operator import BroadcastOperator, Selector, SelectorError
-from roomcast.protocol.errors import EventNameError
-from roomcast.protocol.socketio import check_event_name
+from roomcast.operator import Selector
 from roomcast.socket import Socket
 from roomcast.sockets import SocketServer
 from roomcast.tasks import TaskSet
@@ -72,6 +69,7 @@ class Admin:
         self._cluster = cluster
         self._metrics = metrics
         self._tasks = tasks
+        self.actions = Actions(cluster, metrics, readonly=self.readonly)
         self.auth = AdminAuth(settings.admin_username, settings.admin_password_hash)
         self._instance = instance = cluster.instance
         self.console = Console(
@@ -129,10 +127,10 @@ class Admin:
         app.before_connect(name)(self._login)
         app.on_connect(name)(self._connected)
         app.on_disconnect(name)(self._disconnected)
-        app.on("join", name)(self._join)
-        app.on("leave", name)(self._leave)
-        app.on("_disconnect", name)(self._disconnect)
-        app.on("emit", name)(self._emit)
+        app.on("join", name)(self.actions.join)
+        app.on("leave", name)(self.actions.leave)
+        app.on("_disconnect", name)(self.actions.disconnect)
+        app.on("emit", name)(self.actions.emit)
         namespace = app.namespaces[name]
         namespace.internal = True
         return namespace
@@ -177,89 +175,9 @@ class Admin:
         self._new_sessions.pop(socket.id, None)
         self.console.remove(socket)
 
-    # -- the UI's actions ---------------------------------------------------------------------
-    def _operator(self, nsp: object, filter_: object) -> BroadcastOperator:
-        if not isinstance(nsp, str):
-            raise SelectorError("namespace: must be a string")
-        operator = BroadcastOperator(lambda: self._cluster, Selector.from_json({"nsp": nsp}))
-        if filter_ is not None and filter_ != "":
-            if not isinstance(filter_, str):
-                raise SelectorError("filter: must be a room or a socket id")
-            operator = operator.to(filter_)  # a socket id counts as that socket's room
-        return operator
-
-    async def _act(self, action: str, socket: Socket, detail: str, run: Any) -> None:
-        metrics = self._metrics.admin_actions
-        if self.readonly:
-            metrics.labels(action, "readonly").inc()
-            log.info("admin %s refused (read-only): %s", action, detail)
-            return
-        try:
-            reach = await run()
-        except (SelectorError, EventNameError, ValueError) as exc:
-            metrics.labels(action, "invalid").inc()
-            log.info("admin %s refused: %s (%s)", action, exc, detail)
-            return
-        except BrokerError as exc:
-            metrics.labels(action, "failed").inc()
-            log.warning("admin %s failed: %s (%s)", action, exc, detail)
-            return
-        metrics.labels(action, "done").inc()
-        log.info("admin %s by %s: %s, %s", action, socket.user_id, detail, reach)
-
-    async def _join(self, socket: Socket, nsp: Any, room: Any, filter_: Any = None) -> None:
-        await self._act(
-            "join",
-            socket,
-            f"{nsp} {filter_ or '*'} -> {room}",
-            lambda: self._operator(nsp, filter_).sockets_join(_room(room)),
-        )
-
-    async def _leave(self, socket: Socket, nsp: Any, room: Any, filter_: Any = None) -> None:
-        await self._act(
-            "leave",
-            socket,
-            f"{nsp} {filter_ or '*'} <- {room}",
-            lambda: self._operator(nsp, filter_).sockets_leave(_room(room)),
-        )
-
-    async def _disconnect(
-        self, socket: Socket, nsp: Any, close: Any = False, filter_: Any = None
-    ) -> None:
-        await self._act(
-            "disconnect",
-            socket,
-            f"{nsp} {filter_ or '*'} close={close is True}",
-            lambda: self._operator(nsp, filter_).disconnect_sockets(
-                "disconnected by an administrator", close=close is True
-            ),
-        )
-
-    async def _emit(self, socket: Socket, nsp: Any, filter_: Any, event: Any, *args: Any) -> None:
-        async def run() -> Any:
-            check_event_name(event)
-            selector = self._operator(nsp, filter_).selector
-            # Always sent by every instance to its sockets (never a publication): the filter
-            # may be a socket id, which no room stream carries.
-            results, missing = await self._cluster.request(
-                "emit",
-                selector,
-                {"event": event, "args": list(args)},
-                self._cluster.answer_timeout_s,
-            )
-            return {"sockets": sum(int(r.get("sockets", 0)) for r in results), "missing": missing}
-
-        await self._act("emit", socket, f"{nsp} {filter_ or '*'} {str(event)[:40]!r}", run)
-
 
 def _text(args: dict[str, Any], key: str) -> str:
     value = args.get(key)
     if not isinstance(value, str) or not value:
         raise TypeError(f"{key}: must be a non-empty string")
-    return value
-
-
-def _room(value: object) -> str:
-    if not isinstance(value, str):
-        raise SelectorError("room: must be a string")
     return value
