@@ -202,14 +202,16 @@ async def test_the_list_limit_keeps_the_newest_and_the_admins() -> None:
         await ui.ws.close()
 
 
-async def test_an_admin_namespace_the_app_has_is_refused() -> None:
-    """The admin namespace may not be one of the application's."""
+async def test_an_admin_namespace_the_app_has_or_a_bad_one_is_refused() -> None:
+    """The admin namespace may not be one of the application's, nor a bad name."""
     from roomcast.app import Application
 
     app = Application()
     app.namespace("/admin")
-    with pytest.raises(ConfigError, match="admin_namespace"):
+    with pytest.raises(ConfigError, match="admin_namespace '/admin' is a namespace of the app"):
         Node(config.Settings(port=1, jwt_secret="s" * 48, **ADMIN), app)
+    with pytest.raises(ConfigError, match="admin_namespace: invalid namespace"):
+        Node(config.Settings(port=1, jwt_secret="s" * 48, admin_namespace="/a b", **ADMIN))
 
 
 # --------------------------------------------------------------------------- settings, CLI
@@ -224,7 +226,7 @@ async def test_an_admin_namespace_the_app_has_is_refused() -> None:
             {"ROOMCAST_ADMIN_USERNAME": "ops", "ROOMCAST_ADMIN_PASSWORD_HASH": "secret"},
             "bcrypt hash",
         ),
-        ({"ROOMCAST_ADMIN_NAMESPACE": "/"}, "must not be '/'"),
+        ({"ROOMCAST_ADMIN_NAMESPACE": "/"}, "other than '/'"),
         ({"ROOMCAST_ADMIN_NAMESPACE": "admin"}, "admin_namespace"),
         ({"ROOMCAST_ADMIN_SOCKET_LIST_LIMIT": "0"}, "admin_socket_list_limit"),
     ],

@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from roomcast.broker.topics import InvalidNamespaceError, validate_namespace
-
 ENV_PREFIX = "ROOMCAST_"
 _BCRYPT_RE = re.compile(r"\A\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}\Z")
 TRACING_MODES = ("auto", "on", "off")
@@ -358,12 +356,12 @@ class Settings:
                 "admin_password_hash must be a bcrypt hash ($2b$12$ and 53 characters), "
                 "got a value that is not one (make one with 'roomcast admin-hash')"
             )
-        try:
-            validate_namespace(self.admin_namespace)
-        except InvalidNamespaceError as exc:
-            raise ConfigError(f"admin_namespace: {exc}") from None
-        if self.admin_namespace == "/":
-            raise ConfigError("admin_namespace must not be '/', the clients' namespace")
+        # The namespace's own rules are checked where it is served (roomcast.admin).
+        if not self.admin_namespace.startswith("/") or self.admin_namespace == "/":
+            raise ConfigError(
+                f"admin_namespace must be a namespace other than '/' (a '/' and a name), "
+                f"got {self.admin_namespace!r}"
+            )
 
     def secret_values(self) -> list[str]:
         """Every secret setting's value, and the password of every URL setting: what no log

@@ -26,6 +26,7 @@ from roomcast.admin.stats import InstanceStats
 from roomcast.admin.tap import Tap
 from roomcast.app import Application, ConnectRefusedError
 from roomcast.broker.base import BrokerError
+from roomcast.broker.topics import InvalidNamespaceError, validate_namespace
 from roomcast.cluster import Cluster
 from roomcast.config import ConfigError, Settings
 from roomcast.connection import Connection
@@ -58,7 +59,10 @@ class Admin:
         tasks: TaskSet,
         sessions: Callable[[], Iterable[Connection]],
     ) -> None:
-        self.namespace = settings.admin_namespace
+        try:
+            self.namespace = validate_namespace(settings.admin_namespace)
+        except InvalidNamespaceError as exc:
+            raise ConfigError(f"admin_namespace: {exc}") from None
         if self.namespace in sockets.app.namespaces:
             raise ConfigError(
                 f"admin_namespace {self.namespace!r} is a namespace of the application"
