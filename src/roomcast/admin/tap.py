@@ -198,26 +198,32 @@ class Tap:
         follow in the feed: this renews the watcher's lease first)."""
         self.watch(watcher)
         seq = self.seq  # no await between this and the capture: they are the same instant
+        captured, total = self.capture(limit)
+        chunks = 0
+        for start in range(0, len(captured), CHUNK):
+            if start:
+                await asyncio.sleep(0)  # let the loop breathe between chunks
+            text = self.chunk(captured[start : start + CHUNK])
+            await self._send(
+                {"t": "admin.chunk", "from": self._instance, "ref": ref, "data": text}, watcher
+            )
+            chunks += 1
+        return {"instance": self._instance, "seq": seq, "chunks": chunks, "total": total}
+
+    def capture(self, limit: int) -> tuple[list[tuple[Socket, list[str]]], int]:
+        """The sockets to list with their rooms now, and how many there are in all."""
         sockets = [socket for socket in self._sockets.sockets.values() if socket.connected]
         total = len(sockets)
         if total > limit:  # the newest, and the Admin UIs' own sockets (few) in any case
             internal = [socket for socket in sockets if socket.namespace.internal]
             clients = (socket for socket in sockets if not socket.namespace.internal)
             sockets = internal + heapq.nlargest(limit, clients, key=_since)
-        captured = [(socket, sorted(socket.rooms)) for socket in sockets]
-        chunks = 0
-        for start in range(0, len(captured), CHUNK):
-            if start:
-                await asyncio.sleep(0)  # let the loop breathe between chunks
-            part = [
-                serialize(s, self._instance, rooms) for s, rooms in captured[start : start + CHUNK]
-            ]
-            text = orjson.dumps(part).decode()[1:-1]  # the items, ready to join with ','
-            await self._send(
-                {"t": "admin.chunk", "from": self._instance, "ref": ref, "data": text}, watcher
-            )
-            chunks += 1
-        return {"instance": self._instance, "seq": seq, "chunks": chunks, "total": total}
+        return [(socket, sorted(socket.rooms)) for socket in sockets], total
+
+    def chunk(self, captured: list[tuple[Socket, list[str]]]) -> str:
+        """The JSON text of these sockets' items, ready to join with ``,``."""
+        part = [serialize(socket, self._instance, rooms) for socket, rooms in captured]
+        return orjson.dumps(part).decode()[1:-1]
 
 
 def _since(socket: Socket) -> float:
