@@ -114,7 +114,10 @@ class Admin:
         limit = args.get("limit")
         if not isinstance(limit, int) or limit < 1:
             raise TypeError("limit: must be a positive integer")
-        return await self.tap.snapshot(_text(args, "watcher"), _text(args, "ref"), limit)
+        try:
+            return await self.tap.snapshot(_text(args, "watcher"), _text(args, "ref"), limit)
+        except BrokerError as exc:  # answered as an error: the watcher counts us missing
+            raise ValueError(f"socket list not sent: {exc}") from exc
 
     async def _on_session(self, selector: Selector, args: dict[str, Any]) -> dict[str, Any]:
         until = args.get("until")
@@ -146,6 +149,8 @@ class Admin:
             self._metrics.admin_logins.labels("busy" if refused.code == "busy" else "refused").inc()
             log.warning("admin login refused on %s: %s", socket.conn.request.client, refused.code)
             raise ConnectRefusedError(refused.message, refused.code) from None
+        finally:
+            auth.pop("password", None)  # the socket keeps its auth payload: not the password
         if login.session is None:
             self._metrics.admin_logins.labels("session").inc()
         else:

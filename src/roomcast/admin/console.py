@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Final
 
+from roomcast.broker.base import BrokerError
 from roomcast.cluster import Cluster
 from roomcast.metrics import Metrics
 from roomcast.operator import Selector
@@ -125,13 +126,18 @@ class Console:
             last_stats = -STATS_S
             while self.admins:
                 now = self._clock()
-                if now - last_stats >= STATS_S:
-                    last_stats = now
-                    await self._watch()
-                if self._sync_cause is not None and (
-                    self._urgent or self._clock() - self._last_sync >= self.min_resync_s
-                ):
-                    await self._sync()
+                try:
+                    if now - last_stats >= STATS_S:
+                        last_stats = now
+                        await self._watch()
+                    if self._sync_cause is not None and (
+                        self._urgent or self._clock() - self._last_sync >= self.min_resync_s
+                    ):
+                        await self._sync()
+                except BrokerError as exc:  # the control channel is down: try again later
+                    log.warning("admin: cannot reach the instances: %s", exc)
+                    self.want_sync("broker_error")
+                    self._urgent = False
                 now = self._clock()
                 delay = last_stats + STATS_S - now
                 if self._sync_cause is not None:
