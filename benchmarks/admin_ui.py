@@ -311,6 +311,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 "screenshot": args.screenshot,
                 "dashboardScreenshot": args.dashboard_screenshot,
                 "serversScreenshot": args.servers_screenshot,
+                "viewport": {"width": 1400, "height": 1250},  # a page of 20 sockets, whole
             }
             sampler.phase = "launch"  # forking this big process pauses it: not the admin's
             async with started(

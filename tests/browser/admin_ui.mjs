@@ -4,7 +4,8 @@
 //
 // Config (the one JSON argument):
 //   {uiUrl, serverUrl, username, password, chromium, userDataDir, timeoutMs,
-//    mode: "flow" | "measure", badPassword?, earlyId?, room?, expectSockets?, screenshot?}
+//    mode: "flow" | "measure", badPassword?, earlyId?, room?, expectSockets?, screenshot?,
+//    viewport?: {width, height}}
 //
 // The UI loads two stylesheets from CDNs: the icon font (@mdi/font, served here from the npm
 // package) and Roboto (answered with an empty stylesheet: the system font stands in). No other
@@ -224,7 +225,7 @@ async function measure(page) {
   await page.getByRole("button", { name: "Previous page" }).click();
   await page.locator(".v-data-footer__pagination", { hasText: `1-20 of ${count}` }).waitFor({ timeout: left() });
   if (cfg.screenshot) {
-    await page.screenshot({ path: cfg.screenshot, fullPage: true });
+    await page.screenshot({ path: cfg.screenshot });
   }
   // Held on the sockets page while the caller makes the gateway busy.
   await observeLongTasks(page);
@@ -236,12 +237,12 @@ async function measure(page) {
     await page.getByRole("link", { name: "Dashboard" }).first().click();
     await page.getByText("Connection and disconnection events").waitFor({ timeout: left() });
     await page.waitForTimeout(2_500); // the next stats, every 2 s
-    await page.screenshot({ path: cfg.dashboardScreenshot, fullPage: true });
+    await page.screenshot({ path: cfg.dashboardScreenshot });
   }
   if (cfg.serversScreenshot) {
     await page.getByRole("link", { name: "Servers" }).first().click();
     await page.getByText("Hostname").first().waitFor({ timeout: left() });
-    await page.screenshot({ path: cfg.serversScreenshot, fullPage: true });
+    await page.screenshot({ path: cfg.serversScreenshot });
   }
   return { sockets_page_ms, reload_to_list_ms, next_page_ms, held_long_tasks_ms, held_footer, console: console_.slice(-10) };
 }
@@ -253,7 +254,7 @@ async function main() {
     headless: true,
     args: CHROMIUM_ARGS,
     timeout: left(),
-    viewport: { width: 1400, height: 1000 },
+    viewport: cfg.viewport ?? { width: 1400, height: 1000 },
   });
   await offline(context);
   const page = context.pages()[0] ?? (await context.newPage());
