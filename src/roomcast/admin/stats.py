@@ -77,11 +77,10 @@ class InstanceStats:
         self._last: dict[str, tuple[float, list[float]]] = {}
         """Watcher -> (when it last asked, the counters then)."""
 
-    def _counters(self) -> list[float]:
+    def _counters(self, open_now: int) -> list[float]:
         metrics = self._metrics
         io = _process_io()
         opened = _total(metrics.connections_opened)
-        open_now = sum(1 for _ in self._sessions())
         return [
             opened,
             opened - open_now,  # closed (or handed over to another worker)
@@ -93,13 +92,13 @@ class InstanceStats:
 
     def snapshot(self, watcher: str) -> dict[str, Any]:
         now = time.monotonic()
-        counters = self._counters()
+        sessions = list(self._sessions())
+        counters = self._counters(len(sessions))
         previous = self._last.get(watcher)
         self._last[watcher] = (now, counters)
         for other, (seen, _) in list(self._last.items()):
             if now - seen > FORGET_WATCHER_S:
                 del self._last[other]
-        sessions = list(self._sessions())
         polling = sum(1 for conn in sessions if conn.ws is None)
         counts = dict.fromkeys(self._namespaces(), 0)
         for socket in self._sockets.sockets.values():

@@ -21,7 +21,7 @@ its UIs without decoding), so no step holds the event loop for long.
 from __future__ import annotations
 
 import asyncio
-import heapq
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -211,23 +211,25 @@ class Tap:
         return {"instance": self._instance, "seq": seq, "chunks": chunks, "total": total}
 
     def capture(self, limit: int) -> tuple[list[tuple[Socket, list[str]]], int]:
-        """The sockets to list with their rooms now, and how many there are in all."""
-        sockets = [socket for socket in self._sockets.sockets.values() if socket.connected]
-        total = len(sockets)
-        if total > limit:  # the newest, and the Admin UIs' own sockets (few) in any case
-            internal = [socket for socket in sockets if socket.namespace.internal]
-            clients = (socket for socket in sockets if not socket.namespace.internal)
-            sockets = internal + heapq.nlargest(limit, clients, key=_since)
+        """The sockets to list with their rooms now, and how many there are in all: the
+        ``limit`` newest (the server's table is in the order they connected), and the Admin
+        UIs' own sockets (few) in any case."""
+        table = self._sockets.sockets
+        total = len(table)
+        if total <= limit:
+            sockets = list(table.values())
+        else:
+            newest = (
+                socket for socket in reversed(table.values()) if not socket.namespace.internal
+            )
+            sockets = list(itertools.islice(newest, limit))
+            sockets += [socket for socket in table.values() if socket.namespace.internal]
         return [(socket, sorted(socket.rooms)) for socket in sockets], total
 
     def chunk(self, captured: list[tuple[Socket, list[str]]]) -> str:
         """The JSON text of these sockets' items, ready to join with ``,``."""
         part = [serialize(socket, self._instance, rooms) for socket, rooms in captured]
         return orjson.dumps(part).decode()[1:-1]
-
-
-def _since(socket: Socket) -> float:
-    return socket.since
 
 
 def shown(data: list[Any]) -> list[Any]:
