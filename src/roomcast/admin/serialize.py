@@ -40,7 +40,8 @@ def transport(socket: Socket) -> str:
     return "websocket" if socket.conn.ws is not None else "polling"
 
 
-def handshake(socket: Socket) -> dict[str, Any]:
+def handshake(socket: Socket, since: str | None = None) -> dict[str, Any]:
+    """The connection's first request; ``since``: the socket's connect time, made already."""
     request = socket.conn.request
     headers = {
         name: (REDACTED if name in SECRET_HEADERS else value)
@@ -56,7 +57,7 @@ def handshake(socket: Socket) -> dict[str, Any]:
         "headers": headers,
         "query": query,
         "issued": int(socket.since * 1000),
-        "time": iso_time(socket.since),
+        "time": since or iso_time(socket.since),
         "secure": False,
         "url": url,
         "xdomain": "origin" in request.headers,
@@ -65,11 +66,8 @@ def handshake(socket: Socket) -> dict[str, Any]:
 
 def serialize(socket: Socket, instance: str, rooms: list[str] | None = None) -> dict[str, Any]:
     """The socket's ``SerializedSocket``; ``rooms`` when taken earlier (a snapshot)."""
-    data: dict[str, Any] = {
-        "user": socket.user_id,
-        "instance": instance,
-        "connectedAt": iso_time(socket.since),
-    }
+    since = iso_time(socket.since)
+    data: dict[str, Any] = {"user": socket.user_id, "instance": instance, "connectedAt": since}
     if socket.namespace.internal:
         data["admin"] = True  # an Admin UI's own socket
     return {
@@ -78,6 +76,6 @@ def serialize(socket: Socket, instance: str, rooms: list[str] | None = None) -> 
         "transport": transport(socket),
         "nsp": socket.namespace.name,
         "data": data,
-        "handshake": handshake(socket),
+        "handshake": handshake(socket, since),
         "rooms": sorted(socket.rooms) if rooms is None else rooms,
     }
