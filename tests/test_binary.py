@@ -306,3 +306,23 @@ def test_marker_detection_sees_escaped_keys() -> None:
     assert may_hold_markers(b'{"$binary":"AA=="}')
     assert may_hold_markers(b'{"\\u0024binary":"AA=="}')
     assert not may_hold_markers(b'{"room":"doc:1","data":{"n":1}}')
+
+
+def test_an_object_with_placeholder_true_is_an_attachment_or_an_error() -> None:
+    """socket.io-parser takes any object with "_placeholder": true for an attachment, other
+    keys or not: a client's such object is resolved or refused, and data that would put one
+    beside bytes is never encoded (clients would fail to parse the broadcast)."""
+    from roomcast.broker.envelope import EnvelopeError, encode_data
+    from roomcast.protocol.errors import SocketIOError
+    from roomcast.protocol.socketio import PlaceholderError, dumps_binary, reconstruct
+
+    assert reconstruct([{"_placeholder": True, "num": 0}], [b"x"]) == [b"x"]
+    for fake in ({"_placeholder": True, "num": 0, "x": 1}, {"_placeholder": True, "num": 5}):
+        with pytest.raises(SocketIOError, match="placeholder"):
+            reconstruct([fake], [b"x"])
+    sneaky = {"a": b"\x00", "b": {"_placeholder": True, "num": 3, "x": 1}}
+    with pytest.raises(PlaceholderError):
+        dumps_binary(sneaky, [])
+    with pytest.raises(EnvelopeError, match="_placeholder"):
+        encode_data(sneaky)
+    assert encode_data({"_placeholder": True, "num": 0})[1] == []  # no bytes: plain JSON

@@ -194,3 +194,22 @@ async def test_a_dismissed_polling_client_gets_its_close_in_a_payload_of_its_own
         assert json.loads(before_pong[0][2:])[:2] == ["e", 1], before_pong
         await post("3")
         assert await poll() == ["1"]
+
+
+async def test_a_hurried_drain_with_a_polling_farewell_ends() -> None:
+    """A second signal while a polling client's CLOSE waits for its next poll ends the drain
+    at once (it spun forever, never yielding, before); the node keeps serving meanwhile."""
+    async with (
+        running(drain_delay_s=60.0, drain_seconds=5.0) as node,
+        aiohttp.ClientSession() as session,
+    ):
+        url = f"http://127.0.0.1:{node.port}/socket.io/?EIO=4&transport=polling"
+        async with session.get(url) as response:
+            sid = json.loads((await response.text())[1:])["sid"]
+        hurry = asyncio.Event()
+        drain = asyncio.create_task(node.drain(hurry))
+        await eventually(lambda: node.draining, what="the drain to start")
+        hurry.set()
+        await asyncio.wait_for(drain, 4)  # it never ended before
+        async with session.get(f"{url}&sid={sid}") as response:
+            assert response.status in (200, 400)  # its CLOSE, or already forgotten

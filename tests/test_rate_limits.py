@@ -104,7 +104,7 @@ def test_rate_of_settings() -> None:
 def test_production_turns_the_limits_on() -> None:
     """With --production, each rate limit given nowhere takes its production default; one
     given (flag or environment) keeps its value; without it they are off."""
-    required = {"jwt_secret": "s" * 48, "api_key": "k", "allowed_origins": "https://a.example"}
+    required = {"jwt_secret": "s" * 48, "api_key": "k" * 16, "allowed_origins": "https://a.example"}
     dev = config.load(required, environ={})
     prod = config.load({**required, "production": True}, environ={})
     chosen = config.load(

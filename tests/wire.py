@@ -17,7 +17,7 @@ from roomcast.config import Settings
 from roomcast.node import Node
 
 SECRET = "s" * 48
-API_KEY = "test-api-key"
+API_KEY = "test-api-key-0123456789"
 
 
 def settings(**overrides: Any) -> Settings:

@@ -35,6 +35,7 @@ from roomcast.jsonbytes import KEY, BinaryMarkerError, decode_markers
 from roomcast.metrics import Metrics
 from roomcast.operator import MAX_ACK_TIMEOUT_S, Reach, Selector, SelectorError
 from roomcast.revocation import TokenRevokedError, jti_entry, now_ms, user_entry
+from roomcast.schemas import EventSchemas, payload_of
 from roomcast.socket import Socket
 from roomcast.sockets import SocketServer
 from roomcast.tasks import TaskSet
@@ -98,9 +99,11 @@ class Cluster:
         answer_timeout_s: float = 2.0,
         revocation_ttl_s: int = 86_400,
         publish: Callable[[PublishRequest], Awaitable[PublishResult]] | None = None,
+        schemas: EventSchemas | None = None,
     ) -> None:
         """``publish`` is the node's (event schemas, tracing); the broker's by default."""
         self._publish = publish or broker.publish
+        self._schemas = schemas
         self._broker = broker
         self._sockets = sockets
         self._metrics = metrics
@@ -133,6 +136,10 @@ class Cluster:
     @property
     def answer_timeout_s(self) -> float:
         return self._answer_timeout_s
+
+    def check_payload(self, event: str, args: tuple[Any, ...]) -> None:
+        if self._schemas is not None:
+            self._schemas.check(event, payload_of(list(args)))
 
     @property
     def instance(self) -> str:

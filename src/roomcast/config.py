@@ -17,8 +17,8 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 ENV_PREFIX = "ROOMCAST_"
 _BCRYPT_RE = re.compile(r"\A\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}\Z")
@@ -345,6 +345,13 @@ class Settings:
                 raise ConfigError(
                     "production mode does not accept allowed_origins '*': list the origins"
                 )
+            for name in ("api_key", "metrics_key"):
+                value = getattr(self, name)
+                if value and len(value) < MIN_KEY_LENGTH:
+                    raise ConfigError(
+                        f"production mode requires {name} of at least {MIN_KEY_LENGTH} "
+                        f"characters, got {len(value)}"
+                    )
 
     def _validate_admin(self) -> None:
         if bool(self.admin_username) != bool(self.admin_password_hash):
@@ -371,10 +378,8 @@ class Settings:
             value = getattr(self, f.name)
             if f.metadata["secret"] and isinstance(value, str) and value:
                 values.append(value)
-            elif isinstance(value, str) and "://" in value and "@" in value:
-                password = urlsplit(value).password
-                if password:
-                    values.append(password)
+            elif isinstance(value, str) and "://" in value:
+                values.extend(_url_secrets(value))
         return values
 
     def redacted(self) -> dict[str, Any]:
@@ -400,16 +405,37 @@ def ops_address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+MIN_KEY_LENGTH: Final = 16
+"""The shortest API or metrics key production accepts (shorter ones are guessable, and too
+short for the log redactor to tell from ordinary text)."""
+
+_SECRET_PARAMS: Final = frozenset({"password", "pass", "pwd", "token", "key", "secret"})
+"""Query parameters of a URL setting that hold a secret (``redis://h/0?password=...``)."""
+
+
+def _url_secrets(value: str) -> list[str]:
+    parts = urlsplit(value)
+    found = [parts.password] if parts.password else []
+    for name, secret in parse_qsl(parts.query):
+        if name.lower() in _SECRET_PARAMS and secret:
+            found.append(secret)
+    return found
+
+
 def redact_url(value: str) -> str:
-    """``value`` with the password of a URL (``redis://user:pw@host``) masked."""
-    if "://" not in value or "@" not in value:
+    """``value`` with the password of a URL (``redis://user:pw@host``, or a ``password=``
+    query parameter) masked."""
+    if "://" not in value or not _url_secrets(value):
         return value
     parts = urlsplit(value)
-    if parts.password is None:
-        return value
-    userinfo = f"{parts.username or ''}:***"
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    query = [
+        (name, "***" if name.lower() in _SECRET_PARAMS and secret else secret)
+        for name, secret in parse_qsl(parts.query, keep_blank_values=True)
+    ]
+    return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
 
 
 def _flag(name: str) -> str:

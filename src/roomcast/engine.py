@@ -283,16 +283,25 @@ class EngineServer:
             }
         ).decode()
 
+    def awaiting_farewells(self) -> bool:
+        """Whether a closed polling session's CLOSE still waits for its client's next poll
+        (an expired farewell, which no client will fetch any more, is forgotten here)."""
+        self._expire_farewells(time.monotonic())
+        return bool(self.farewells)
+
+    def _expire_farewells(self, now: float) -> None:
+        order = self._farewell_order
+        while order and order[0][0] <= now:  # amortised O(1) per close, even in a drain
+            _, sid = order.popleft()
+            self.farewells.pop(sid, None)
+
     def _closed(self, conn: Connection, reason: str) -> None:
         if conn.farewell is not None:
             now = time.monotonic()
-            order = self._farewell_order
-            while order and order[0][0] <= now:  # amortised O(1) per close, even in a drain
-                _, sid = order.popleft()
-                self.farewells.pop(sid, None)
+            self._expire_farewells(now)
             keep = (self.options.ping_interval_ms + self.options.ping_timeout_ms) / 1000
             self.farewells[conn.sid] = (now + keep, conn.farewell)
-            order.append((now + keep, conn.sid))
+            self._farewell_order.append((now + keep, conn.sid))
         if self.sessions.pop(conn.sid, None) is not None:
             self._metrics.connections.dec()
             self._metrics.disconnects.labels(_reason_label(reason)).inc()

@@ -149,6 +149,11 @@ async def _do_publish(socket: Socket, request: PublishRequest, ack_id: int | Non
     server = socket.client.server
     try:
         result = await server.broker.publish(request)
+    except EnvelopeError as exc:  # data no stream entry can hold (a placeholder beside bytes)
+        server.drop("invalid_payload", f"client publish to {request.room}: {exc}")
+        if ack_id is not None:
+            socket.ack(ack_id, ack_error("invalid_payload", str(exc)))
+        return
     except BrokerUnavailableError as exc:
         server.drop("broker_unavailable", f"client publish to {request.room}: {exc}")
         if ack_id is not None:

@@ -14,6 +14,7 @@ a JWT with ``***`` in every record before it is formatted.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import datetime
 import logging
@@ -102,10 +103,18 @@ class Redactor(logging.Filter):
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
-        # Short values would redact innocent text; a secret that short is refused elsewhere.
+        # Short values would redact innocent text (production refuses keys that short).
         self._secrets = sorted({s for s in secrets if len(s) >= 8}, key=len, reverse=True)
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # A log call whose arguments do not fit its format must not raise into its caller:
+        # the handler formats the record later and reports it through handleError, as the
+        # standard library does without this filter.
+        with contextlib.suppress(TypeError, ValueError, KeyError):
+            self._redact_record(record)
+        return True
+
+    def _redact_record(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         clean = self.redact(message)
         if clean is not message:
@@ -117,7 +126,6 @@ class Redactor(logging.Filter):
             if redacted is not text:
                 record.exc_info = None
                 record.msg = f"{record.msg}\n{redacted.rstrip()}"
-        return True
 
     def redact(self, text: str) -> str:
         """``text`` with every secret replaced (the same object when nothing was found)."""

@@ -177,6 +177,7 @@ class Node:
             self.tasks,
             revocation_ttl_s=settings.revocation_ttl_s,
             publish=self.publish,
+            schemas=self.schemas,
         )
         self.broker.on_control(self.cluster.on_message)
         self.admin: Admin | None = None
@@ -445,15 +446,23 @@ class Node:
         log.info("draining: %d clients told to leave", told)
         try:
             async with asyncio.timeout(settings.drain_seconds):
-                while any(e.sessions or e.farewells for e in self.engines):
-                    if hurry.is_set():
-                        for engine in self.engines:
-                            engine.close_all(SHUTDOWN_REASON)
-                    await _wait(hurry, 0.05)
-                # the recovery states of the sockets just closed, so clients recover elsewhere
-                await self.sockets.session_writer.flush()
+                while any(e.sessions or e.awaiting_farewells() for e in self.engines):
+                    if not hurry.is_set():
+                        await _wait(hurry, 0.05)
+                        continue
+                    # Hurried: everyone goes now, and no farewell is waited for.
+                    for engine in self.engines:
+                        engine.close_all(SHUTDOWN_REASON)
+                    if not any(e.sessions for e in self.engines):
+                        break
+                    await asyncio.sleep(0.05)  # always yield: clients must get to poll
         except TimeoutError:
             log.warning("drain: not finished within %ss", settings.drain_seconds)
+        try:  # the recovery states of the sockets just closed, so clients recover elsewhere
+            async with asyncio.timeout(max(self.settings.drain_seconds, 1.0)):
+                await self.sockets.session_writer.flush()
+        except TimeoutError:
+            log.warning("drain: recovery states not all written")
         for each in self._listeners:
             each.close()
 

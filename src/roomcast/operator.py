@@ -206,6 +206,11 @@ class ServerApi(Protocol):
         """How long an instance may take to answer a request that waits for nothing else."""
         ...
 
+    def check_payload(self, event: str, args: tuple[Any, ...]) -> None:
+        """Raise ``roomcast.schemas.InvalidPayloadError`` if ``event`` has a schema that the
+        arguments fail (the schemas of ``--event-schemas``)."""
+        ...
+
 
 class BroadcastOperator:
     """Selects sockets; each selector method returns a new operator."""
@@ -263,6 +268,7 @@ class BroadcastOperator:
         check_event_name(event)
         sel = self._selector
         api = self._api()
+        api.check_payload(event, args)
         if self._is_publication(args):
             (room,) = sel.rooms
             return await api.publish(
@@ -287,6 +293,7 @@ class BroadcastOperator:
         """Send ``event`` asking every selected socket for an ack; wait up to the timeout."""
         check_event_name(event)
         api = self._api()
+        api.check_payload(event, args)
         timeout = self._timeout_s if self._timeout_s is not None else DEFAULT_ACK_TIMEOUT_S
         results, missing_instances = await api.request(
             "emit_ack",

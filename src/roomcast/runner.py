@@ -70,7 +70,9 @@ async def _run(
         stop.set()
 
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # A worker answers SIGTERM alone: its supervisor forwards it, and a terminal's Ctrl-C
+    # (which reaches the whole process group) would otherwise count as a second signal.
+    for sig in (signal.SIGTERM,) if worker is not None else (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     # One write() even with an unbuffered stdout (PYTHONUNBUFFERED), where print() writes the
     # text and its newline separately: the workers share the pipe, and their lines interleaved.

@@ -125,7 +125,11 @@ class EventSchema:
         """None if ``payload`` matches, else where and why it does not."""
         try:
             self._check(payload)
-        except fastjsonschema.JsonSchemaValueException as exc:
+        except (ValueError, OverflowError, TypeError, RecursionError) as exc:
+            if not isinstance(exc, fastjsonschema.JsonSchemaValueException):
+                # The generated check itself failed on this value (a multipleOf of a huge
+                # number, say): the payload is not one the schema can vouch for.
+                return [Issue("", f"cannot be checked: {type(exc).__name__}")]
             message = str(exc.message)
             name = str(exc.name)
             if message.startswith(name + " "):

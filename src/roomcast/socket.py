@@ -312,7 +312,12 @@ class Socket:
         replayed = dict.fromkeys(rooms, after)
         for publication in missed:
             seen.add(publication.id)
-            self.emit(publication.event, publication.data, publication.offset)
+            try:
+                self.emit(publication.event, publication.data, publication.offset)
+            except (TypeError, ValueError) as exc:  # stored data no packet can carry
+                self.client.server.drop(
+                    "unencodable", f"publication {publication.offset} for {self.id}: {exc}"
+                )
             replayed[publication.room] = max(
                 replayed[publication.room], parse_offset(publication.offset)
             )

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -24,7 +24,7 @@ from roomcast.hub import Hub
 from roomcast.limits import Refusals, UserConnections
 from roomcast.metrics import Metrics
 from roomcast.observer import Observer
-from roomcast.protocol.errors import ProtocolError, SocketIOError
+from roomcast.protocol.errors import PayloadTooLargeError, ProtocolError, SocketIOError
 from roomcast.protocol.socketio import Packet, PacketType
 from roomcast.revocation import Revocations
 from roomcast.sessions import PID_RE, SessionWriter, session_key
@@ -42,6 +42,11 @@ from roomcast.tracing import Tracing
 from roomcast.types import SocketId
 
 __all__ = ["Client", "Mover", "SocketOptions", "SocketServer"]
+
+PRE_CONNECT_MAX_BYTES: Final = 64 * 1024
+"""The largest message a connection may send before it has connected a namespace."""
+PENDING_MAX_PACKETS: Final = 256
+"""Packets a client may send for a namespace while its CONNECT is being processed."""
 
 log = logging.getLogger("roomcast.sockets")
 
@@ -204,6 +209,13 @@ class Client:
     # -- EngineHandler ----------------------------------------------------------------------------
     def on_message(self, message: str | bytes) -> None:
         try:
+            if not self.sockets and len(message) > PRE_CONNECT_MAX_BYTES:
+                # Before any namespace is connected only a CONNECT (a token, some auth) comes:
+                # a large message then is decoding work for nobody authenticated.
+                raise PayloadTooLargeError(
+                    f"{len(message)} bytes before a namespace is connected "
+                    f"(at most {PRE_CONNECT_MAX_BYTES})"
+                )
             packet = self._decoder.feed(message)
             if packet is not None:
                 self._dispatch(packet)
@@ -234,6 +246,10 @@ class Client:
             return
         pending = self._pending.get(nsp)
         if pending is not None:
+            if len(pending) >= PENDING_MAX_PACKETS:
+                raise SocketIOError(
+                    f"more than {PENDING_MAX_PACKETS} packets while namespace {nsp[:40]} connects"
+                )
             pending.append(packet)
             return
         socket = self.sockets.get(nsp)

@@ -35,7 +35,14 @@ from roomcast.auth import InvalidRoomError, validate_room
 from roomcast.broker.base import Publication
 from roomcast.broker.topics import MAIN, InvalidNamespaceError, topic, validate_namespace
 from roomcast.protocol.errors import EventNameError, SocketIOError
-from roomcast.protocol.socketio import MAX_EVENT_NAME, check_event_name, dumps_binary, reconstruct
+from roomcast.protocol.socketio import (
+    MAX_EVENT_NAME,
+    PlaceholderError,
+    check_depth,
+    check_event_name,
+    dumps_binary,
+    reconstruct,
+)
 
 __all__ = [
     "ATTACHMENT_FIELD",
@@ -84,6 +91,11 @@ _MS_RE: Final = re.compile(r"\A[0-9]{1,15}\Z")
 _SHOW_LIMIT: Final = 60
 
 
+MAX_DATA_NESTING: Final = 64
+"""How deep publication data may nest (client packets default to 32): deeper data could be
+stored but not sent (orjson refuses more than 254 levels), which would break recovery."""
+
+
 class EnvelopeError(ValueError):
     """A stream entry, or a publication to encode, has a missing or bad field."""
 
@@ -105,31 +117,15 @@ def encode_data(data: object) -> tuple[str, list[bytes]]:
     attachments: list[bytes] = []
     try:
         text = dumps_binary(data, attachments)
+    except PlaceholderError as exc:
+        raise EnvelopeError(str(exc)) from None
     except TypeError:  # orjson's JSONEncodeError, or bytes' default hook
         raise EnvelopeError(f"data: not json-serializable: {error}") from None
     if not attachments:
         raise EnvelopeError(f"data: not json-serializable: {error}")
     if len(attachments) > MAX_ATTACHMENTS:
         raise EnvelopeError(f"data: more than {MAX_ATTACHMENTS} bytes values")
-    if _holds_placeholder(data):
-        raise EnvelopeError(
-            'data: an object of the form {"_placeholder": true, "num": N} beside bytes '
-            "would read back as bytes"
-        )
     return text.decode(), attachments
-
-
-def _holds_placeholder(value: Any) -> bool:
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            if len(item) == 2 and item.get("_placeholder") is True and "num" in item:
-                return True
-            stack.extend(item.values())
-        elif isinstance(item, list | tuple):
-            stack.extend(item)
-    return False
 
 
 def decode_data(text: str, attachments: list[bytes] | None = None) -> Any:
@@ -139,6 +135,10 @@ def decode_data(text: str, attachments: list[bytes] | None = None) -> Any:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:
         raise EnvelopeError(f"data: invalid json {_show(text)}") from None
+    try:
+        check_depth(value, MAX_DATA_NESTING)
+    except SocketIOError as exc:
+        raise EnvelopeError(f"data: {exc}") from None
     if attachments is None:
         return value
     try:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import base64
 import enum
 from typing import Any
 
@@ -94,7 +95,16 @@ def api_error_response(exchange: Exchange, error: ApiError) -> None:
 
 
 def json_response(exchange: Exchange, status: int, value: Any) -> None:
-    exchange.respond(status, orjson.dumps(value), content_type="application/json")
+    """``value`` as JSON; bytes in it (a client's binary ack, say) as ``{"$binary": base64}``,
+    the form the API reads."""
+    body = orjson.dumps(value, default=_binary_json)
+    exchange.respond(status, body, content_type="application/json")
+
+
+def _binary_json(value: object) -> object:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"$binary": base64.b64encode(value).decode("ascii")}
+    raise TypeError(f"type {type(value).__name__} is not JSON serializable")
 
 
 def connect_error_payload(code: str, message: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from roomcast.broker.base import (
     PublishRequest,
     PublishResult,
 )
+from roomcast.broker.envelope import MAX_DATA_NESTING, EnvelopeError
 from roomcast.broker.topics import MAIN, InvalidNamespaceError, validate_namespace
 from roomcast.http import peers
 from roomcast.http.access import Access, Listener, Route
@@ -26,8 +27,8 @@ from roomcast.http.errors import ApiError, api_error_response, json_response
 from roomcast.http.server_api import ServerApiRoutes
 from roomcast.jsonbytes import BinaryMarkerError, decode_markers, may_hold_markers
 from roomcast.limits import Rate, Refusals
-from roomcast.protocol.errors import EventNameError
-from roomcast.protocol.socketio import check_event_name
+from roomcast.protocol.errors import EventNameError, SocketIOError
+from roomcast.protocol.socketio import check_depth, check_event_name, holds_placeholder
 from roomcast.schemas import InvalidPayloadError
 from roomcast.transport.http import Exchange, HttpHandler, Request
 
@@ -219,6 +220,11 @@ class Router:
     async def _do_publish(self, request: PublishRequest, exchange: Exchange) -> None:
         try:
             result = await self._publish(request)
+        except EnvelopeError as exc:  # data no stream entry can hold
+            self._metrics.dropped.labels("invalid_payload").inc()
+            log.info("publish to %s refused: %s", request.room, exc, extra=_context(request))
+            api_error_response(exchange, ApiError(400, "invalid_data", str(exc)))
+            return
         except InvalidPayloadError as exc:
             self._metrics.invalid_payloads.labels("api_publish", request.event).inc()
             log.info("publish to %s refused: %s", request.room, exc, extra=_context(request))
@@ -311,11 +317,19 @@ def parse_publish_body(body: bytes, max_payload: int) -> PublishRequest:
     except InvalidNamespaceError as exc:
         raise ApiError(400, "invalid_namespace", str(exc)) from None
     data = value["data"]
+    try:
+        check_depth(data, MAX_DATA_NESTING)
+    except SocketIOError as exc:
+        raise ApiError(400, "invalid_data", f"data: {exc}") from None
     if may_hold_markers(body):
         try:
             data = decode_markers(data)
         except BinaryMarkerError as exc:
             raise ApiError(400, "invalid_binary", str(exc)) from None
+        if b'"_placeholder"' in body and holds_placeholder(data):
+            # Beside bytes, clients would take such an object for an attachment; refused
+            # whether or not this request holds bytes (it is rare, and cheap to tell apart).
+            raise ApiError(400, "invalid_data", 'an object with "_placeholder": true is reserved')
     return PublishRequest(
         room=room,
         namespace=namespace,

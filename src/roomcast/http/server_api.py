@@ -32,6 +32,7 @@ import orjson
 from roomcast.broker.base import BrokerError
 from roomcast.broker.topics import MAIN
 from roomcast.http.errors import ApiError, api_error_response, json_response
+from roomcast.jsonbytes import BinaryMarkerError, decode_markers
 from roomcast.metrics import Metrics
 from roomcast.operator import BroadcastOperator, Reach, SelectorError
 from roomcast.protocol.errors import EventNameError
@@ -108,6 +109,8 @@ class ServerApiRoutes:
     async def _answer(self, call: Any, exchange: Exchange, path: str) -> None:
         try:
             status, body = await call
+            if not exchange.aborted:
+                json_response(exchange, status, body)
         except ApiError as error:
             api_error_response(exchange, error)
             return
@@ -119,9 +122,6 @@ class ServerApiRoutes:
         except Exception:  # task boundary: the caller must get an answer, never a hang
             log.exception("%s failed", path)
             api_error_response(exchange, ApiError(500, "internal_error", "server api failed"))
-            return
-        if not exchange.aborted:
-            json_response(exchange, status, body)
 
     def _body(self, request: Request) -> dict[str, Any]:
         if len(request.body) > self._max_payload:
@@ -213,6 +213,10 @@ class ServerApiRoutes:
             raise ApiError(400, "invalid_event", str(exc)) from None
         if "data" not in body:
             raise ApiError(400, "invalid_body", "missing field 'data'")
+        try:  # {"$binary": ...} is bytes here as in the publish API, before any schema check
+            body["data"] = decode_markers(body["data"])
+        except BinaryMarkerError as exc:
+            raise ApiError(400, "invalid_binary", str(exc)) from None
         schema = self._schemas.get(str(event))
         issues = None if schema is None else schema.issues(body["data"])
         if issues is not None:

@@ -19,6 +19,7 @@ id; a ``null`` data counts as absent, as ``undefined`` does), and with the same
 
 from __future__ import annotations
 
+import math
 from typing import Any, Final
 
 import msgpack
@@ -138,6 +139,10 @@ def _check(value: Any, limits: Limits) -> None:
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            # JSON has no NaN or Infinity: a client of the JSON parser cannot send them, and
+            # what follows (schemas, orjson) must never see one.
+            raise InvalidMsgpackError("NaN and Infinity are not JSON numbers")
         if isinstance(item, _SCALARS):
             continue
         if isinstance(item, bytes):
@@ -152,6 +157,9 @@ def _check(value: Any, limits: Limits) -> None:
         if isinstance(item, list):
             stack.extend((child, depth + 1) for child in item)
         elif isinstance(item, dict):
+            if item.get("_placeholder") is True:
+                # Reserved: JSON-parser clients would take it for a binary attachment.
+                raise InvalidMsgpackError('an object with "_placeholder": true is reserved')
             for key, child in item.items():
                 if not isinstance(key, str):
                     raise InvalidMsgpackError("map keys must be strings")

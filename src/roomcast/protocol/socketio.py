@@ -98,9 +98,30 @@ class Packet:
         return out
 
 
+class PlaceholderError(ValueError):
+    """Binary data that also holds an object with ``"_placeholder": true`` of its own: a
+    client's parser would take that object for an attachment (and fail on it)."""
+
+
+def holds_placeholder(value: Any) -> bool:
+    """Whether ``value`` holds an object with ``"_placeholder": true`` anywhere: what
+    socket.io-parser takes for an attachment in a binary packet, whatever its other keys."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if item.get("_placeholder") is True:
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return False
+
+
 def dumps_binary(data: Any, attachments: list[bytes]) -> bytes:
     """``data`` as JSON, each ``bytes`` (``bytearray``, ``memoryview``) value replaced by a
-    placeholder ``{"_placeholder": true, "num": N}`` and appended to ``attachments``."""
+    placeholder ``{"_placeholder": true, "num": N}`` and appended to ``attachments``; raise
+    :class:`PlaceholderError` if ``data`` holds a placeholder-like object of its own."""
 
     def default(obj: Any) -> Any:
         if isinstance(obj, (bytes, bytearray, memoryview)):
@@ -108,7 +129,13 @@ def dumps_binary(data: Any, attachments: list[bytes]) -> bytes:
             return {"_placeholder": True, "num": len(attachments) - 1}
         raise TypeError(f"cannot encode {type(obj).__name__}")
 
-    return orjson.dumps(data, default=default)
+    text = orjson.dumps(data, default=default)
+    if attachments and holds_placeholder(data):
+        raise PlaceholderError(
+            'data: an object with "_placeholder": true beside bytes would be taken for an '
+            "attachment by the clients"
+        )
+    return text
 
 
 def encode_event_prefix(namespace: str) -> str:
@@ -116,15 +143,22 @@ def encode_event_prefix(namespace: str) -> str:
     return "42" if namespace == "/" else f"42{namespace},"
 
 
+def check_depth(value: Any, limit: int) -> None:
+    """Raise :class:`NestingTooDeepError` if ``value`` nests lists and objects deeper than
+    ``limit`` (what the API and stored entries are held to, as client packets are)."""
+    _check_depth(value, limit)
+
+
 def _check_depth(value: Any, limit: int) -> None:
+    if not isinstance(value, (list, dict)):
+        return
     stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
+    while stack:  # only containers are pushed: scalars cost one isinstance each
         item, depth = stack.pop()
-        if isinstance(item, (list, dict)):
-            if depth > limit:
-                raise NestingTooDeepError(f"payload nesting exceeds {limit} levels")
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
+        if depth > limit:
+            raise NestingTooDeepError(f"payload nesting exceeds {limit} levels")
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (list, dict)))
 
 
 def _valid_payload(kind: PacketType, payload: Any) -> bool:
@@ -213,11 +247,16 @@ def reconstruct(value: Any, attachments: list[bytes]) -> Any:
     if isinstance(value, list):
         return [reconstruct(v, attachments) for v in value]
     if isinstance(value, dict):
-        if value.get("_placeholder") is True and len(value) == 2:
+        if value.get("_placeholder") is True:  # socket.io-parser's own rule: other keys or not
             num = value.get("num")
-            if isinstance(num, int) and not isinstance(num, bool) and 0 <= num < len(attachments):
+            if (
+                len(value) == 2
+                and isinstance(num, int)
+                and not isinstance(num, bool)
+                and 0 <= num < len(attachments)
+            ):
                 return attachments[num]
-            raise SocketIOError(f"invalid attachment placeholder {num!r}")
+            raise SocketIOError(f"invalid attachment placeholder {str(value)[:60]}")
         return {k: reconstruct(v, attachments) for k, v in value.items()}
     return value
 
