@@ -261,6 +261,22 @@ class NodeClients:
         )
         return events
 
+    def wait_event(
+        self, name: str, event: str, contains: str = "", *, after: int = 0, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """The first event ``event`` of ``name`` at index ``after`` or later whose arguments,
+        as JSON, contain ``contains``: ``{index, event, args, ...}``."""
+        found: dict[str, Any] = self.call(
+            "waitEvent",
+            name=name,
+            event=event,
+            contains=contains,
+            after=after,
+            timeoutMs=int(timeout * 1000),
+            timeout=timeout + 5,
+        )
+        return found
+
     def wait_connects(
         self, name: str, count: int, *, timeout: float = 10.0
     ) -> list[dict[str, Any]]:

@@ -115,6 +115,10 @@ class Namespace:
     before_connect: list[Registered] = field(default_factory=list)
     connect: list[Registered] = field(default_factory=list)
     disconnect: list[Registered] = field(default_factory=list)
+    internal: bool = False
+    """A namespace of the gateway itself (the Admin UI's, :mod:`roomcast.admin`): its
+    ``before_connect`` hooks authenticate instead of the JWT, and its sockets reach its own
+    handlers only (no built-in or upstream events, no connection state recovery)."""
 
 
 class Application:

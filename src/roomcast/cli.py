@@ -1,5 +1,5 @@
-"""``roomcast serve | publish | token | check-config | asyncapi`` - the only module that exits
-the process."""
+"""``roomcast serve | publish | token | check-config | asyncapi | admin-hash | ...`` - the only
+module that exits the process."""
 
 from __future__ import annotations
 
@@ -102,6 +102,14 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("--exp", type=float, default=None, help="the token's exp (Unix seconds)")
     revoke.add_argument("--url", default=None, help=_URL_HELP)
     config.add_arguments(revoke, only=("host", "port", "ops_listen", "api_key"))
+
+    admin_hash = sub.add_parser(
+        "admin-hash",
+        help="print the bcrypt hash of an Admin UI password (read from stdin, or asked for)",
+    )
+    admin_hash.add_argument(
+        "--rounds", type=int, default=12, help="bcrypt cost: 2^rounds iterations (default 12)"
+    )
 
     sockets = sub.add_parser("sockets", help="list the sockets of a room or a user, everywhere")
     which = sockets.add_mutually_exclusive_group(required=True)
@@ -262,6 +270,30 @@ def _api_base(settings: Settings) -> str:
     return f"http://{settings.ops_listen or f'{settings.host}:{settings.port}'}"
 
 
+def _admin_hash(args: argparse.Namespace, settings: Settings, given: frozenset[str]) -> int:
+    """The hash for ``--admin-password-hash``: the password from stdin (one line) when it is
+    not a terminal, else asked for twice without echo."""
+    import getpass
+
+    import bcrypt
+
+    if not 4 <= args.rounds <= 31:
+        raise ConfigError(f"--rounds must be 4-31, got {args.rounds}")
+    if sys.stdin.isatty():
+        password = getpass.getpass("Admin UI password: ")
+        if getpass.getpass("again: ") != password:
+            raise ConfigError("the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    secret = password.encode()
+    if not secret:
+        raise ConfigError("the password is empty")
+    if len(secret) > 72:
+        raise ConfigError("the password is longer than 72 bytes, which bcrypt cannot take")
+    print(bcrypt.hashpw(secret, bcrypt.gensalt(args.rounds)).decode())
+    return 0
+
+
 def load_app(spec: str) -> Application:
     module_name, _, attribute = spec.partition(":")
     module = importlib.import_module(module_name)
@@ -341,4 +373,5 @@ _COMMANDS = {
     "publish": _publish,
     "revoke": _revoke,
     "sockets": _sockets,
+    "admin-hash": _admin_hash,
 }

@@ -14,7 +14,9 @@ reported.  What a caller gets:
 
 Operations: ``emit`` and ``emit_ack`` (send an event, collect acks), ``fetch``, ``count``,
 ``join``, ``leave`` and ``disconnect``.  The operations themselves are in
-:class:`roomcast.operator.BroadcastOperator`.
+:class:`roomcast.operator.BroadcastOperator`.  A component may add operations of its own
+(:meth:`Cluster.add_operation`) and messages of other kinds (:meth:`Cluster.on_kind`, sent with
+:meth:`Cluster.send`): the Admin UI (:mod:`roomcast.admin`) does.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ log = logging.getLogger("roomcast.cluster")
 OPERATIONS = frozenset(
     {"emit", "emit_ack", "fetch", "count", "join", "leave", "disconnect", "revoke"}
 )
+
+Operation = Callable[[Selector, dict[str, Any]], Awaitable[dict[str, Any]]]
+"""An added operation: ``(selector, args) -> result`` on the answering instance."""
+MessageHandler = Callable[[dict[str, Any]], None]
+"""Takes a decoded control message of an added kind."""
 
 
 class _Pending:
@@ -96,6 +103,27 @@ class Cluster:
         self._answer_timeout_s = answer_timeout_s
         self._revocation_ttl_s = revocation_ttl_s
         self._pending: dict[str, _Pending] = {}
+        self._operations: dict[str, Operation] = {}
+        self._kinds: dict[str, MessageHandler] = {}
+
+    def add_operation(self, op: str, run: Operation) -> None:
+        """Answer requests ``op`` (a name of the caller's, not one of :data:`OPERATIONS`) with
+        ``run``, which raises ``ValueError`` or ``TypeError`` for a request it cannot take."""
+        if op in OPERATIONS or op in self._operations:
+            raise ValueError(f"op: {op!r} is taken")
+        self._operations[op] = run
+
+    def on_kind(self, kind: str, handler: MessageHandler) -> None:
+        """Hand control messages ``{"t": kind, ...}`` to ``handler``."""
+        if kind in ("req", "rep") or kind in self._kinds:
+            raise ValueError(f"kind: {kind!r} is taken")
+        self._kinds[kind] = handler
+
+    async def send(self, body: dict[str, Any], instance: str | None) -> None:
+        """Send a control message of an added kind to ``instance`` (``None``: every one);
+        at most once, like every control message.  Raise :class:`BrokerError` if it could
+        not be sent."""
+        await self._broker.send_control(encode_control(body), instance)
 
     @property
     def answer_timeout_s(self) -> float:
@@ -120,7 +148,7 @@ class Cluster:
     ) -> tuple[list[dict[str, Any]], list[str]]:
         """Run ``op`` on every live instance; raise :class:`BrokerError` if the request
         could not be sent at all."""
-        if op not in OPERATIONS:
+        if op not in OPERATIONS and op not in self._operations:
             raise ValueError(f"op: unknown operation {op!r}")
         if not 0 < timeout_s <= MAX_ACK_TIMEOUT_S + self._answer_timeout_s:
             raise ValueError(f"timeout: must be in (0, {MAX_ACK_TIMEOUT_S}] seconds")
@@ -166,6 +194,8 @@ class Cluster:
             self._on_answer(body)
         elif kind == "req":
             self._tasks.spawn(self._answer(body), name=f"cluster-{str(body.get('op'))[:20]}")
+        elif (handler := self._kinds.get(kind) if isinstance(kind, str) else None) is not None:
+            handler(body)
         else:
             self._dropped("bad_control_message", f"kind {str(kind)[:20]!r}")
 
@@ -195,7 +225,7 @@ class Cluster:
             return
         answer: dict[str, Any] = {"t": "rep", "id": request_id, "instance": self.instance}
         try:
-            if op not in OPERATIONS:
+            if op not in OPERATIONS and op not in self._operations:
                 raise SelectorError(f"op: unknown operation {str(op)[:40]!r}")
             selector = Selector.from_json(body.get("sel"))
             args = body.get("args")
@@ -243,6 +273,9 @@ class Cluster:
         ]
 
     async def _run(self, op: str, selector: Selector, args: dict[str, Any]) -> dict[str, Any]:
+        added = self._operations.get(op)
+        if added is not None:
+            return await added(selector, args)
         sockets = self.matching(selector)
         if op == "fetch":
             return {"sockets": [self._describe(socket) for socket in sockets]}
@@ -261,10 +294,13 @@ class Cluster:
             return {"sockets": self.apply_revocation(str(args.get("entry", "")))}
         if op == "disconnect":
             reason = str(args.get("reason", ""))[:200]
+            close = args.get("close") is True
             for socket in sockets:
                 self._metrics.disconnects.labels("server_disconnect").inc()
                 socket.emit("roomcast:disconnect", {"code": "server_disconnect", "message": reason})
                 socket.disconnect()
+                if close:  # the whole connection, with its other namespaces
+                    socket.conn.close(f"server disconnect: {reason}")
             return {"sockets": len(sockets)}
         event, event_args = str(args.get("event", "")), args.get("args", [])
         if not isinstance(event_args, list):

@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 ENV_PREFIX = "ROOMCAST_"
+_BCRYPT_RE = re.compile(r"\A\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}\Z")
 TRACING_MODES = ("auto", "on", "off")
 """Values of the ``tracing`` setting (see :mod:`roomcast.tracing`)."""
 PARSER_NAMES = ("json", "msgpack")
@@ -215,6 +217,24 @@ class Settings:
         "OTEL_TRACES_EXPORTER=otlp is set",
     )
 
+    admin_username: str = _setting(
+        "", "Socket.IO Admin UI login name; with admin_password_hash it enables the admin namespace"
+    )
+    admin_password_hash: str = _setting(
+        "",
+        "bcrypt hash of the Admin UI password (make one with 'roomcast admin-hash')",
+        secret=True,
+    )
+    admin_namespace: str = _setting("/admin", "namespace the Admin UI connects to")
+    admin_readonly: bool = _setting(
+        False, "Admin UI may look but not act (no join, leave, disconnect or emit)"
+    )
+    admin_socket_list_limit: int = _setting(
+        2000,
+        "most sockets a fresh Admin UI socket list holds (the newest; the UI's list code takes "
+        "time quadratic in it, about 17 s at 10,000 in chromium); the counts cover every socket",
+    )
+
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad setting."""
         positive = (
@@ -234,6 +254,7 @@ class Settings:
             "http_max_head_bytes",
             "http_max_headers",
             "history_size",
+            "admin_socket_list_limit",
         )
         for name in positive:
             value = getattr(self, name)
@@ -291,6 +312,7 @@ class Settings:
                     f"ops_listen {self.ops_listen!r} must differ from host:port "
                     f"{self.host}:{self.port}"
                 )
+        self._validate_admin()
         if self.tracing not in TRACING_MODES:
             raise ConfigError(
                 f"tracing must be one of {', '.join(TRACING_MODES)}, got {self.tracing!r}"
@@ -330,6 +352,23 @@ class Settings:
                         f"production mode requires {name} of at least {MIN_KEY_LENGTH} "
                         f"characters, got {len(value)}"
                     )
+
+    def _validate_admin(self) -> None:
+        if bool(self.admin_username) != bool(self.admin_password_hash):
+            raise ConfigError(
+                "admin_username and admin_password_hash go together: set both or neither"
+            )
+        if self.admin_password_hash and _BCRYPT_RE.match(self.admin_password_hash) is None:
+            raise ConfigError(
+                "admin_password_hash must be a bcrypt hash ($2b$12$ and 53 characters), "
+                "got a value that is not one (make one with 'roomcast admin-hash')"
+            )
+        # The namespace's own rules are checked where it is served (roomcast.admin).
+        if not self.admin_namespace.startswith("/") or self.admin_namespace == "/":
+            raise ConfigError(
+                f"admin_namespace must be a namespace other than '/' (a '/' and a name), "
+                f"got {self.admin_namespace!r}"
+            )
 
     def secret_values(self) -> list[str]:
         """Every secret setting's value, and the password of every URL setting: what no log

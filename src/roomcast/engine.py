@@ -71,6 +71,8 @@ class EngineServer:
         """(expiry, sid) of the farewells in the order they were made: every farewell lives
         equally long, so the expired ones are always at the front."""
         self.accepting = True
+        self.on_upgrade: Callable[[Connection], None] | None = None
+        """Called when a polling session has moved to WebSocket (the Admin UI shows it)."""
 
     # -- HTTP entry point -------------------------------------------------------------------------
     def handle(self, request: Request, exchange: Exchange) -> None:
@@ -256,6 +258,7 @@ class EngineServer:
         )
         self.sessions[sid] = conn
         self._metrics.connections.inc()
+        self._metrics.connections_opened.inc()
         conn.handler = self._factory(conn)
         return conn
 
@@ -391,6 +394,9 @@ class _Probe:
         elif message == "5" and conn.upgrading and self.ws is not None:
             self._peer = _Peer(self._server, conn)
             conn.use_websocket(self.ws)
+            upgraded = self._server.on_upgrade
+            if upgraded is not None:
+                upgraded(conn)
         else:
             self._server.protocol_error(
                 conn,

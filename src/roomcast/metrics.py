@@ -14,6 +14,11 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.connections = Gauge("roomcast_connections", "Open Engine.IO sessions", registry=r)
+        self.connections_opened = Counter(
+            "roomcast_connections_opened",
+            "Engine.IO sessions opened (or handed over from another worker)",
+            registry=r,
+        )
         self.sockets = Gauge("roomcast_sockets", "Connected Socket.IO sockets", registry=r)
         self.rooms = Gauge("roomcast_rooms", "Rooms with local members", registry=r)
         self.ready = Gauge(
@@ -115,6 +120,25 @@ class Metrics:
             "WebSocket sessions moved to the worker that owns their first room, by result "
             "(sent, received, kept: could not move and joined here, failed: lost in the move)",
             ["result"],
+            registry=r,
+        )
+        self.admin_logins = Counter(
+            "roomcast_admin_logins",
+            "Admin UI connections, by result (password, session, refused, busy)",
+            ["result"],
+            registry=r,
+        )
+        self.admin_actions = Counter(
+            "roomcast_admin_actions",
+            "Admin UI actions (join, leave, disconnect, emit), by action and result "
+            "(done, readonly, invalid, failed)",
+            ["action", "result"],
+            registry=r,
+        )
+        self.admin_resyncs = Counter(
+            "roomcast_admin_resyncs",
+            "Full socket lists sent to the Admin UIs of this instance, by cause",
+            ["cause"],
             registry=r,
         )
         self.publish_latency = Histogram(

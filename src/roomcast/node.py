@@ -8,6 +8,7 @@ import logging
 import socket as socketlib
 from typing import Any
 
+from roomcast.admin import Admin
 from roomcast.app import Application
 from roomcast.auth import Authenticator, AuthSettings
 from roomcast.broker.base import (
@@ -179,6 +180,16 @@ class Node:
             schemas=self.schemas,
         )
         self.broker.on_control(self.cluster.on_message)
+        self.admin: Admin | None = None
+        if settings.admin_username:
+            self.admin = Admin(
+                settings,
+                self.sockets,
+                self.cluster,
+                self.metrics,
+                self.tasks,
+                lambda: (conn for engine in self.engines for conn in engine.sessions.values()),
+            )
         self.engine_options = EngineOptions(
             ping_interval_ms=settings.ping_interval_ms,
             ping_timeout_ms=settings.ping_timeout_ms,
@@ -194,6 +205,8 @@ class Node:
             self.engine_options, self.sockets.client, self.metrics, self.flusher, self.admission
         )
         self.engines = [self.engine]
+        if self.admin is not None:
+            self.engine.on_upgrade = self.admin.upgraded
         self.router = Router(
             metrics=self.metrics,
             tasks=self.tasks,

@@ -338,10 +338,15 @@ class BroadcastOperator:
     async def sockets_leave(self, rooms: str | Iterable[str]) -> Reach:
         return await self._act("leave", {"rooms": _room_list(rooms)})
 
-    async def disconnect_sockets(self, reason: str | None = None) -> Reach:
+    async def disconnect_sockets(self, reason: str | None = None, *, close: bool = False) -> Reach:
         """Disconnect the selected sockets; the client gets ``roomcast:disconnect`` with code
-        ``server_disconnect`` and ``reason`` as the message first."""
-        return await self._act("disconnect", {"reason": reason or "disconnected by the server"})
+        ``server_disconnect`` and ``reason`` as the message first.  With ``close``, their
+        connections close too (Socket.IO's ``disconnectSockets(true)``): a client in several
+        namespaces loses them all."""
+        args: dict[str, Any] = {"reason": reason or "disconnected by the server"}
+        if close:
+            args["close"] = True
+        return await self._act("disconnect", args)
 
     async def _act(self, op: str, args: dict[str, Any]) -> Reach:
         api = self._api()

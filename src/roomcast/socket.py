@@ -30,6 +30,7 @@ from roomcast.hub import Hub
 from roomcast.limits import Bucket, Refusals, SocketRates, UserConnections
 from roomcast.logs import log_context
 from roomcast.metrics import Metrics
+from roomcast.observer import Observer
 from roomcast.protocol.parser import Parser
 from roomcast.protocol.socketio import JSON_PARSER, Limits, Packet, PacketType
 from roomcast.revocation import Revocations
@@ -118,6 +119,8 @@ class SocketHost(Protocol):
     def users(self) -> UserConnections: ...
     @property
     def tracing(self) -> Tracing | None: ...
+    @property
+    def observer(self) -> Observer[Socket] | None: ...
 
     def drop(self, reason: str, detail: str) -> None: ...
 
@@ -198,7 +201,7 @@ class Socket:
         self.principal = principal
         self.auth = auth
         self.id = sid or SocketId(secrets.token_urlsafe(15))
-        recovery = client.server.options.recovery_ms
+        recovery = client.server.options.recovery_ms and not namespace.internal
         self.pid = pid or (secrets.token_urlsafe(15) if recovery else "")
         self.rooms: set[str] = set()
         self.connected = False
@@ -260,6 +263,8 @@ class Socket:
             self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
         if self.recovering is None and save:
             server.save_session(self, server.options.recovery_ms)
+        if self.recovering is None and (observer := server.observer) is not None:
+            observer.connected(self)  # a recovered socket: once it has its rooms back
 
     def detach(self) -> None:
         """See :meth:`Client.detach`."""
@@ -321,6 +326,8 @@ class Socket:
             hub.settle(self, (self.namespace.name, room), replayed[room], seen)
         server = self.client.server
         server.save_session(self, server.options.recovery_ms)
+        if (observer := server.observer) is not None:
+            observer.connected(self)
 
     def _token_expired(self) -> None:
         self._expiry = None
@@ -384,6 +391,8 @@ class Socket:
         client.sockets.pop(self.namespace.name, None)
         for room in self.rooms:
             server.hub.leave(self, (self.namespace.name, room))
+        if (observer := server.observer) is not None:
+            observer.disconnected(self, reason, self.rooms)
         if keep_state:
             pass
         elif client_initiated or reason.startswith("protocol error"):
@@ -402,7 +411,10 @@ class Socket:
     def emit(self, event: str, *args: Any) -> None:
         """Send an event to this socket."""
         if self.connected or self.recovering is not None:
-            self.client.send(Packet(PacketType.EVENT, self.namespace.name, [event, *args]))
+            data = [event, *args]
+            self.client.send(Packet(PacketType.EVENT, self.namespace.name, data))
+            if (observer := self.client.server.observer) is not None:
+                observer.sent(self, data)
         else:
             self.client.server.drop("socket_disconnected", f"event {event!r} for {self.id}")
 
@@ -415,7 +427,10 @@ class Socket:
         ack_id = self._ack_seq
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._acks[ack_id] = future
-        self.client.send(Packet(PacketType.EVENT, self.namespace.name, [event, *args], ack_id))
+        data = [event, *args]
+        self.client.send(Packet(PacketType.EVENT, self.namespace.name, data, ack_id))
+        if (observer := self.client.server.observer) is not None:
+            observer.sent(self, data)
         try:
             default = self.client.server.options.ack_timeout_s
             limit = default if ack_timeout_s is None else ack_timeout_s
@@ -431,12 +446,16 @@ class Socket:
         if server.hub.join(self, (self.namespace.name, room)):
             self.rooms.add(room)
             server.save_session(self, server.options.recovery_ms)
+            if (observer := server.observer) is not None:
+                observer.joined(self, room)
 
     def leave(self, room: str) -> None:
         server = self.client.server
         if server.hub.leave(self, (self.namespace.name, room)):
             self.rooms.discard(room)
             server.save_session(self, server.options.recovery_ms)
+            if (observer := server.observer) is not None:
+                observer.left(self, room)
 
     # -- client events ----------------------------------------------------------------------------
     def on_event(self, data: list[Any], ack_id: int | None) -> None:
@@ -446,10 +465,17 @@ class Socket:
         if bucket is not None and not bucket.take():
             self.rate_limited(bucket, "events", ack_id)
             return
+        if (observer := server.observer) is not None:
+            observer.received(self, data)
         name, args = data[0], data[1:]
         registered = self.namespace.events.get(name) if isinstance(name, str) else None
         if registered is not None:
             self._run(registered, name, args, ack_id)
+            return
+        if self.namespace.internal:  # the gateway's own namespace: its handlers only
+            server.drop("no_handler", f"event {str(name)[:40]!r} from {self.id}")
+            if ack_id is not None:
+                self.ack(ack_id, ack_error("unknown_event", "no such event here"))
             return
         builtin = server.builtins.get(name)
         if builtin is not None:

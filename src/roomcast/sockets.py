@@ -13,7 +13,7 @@ from typing import Any, Final
 
 import orjson
 
-from roomcast.app import Application, ConnectRefusedError
+from roomcast.app import Application, ConnectRefusedError, Namespace
 from roomcast.auth import Authenticator, AuthError, Principal, token_from_request
 from roomcast.broker.base import Broker, BrokerError, History, Publication
 from roomcast.broker.offsets import OffsetError, parse_offset
@@ -23,11 +23,19 @@ from roomcast.http.errors import connect_error_payload, connect_rate_limited
 from roomcast.hub import Hub
 from roomcast.limits import Refusals, UserConnections
 from roomcast.metrics import Metrics
+from roomcast.observer import Observer
 from roomcast.protocol.errors import PayloadTooLargeError, ProtocolError, SocketIOError
 from roomcast.protocol.socketio import Packet, PacketType
 from roomcast.revocation import Revocations
 from roomcast.sessions import PID_RE, SessionWriter, session_key
-from roomcast.socket import ANONYMOUS, BuiltinEvent, Mover, Socket, SocketOptions, hold_name
+from roomcast.socket import (
+    ANONYMOUS,
+    BuiltinEvent,
+    Mover,
+    Socket,
+    SocketOptions,
+    hold_name,
+)
 from roomcast.subscriptions import Subscriptions
 from roomcast.tasks import TaskSet
 from roomcast.tracing import Tracing
@@ -80,6 +88,14 @@ class SocketServer:
         self.tracing: Tracing | None = None
         """OpenTelemetry spans when tracing is on (set by the node)."""
         self.connecting = asyncio.Semaphore(options.connects_in_flight)
+        self.internal: dict[str, Namespace] = {}
+        """The gateway's own namespaces (the Admin UI's), beside the application's."""
+        self.observer: Observer[Socket] | None = None
+        """What watches sockets, while someone does (the Admin UI's recorder); else None."""
+
+    def namespace(self, name: str) -> Namespace | None:
+        """The application's namespace ``name``, or the gateway's own of that name."""
+        return self.app.namespaces.get(name) or self.internal.get(name)
 
     def client(self, conn: Connection) -> Client:
         return Client(self, conn)
@@ -271,12 +287,12 @@ class Client:
 
     async def _accept(self, nsp: str, auth: dict[str, Any]) -> Socket | None:
         server = self.server
-        namespace = server.app.namespaces.get(nsp)
+        namespace = server.namespace(nsp)
         if namespace is None:
             self._refuse(nsp, {"message": "Invalid namespace"}, "invalid_namespace")
             return None
         principal = ANONYMOUS
-        if server.auth is not None and server.options.auth_required:
+        if server.auth is not None and server.options.auth_required and not namespace.internal:
             req = self.conn.request
             try:
                 principal = await server.auth.authenticate(
@@ -293,7 +309,7 @@ class Client:
             payload = connect_rate_limited(refusal.limit, refusal.retry_after_ms, refusal.message)
             self._refuse(nsp, payload, "rate_limited")
             return None
-        recovered = await self._recover(nsp, auth, principal)
+        recovered = None if namespace.internal else await self._recover(nsp, auth, principal)
         socket = recovered or Socket(self, namespace, principal, auth)
         try:
             for reg in namespace.before_connect:

@@ -10,6 +10,7 @@
 // Commands (each names its client with `name`):
 //   connect {url, token, options?}        -> {id, recovered, transport}; rejects on connect_error
 //                                            (options.parser "msgpack": socket.io-msgpack-parser)
+//                                            (options.auth, when given, replaces {token})
 //   emit {event, args, timeoutMs?}        -> the ack's arguments (an array)
 //   send {event, args, count?}            -> {}; emits `count` times (default 1), no ack
 //   waitEvents {count, untilEvent?, timeoutMs}
@@ -18,6 +19,9 @@
 //                                            connection: how many connects preceded it,
 //                                            engine: the Engine.IO session id it came on}),
 //                                            once there are >= count (and one named untilEvent)
+//   waitEvent {event, contains?, after?, timeoutMs}
+//                                         -> the first event named `event` from index `after`
+//                                            on whose arguments, as JSON, contain `contains`
 //   waitConnects {count, timeoutMs}       -> every connect so far, once there are >= count
 //   waitDisconnects {count, timeoutMs}    -> every disconnect reason so far, once >= count
 //   answer {event, value}                 -> {}; from now on the client acks the server's
@@ -51,7 +55,7 @@ class Client {
       timeout: 5_000,
       ...rest,
       ...(parser === "msgpack" ? { parser: msgpackParser } : {}),
-      auth: { token },
+      auth: rest.auth ?? { token },
     });
     this.socket.onAny((event, ...args) => {
       if (typeof args.at(-1) === "function") {
@@ -64,6 +68,7 @@ class Client {
         event,
         data: describe(args[0] ?? null),
         offset: args[1] ?? null,
+        args,
         n: args.length,
         connection: this.connects.length,
         engine: this.socket.io.engine?.id ?? null,
@@ -182,6 +187,20 @@ const commands = {
       () => c.events,
       timeoutMs,
       `${count} events${untilEvent === null ? "" : ` and event ${JSON.stringify(untilEvent)}`} (have ${c.events.length})`,
+    );
+  },
+
+  async waitEvent({ name, event, contains = "", after = 0, timeoutMs = 10_000 }) {
+    const c = client(name);
+    const found = () =>
+      c.events.findIndex(
+        (e, index) => index >= after && e.event === event && JSON.stringify(e.args).includes(contains),
+      );
+    return c.until(
+      () => found() >= 0,
+      () => ({ index: found(), ...c.events[found()] }),
+      timeoutMs,
+      `event ${JSON.stringify(event)} with ${JSON.stringify(contains)} (have ${c.events.length})`,
     );
   },
 
