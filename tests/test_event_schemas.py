@@ -113,7 +113,8 @@ def test_invalid_payload_error_names_event_path_and_reason() -> None:
         (b"[]", "must hold one JSON object"),
         (b'{"chat": 5}', "schema of event 'chat' must be a JSON object or a boolean"),
         (b'{"chat": {"type": "bogus"}}', "schema of event 'chat' is not usable"),
-        (b'{"chat": {"$ref": "https://example.com/s.json"}}', "remote references"),
+        (b'{"chat": {"$ref": "https://example.com/s.json"}}', "refers outside itself"),
+        (b'{"chat": {"$ref": "data:application/json,{}"}}', "refers outside itself"),
         (
             b'{"chat": {"$schema": "https://json-schema.org/draft/2020-12/schema"}}',
             "event schemas are JSON Schema draft-07",

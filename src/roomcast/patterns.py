@@ -10,8 +10,10 @@ A pattern is split on ``:`` into segments, like a room name. A segment is one of
 
 So ``team:7:*`` grants ``team:7:general`` but not ``team:7:a:b`` nor ``team:7``;
 ``team:7:**`` grants both ``team:7:general`` and ``team:7:a:b``, still not ``team:7``;
-``**`` grants every room. The matcher works on segments (no regular expression), in time
-proportional to pattern segments times room segments, whatever the number of ``**``.
+``**`` grants every room without an empty segment (``doc:``, ``a::b`` and ``:x`` are valid
+room names that no wildcard grants: a claim names them to grant them). The matcher works on
+segments (no regular expression), in time proportional to pattern segments times room
+segments, whatever the number of ``**``.
 
 Standalone: imports only the standard library.
 """

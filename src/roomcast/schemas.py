@@ -84,6 +84,23 @@ def _refuse_remote(uri: str) -> Any:
 _HANDLERS: Final[dict[str, Callable[[str], Any]]] = dict.fromkeys(_REMOTE_SCHEMES, _refuse_remote)
 
 
+def _outside_refs(schema: object) -> list[str]:
+    """The ``$ref`` values of ``schema`` that do not point inside it (``#...``): fastjsonschema
+    would fetch some of them (a ``data:`` URI, say), whatever scheme handlers it is given."""
+    found: list[str] = []
+    stack = [schema]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            ref = item.get("$ref")
+            if isinstance(ref, str) and not ref.startswith("#"):
+                found.append(ref)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
+
+
 def _pointer(path: list[str]) -> str:
     """fastjsonschema's ``['data', 'a', '1']`` as the JSON Pointer ``/a/1``."""
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path[1:])
@@ -108,6 +125,12 @@ class EventSchema:
                     f"JSON Schema draft-07 (the dialect AsyncAPI 3.0 embeds); use {DRAFT_07!r} "
                     "or leave $schema out"
                 )
+        outside = _outside_refs(schema)
+        if outside:
+            raise SchemaError(
+                f"schema of event {event!r} refers outside itself ({outside[0]!r:.80}): "
+                "a $ref must start with '#'"
+            )
         try:
             # use_default=False: a check never changes the payload it is given.
             self._check = fastjsonschema.compile(schema, handlers=_HANDLERS, use_default=False)

@@ -102,7 +102,8 @@ class SocketServer:
 
     def drop(self, reason: str, detail: str) -> None:
         self.metrics.dropped.labels(reason).inc()
-        log.info("dropped message (%s): %s", reason, detail)
+        # %r: the detail may quote what a client sent, which must not forge log lines.
+        log.info("dropped message (%s): %r", reason, detail)
 
     # -- broker delivery: the hot path -----------------------------------------------------------
     def deliver(self, publication: Publication) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -21,7 +22,9 @@ class TaskSet:
         loop = self._loop
         if loop is None or loop.is_closed():
             loop = self._loop = asyncio.get_running_loop()
-        task = loop.create_task(coro, name=name)
+        # A fresh context: a task spawned while a handler runs (a room's subscription, say)
+        # does not inherit that handler's log context, and so is not blamed on its socket.
+        task = loop.create_task(coro, name=name, context=contextvars.Context())
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task
