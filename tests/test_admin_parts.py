@@ -254,3 +254,18 @@ def test_admin_hash_cli() -> None:
     printed = result.stdout.strip()
     assert bcrypt.checkpw(b"s3cret pass", printed.encode())
     config.load({}, {"ROOMCAST_ADMIN_USERNAME": "ops", "ROOMCAST_ADMIN_PASSWORD_HASH": printed})
+
+
+def test_event_arguments_shown_to_the_ui_hold_no_secret_and_never_raise() -> None:
+    """A refresh event's fresh token (any key named like a credential) reaches the UI as
+    [redacted]; values no JSON holds (bytes, a datetime, int keys) are shown, never raised."""
+    import datetime
+
+    from roomcast.admin.tap import shown
+
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
+    assert shown(["refresh", {"token": token}]) == ["refresh", {"token": "[redacted]"}]
+    nested = shown(["e", [{"Password": "p", "ok": 1}]])
+    assert nested == ["e", [{"Password": "[redacted]", "ok": 1}]]
+    odd = shown(["e", b"\x00\x01", {1: datetime.datetime(2026, 1, 1)}])
+    assert odd == ["e", "(binary, 2 bytes)", {"1": "2026-01-01T00:00:00"}]

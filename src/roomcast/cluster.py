@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
+import orjson
 
 from roomcast.broker.base import Broker, BrokerError, PublishRequest, PublishResult
 from roomcast.metrics import Metrics
@@ -71,11 +72,17 @@ class _Pending:
 def encode_control(message: dict[str, Any]) -> bytes:
     """A control message in msgpack: bytes anywhere in it (a binary emit, a binary ack)
     travel as themselves, and no JSON value of a user's can be mistaken for them."""
-    return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
+    return msgpack.packb(message, use_bin_type=True, default=_as_json)  # type: ignore[no-any-return]
+
+
+def _as_json(value: object) -> Any:
+    """What msgpack cannot hold (a datetime, a UUID, a dataclass) as the JSON orjson makes of
+    it, as a client would get it from ``socket.emit``."""
+    return orjson.loads(orjson.dumps(value))
 
 
 def decode_control(message: bytes) -> Any:
-    return msgpack.unpackb(message, raw=False)
+    return msgpack.unpackb(message, raw=False, strict_map_key=False)
 
 
 class Cluster:
@@ -195,7 +202,11 @@ class Cluster:
         elif kind == "req":
             self._tasks.spawn(self._answer(body), name=f"cluster-{str(body.get('op'))[:20]}")
         elif (handler := self._kinds.get(kind) if isinstance(kind, str) else None) is not None:
-            handler(body)
+            try:
+                handler(body)
+            except Exception:
+                log.exception("control message of kind %r failed", kind)
+                self._dropped("control_handler_failed", f"kind {kind!r}")
         else:
             self._dropped("bad_control_message", f"kind {str(kind)[:20]!r}")
 

@@ -363,6 +363,11 @@ class Settings:
                 "admin_password_hash must be a bcrypt hash ($2b$12$ and 53 characters), "
                 "got a value that is not one (make one with 'roomcast admin-hash')"
             )
+        if self.admin_username and self.parser != "json":
+            raise ConfigError(
+                "the Socket.IO Admin UI speaks the JSON parser only: it cannot be enabled "
+                f"with parser {self.parser!r}"
+            )
         # The namespace's own rules are checked where it is served (roomcast.admin).
         if not self.admin_namespace.startswith("/") or self.admin_namespace == "/":
             raise ConfigError(

@@ -50,6 +50,10 @@ from roomcast.transport.limits import ClientAddresses, HttpLimits
 
 log = logging.getLogger("roomcast.node")
 
+FLUSH_S = 5.0
+"""The longest a drain waits for recovery states to be written after the last client left
+(inside the manifests' margin beside the drain settings)."""
+
 SHUTDOWN_REASON = "server shutting down"
 BACKLOG = 4096
 """The kernel's accept queue (capped by net.core.somaxconn)."""
@@ -459,7 +463,7 @@ class Node:
         except TimeoutError:
             log.warning("drain: not finished within %ss", settings.drain_seconds)
         try:  # the recovery states of the sockets just closed, so clients recover elsewhere
-            async with asyncio.timeout(max(self.settings.drain_seconds, 1.0)):
+            async with asyncio.timeout(FLUSH_S):
                 await self.sockets.session_writer.flush()
         except TimeoutError:
             log.warning("drain: recovery states not all written")

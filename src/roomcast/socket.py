@@ -426,9 +426,13 @@ class Socket:
         self._ack_seq += 1
         ack_id = self._ack_seq
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._acks[ack_id] = future
         data = [event, *args]
-        self.client.send(Packet(PacketType.EVENT, self.namespace.name, data, ack_id))
+        self._acks[ack_id] = future
+        try:  # an event no packet can carry leaves no ack waiting
+            self.client.send(Packet(PacketType.EVENT, self.namespace.name, data, ack_id))
+        except BaseException:
+            self._acks.pop(ack_id, None)
+            raise
         if (observer := self.client.server.observer) is not None:
             observer.sent(self, data)
         try:

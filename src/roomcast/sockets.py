@@ -47,6 +47,10 @@ PRE_CONNECT_MAX_BYTES: Final = 64 * 1024
 """The largest message a connection may send before it has connected a namespace."""
 PENDING_MAX_PACKETS: Final = 256
 """Packets a client may send for a namespace while its CONNECT is being processed."""
+PENDING_MAX_NAMESPACES: Final = 8
+"""Namespaces one client may be connecting at once."""
+PENDING_MAX_BYTES: Final = 1024 * 1024
+"""Bytes a client may send, attachments included, while a namespace connects."""
 
 log = logging.getLogger("roomcast.sockets")
 
@@ -148,6 +152,7 @@ class Client:
         "_connect_timer",
         "_decoder",
         "_pending",
+        "_pending_bytes",
         "_replaying",
         "conn",
         "server",
@@ -158,6 +163,7 @@ class Client:
         self.server = server
         self.conn = conn
         self.sockets: dict[str, Socket] = {}
+        self._pending_bytes = 0
         self._pending: dict[str, list[Packet]] = {}
         """Packets that arrived while their namespace's CONNECT was being processed."""
         self._replaying = False
@@ -210,6 +216,12 @@ class Client:
     # -- EngineHandler ----------------------------------------------------------------------------
     def on_message(self, message: str | bytes) -> None:
         try:
+            if self._pending:  # held until a namespace connects: one budget for all of it
+                self._pending_bytes += len(message)
+                if self._pending_bytes > PENDING_MAX_BYTES:
+                    raise PayloadTooLargeError(
+                        f"more than {PENDING_MAX_BYTES} bytes while a namespace connects"
+                    )
             if not self.sockets and len(message) > PRE_CONNECT_MAX_BYTES:
                 # Before any namespace is connected only a CONNECT (a token, some auth) comes:
                 # a large message then is decoding work for nobody authenticated.
@@ -242,8 +254,17 @@ class Client:
         if kind is PacketType.CONNECT:
             if nsp in self.sockets or nsp in self._pending:
                 raise SocketIOError(f"namespace {nsp[:40]} is already connected")
+            namespace = self.server.namespace(nsp)
+            if namespace is None:  # at once: no task, no wait for a connect slot
+                self._refuse(nsp, {"message": "Invalid namespace"}, "invalid_namespace")
+                return
+            if len(self._pending) >= PENDING_MAX_NAMESPACES:
+                raise SocketIOError(f"more than {PENDING_MAX_NAMESPACES} namespaces connecting")
             self._pending[nsp] = []
-            self.server.tasks.spawn(self._connect(nsp, packet.data), name=f"connect-{nsp}")
+            self.server.tasks.spawn(
+                self._connect(nsp, packet.data, slot=not namespace.internal),
+                name=f"connect-{nsp}",
+            )
             return
         pending = self._pending.get(nsp)
         if pending is not None:
@@ -266,13 +287,21 @@ class Client:
         else:
             raise SocketIOError(f"unexpected {kind.name} packet from a client")
 
-    async def _connect(self, nsp: str, payload: dict[str, Any] | None) -> None:
+    async def _connect(self, nsp: str, payload: dict[str, Any] | None, *, slot: bool) -> None:
+        """Accept the namespace; with ``slot``, inside one of the server's connect slots (the
+        gateway's own namespaces, whose login is not a token check, take none: their logins
+        must never make clients wait)."""
         socket = None
         try:
-            async with self.server.connecting:
+            if slot:
+                async with self.server.connecting:
+                    socket = await self._accept(nsp, payload or {})
+            else:
                 socket = await self._accept(nsp, payload or {})
         finally:
             queued = self._pending.pop(nsp, [])
+            if not self._pending:
+                self._pending_bytes = 0
             if socket is None:
                 self.server.users.abandoned(hold_name(self.conn.sid, nsp))
         if socket is None or self.conn.closed:

@@ -402,12 +402,24 @@ class Tracing:
             "roomcast.user": user,
             "roomcast.instance": instance,
         }
-        with self._tracer.start_span(
-            "roomcast upstream", context=self._root, kind=self._producer, attributes=attributes
-        ) as span:
+        try:
+            span = self._tracer.start_span(
+                "roomcast upstream", context=self._root, kind=self._producer, attributes=attributes
+            )
             traceparent = self.traceparent(span)
-            if traceparent is not None:
-                fields["traceparent"] = traceparent
+        except Exception:  # noqa: BLE001 - the SDK's hooks may raise anything; counted, logged
+            self._failed("the upstream span")
+            return await append(fields)
+        if traceparent is not None:
+            fields["traceparent"] = traceparent
+        try:
             entry_id = await append(fields)
+        except BaseException as exc:
+            self._close(span, exc)
+            raise
+        try:
             span.set_attribute("messaging.message.id", entry_id)
-            return entry_id
+        except Exception:  # noqa: BLE001 - appended: its span may be lost, never the ack
+            self._failed("the upstream span")
+        self._close(span, None)
+        return entry_id

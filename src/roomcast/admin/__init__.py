@@ -15,12 +15,13 @@ every instance: the parts talk over the cluster's control channel.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from roomcast.admin.actions import Actions
-from roomcast.admin.auth import AdminAuth, LoginRefusedError, session_digest
+from roomcast.admin.auth import SESSION_TTL_S, AdminAuth, LoginRefusedError, session_digest
 from roomcast.admin.console import Console
 from roomcast.admin.stats import InstanceStats
 from roomcast.admin.tap import Tap
@@ -121,8 +122,13 @@ class Admin:
 
     async def _on_session(self, selector: Selector, args: dict[str, Any]) -> dict[str, Any]:
         until = args.get("until")
-        if not isinstance(until, int | float):
-            raise TypeError("until: must be a number")
+        if (
+            not isinstance(until, int | float)
+            or isinstance(until, bool)
+            or not math.isfinite(until)
+            or until > time.time() + SESSION_TTL_S + 60
+        ):
+            raise TypeError("until: must be a time within a session's lifetime")
         self.auth.remember(_text(args, "digest"), float(until))
         return {"instance": self._instance}
 

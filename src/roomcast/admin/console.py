@@ -199,8 +199,11 @@ class Console:
                 },
                 self._cluster.answer_timeout_s,
             )
-        finally:
-            chunks = self._chunks.pop(ref)
+        except BaseException:
+            self._held = None  # live events flow again; the next refresh tries anew
+            self._chunks.pop(ref, None)
+            raise
+        chunks = self._chunks.pop(ref)
         held, self._held = self._held, None
         items: list[str] = []
         total = 0

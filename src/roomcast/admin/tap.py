@@ -232,24 +232,39 @@ class Tap:
         return orjson.dumps(part).decode()[1:-1]
 
 
+_SECRET_KEYS: Final = frozenset(
+    {"token", "password", "authorization", "secret", "api_key", "apikey", "jwt", "access_token"}
+)
+"""Keys whose values the UI never sees (a refresh event's fresh token, say)."""
+
+
 def shown(data: list[Any]) -> list[Any]:
-    """Event arguments as the UI may show them: binary parts named by their size, and the
-    whole replaced by its size when longer than :data:`MAX_ARGS_BYTES`."""
+    """Event arguments as the UI may show them, as plain JSON values: binary parts named by
+    their size, secrets (:data:`_SECRET_KEYS`) replaced by ``[redacted]``, and the whole
+    replaced by its size when longer than :data:`MAX_ARGS_BYTES`.  Never raises: what no JSON
+    can hold is shown as ``?``."""
     try:
-        text = orjson.dumps(data)
-    except TypeError:  # binary attachments
-        data = [_no_binary(item) for item in data]
-        text = orjson.dumps(data)
+        text = orjson.dumps(data, default=_plain, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:  # orjson refuses it all the same (nesting, an odd type inside)
+        return ["?"]
     if len(text) > MAX_ARGS_BYTES:
-        return [data[0] if data and isinstance(data[0], str) else "?", f"({len(text)} bytes)"]
-    return data
+        first = data[0] if data and isinstance(data[0], str) else "?"
+        return [first, f"({len(text)} bytes)"]
+    plain: list[Any] = _redacted(orjson.loads(text))
+    return plain
 
 
-def _no_binary(value: Any) -> Any:
+def _plain(value: Any) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
         return f"(binary, {len(value)} bytes)"
-    if isinstance(value, list):
-        return [_no_binary(item) for item in value]
+    return str(value)[:100]
+
+
+def _redacted(value: Any) -> Any:
     if isinstance(value, dict):
-        return {key: _no_binary(item) for key, item in value.items()}
+        return {
+            k: "[redacted]" if k.lower() in _SECRET_KEYS else _redacted(v) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_redacted(item) for item in value]
     return value

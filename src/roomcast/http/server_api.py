@@ -30,13 +30,14 @@ from typing import Any
 import orjson
 
 from roomcast.broker.base import BrokerError
+from roomcast.broker.envelope import MAX_DATA_NESTING
 from roomcast.broker.topics import MAIN
 from roomcast.http.errors import ApiError, api_error_response, json_response
 from roomcast.jsonbytes import BinaryMarkerError, decode_markers
 from roomcast.metrics import Metrics
 from roomcast.operator import BroadcastOperator, Reach, SelectorError
-from roomcast.protocol.errors import EventNameError
-from roomcast.protocol.socketio import check_event_name
+from roomcast.protocol.errors import EventNameError, SocketIOError
+from roomcast.protocol.socketio import check_depth, check_event_name, holds_placeholder
 from roomcast.schemas import EventSchema, InvalidPayloadError
 from roomcast.tasks import TaskSet
 from roomcast.transport.http import Exchange, Request
@@ -214,9 +215,14 @@ class ServerApiRoutes:
         if "data" not in body:
             raise ApiError(400, "invalid_body", "missing field 'data'")
         try:  # {"$binary": ...} is bytes here as in the publish API, before any schema check
+            check_depth(body["data"], MAX_DATA_NESTING)
             body["data"] = decode_markers(body["data"])
         except BinaryMarkerError as exc:
             raise ApiError(400, "invalid_binary", str(exc)) from None
+        except SocketIOError as exc:
+            raise ApiError(400, "invalid_data", f"data: {exc}") from None
+        if holds_placeholder(body["data"]):
+            raise ApiError(400, "invalid_data", 'an object with "_placeholder": true is reserved')
         schema = self._schemas.get(str(event))
         issues = None if schema is None else schema.issues(body["data"])
         if issues is not None:
