@@ -150,19 +150,18 @@ async def _do_publish(socket: Socket, request: PublishRequest, ack_id: int | Non
     try:
         result = await server.broker.publish(request)
     except EnvelopeError as exc:  # data no stream entry can hold (a placeholder beside bytes)
-        server.drop("invalid_payload", f"client publish to {request.room}: {exc}")
-        if ack_id is not None:
-            socket.ack(ack_id, ack_error("invalid_payload", str(exc)))
+        what = f"client publish to {request.room}: {exc}"
+        _refused(socket, ack_id, "invalid_payload", what, "invalid_payload", str(exc))
         return
     except BrokerUnavailableError as exc:
-        server.drop("broker_unavailable", f"client publish to {request.room}: {exc}")
-        if ack_id is not None:
-            socket.ack(ack_id, ack_error("unavailable", "broker unavailable, retry"))
+        what = f"client publish to {request.room}: {exc}"
+        message = "broker unavailable, retry"
+        _refused(socket, ack_id, "broker_unavailable", what, "unavailable", message)
         return
     except BrokerError as exc:  # refused by the broker itself: a retry would not help
-        server.drop("broker_refused", f"client publish to {request.room}: {exc}")
-        if ack_id is not None:
-            socket.ack(ack_id, ack_error("broker_refused", "the broker refused the publication"))
+        what = f"client publish to {request.room}: {exc}"
+        message = "the broker refused the publication"
+        _refused(socket, ack_id, "broker_refused", what, "broker_refused", message)
         return
     server.metrics.published.labels("client").inc()
     if ack_id is not None:
@@ -268,17 +267,27 @@ async def _append_upstream(socket: Socket, name: str, args: list[Any], ack_id: i
                 instance=server.broker.instance_id,
             )
     except BrokerUnavailableError as exc:
-        server.drop("upstream_unavailable", f"event {name!r} from {socket.id}: {exc}")
-        if ack_id is not None:
-            socket.ack(ack_id, ack_error("unavailable", "upstream stream unavailable, retry"))
+        what = f"event {name!r} from {socket.id}: {exc}"
+        message = "upstream stream unavailable, retry"
+        _refused(socket, ack_id, "upstream_unavailable", what, "unavailable", message)
         return
     except BrokerError as exc:  # refused by the broker itself: a retry would not help
-        server.drop("upstream_refused", f"event {name!r} from {socket.id}: {exc}")
-        if ack_id is not None:
-            socket.ack(ack_id, ack_error("broker_refused", "the broker refused the event"))
+        what = f"event {name!r} from {socket.id}: {exc}"
+        message = "the broker refused the event"
+        _refused(socket, ack_id, "upstream_refused", what, "broker_refused", message)
         return
     if ack_id is not None:
         socket.ack(ack_id, {"ok": True, "id": entry_id})
+
+
+def _refused(
+    socket: Socket, ack_id: int | None, reason: str, detail: str, code: str, message: str
+) -> None:
+    """A client's event the broker did not take: counted and logged as a drop (``reason``),
+    and answered with ``code`` when the client asked for an ack."""
+    socket.client.server.drop(reason, detail)
+    if ack_id is not None:
+        socket.ack(ack_id, ack_error(code, message))
 
 
 BUILTINS: dict[Any, BuiltinEvent] = {
