@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from hub_fakes import Member, RecordingTransport
 
 from conftest_helpers import token_for
 from redis_fixtures import eventually
@@ -201,26 +202,6 @@ async def test_upstream_events_keep_their_bytes() -> None:
 # --------------------------------------------------------------------------- the hub, sans I/O
 
 
-class _Transport:
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def get_extra_info(self, name: str) -> object:
-        return None
-
-
-class _Member:
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.id = conn.sid
-
-
 def _connection(flusher: Flusher, name: str) -> Connection:
     return Connection(
         SessionId(name),
@@ -241,11 +222,11 @@ async def test_a_binary_broadcast_is_one_write_per_member_and_survives_an_upgrad
     flusher = Flusher()
     hub = Hub(lambda key: None, lambda key: None, flusher)
     room = ("/", "doc:1")
-    ws_conn, transport = _connection(flusher, "ws"), _Transport()
+    ws_conn, transport = _connection(flusher, "ws"), RecordingTransport()
     ws_conn.use_websocket(WebSocketConnection(transport, None, 1 << 20))  # type: ignore[arg-type]
     polling = _connection(flusher, "polling")
     for conn in (ws_conn, polling):
-        hub.join(_Member(conn), room)  # type: ignore[arg-type]
+        hub.join(Member(conn), room)  # type: ignore[arg-type]
     for _ in range(3):
         await asyncio.sleep(0)
     transport.writes.clear()
@@ -260,7 +241,7 @@ async def test_a_binary_broadcast_is_one_write_per_member_and_survives_an_upgrad
         engineio.Packet(engineio.PacketType.MESSAGE, '51-["x",{"_placeholder":true,"num":0}]'),
         engineio.Packet(engineio.PacketType.MESSAGE, b"\x00"),
     ]
-    later = _Transport()
+    later = RecordingTransport()
     polling.use_websocket(WebSocketConnection(later, None, 1 << 20))  # type: ignore[arg-type]
     await asyncio.sleep(0)
     assert later.writes == [frames]

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import msgpack
 import pytest
+from hub_fakes import Member, RecordingTransport
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -326,26 +327,6 @@ async def test_a_msgpack_server_over_polling_and_recovery() -> None:
         }
 
 
-class _Transport:
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def get_extra_info(self, name: str) -> object:
-        return None
-
-
-class _Member:
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.id = conn.sid
-
-
 async def test_a_queued_msgpack_broadcast_goes_out_as_one_binary_frame_after_an_upgrade() -> None:
     """A msgpack broadcast queued for a polling member (``b`` + base64) becomes one binary
     frame when that member upgrades to WebSocket."""
@@ -361,10 +342,10 @@ async def test_a_queued_msgpack_broadcast_goes_out_as_one_binary_frame_after_an_
         metrics=Metrics(),
         on_closed=lambda _conn, _reason: None,
     )
-    member = _Member(polling)
+    member = Member(polling)
     hub.join(member, ("/", "doc:1"))  # type: ignore[arg-type]
     hub.broadcast(("/", "doc:1"), "file", b"\x00\x01")
-    transport = _Transport()
+    transport = RecordingTransport()
     polling.use_websocket(WebSocketConnection(transport, None, 1 << 20))  # type: ignore[arg-type]
     await asyncio.sleep(0)
     (message,) = MSGPACK_PARSER.encode(Packet(PacketType.EVENT, "/", ["file", b"\x00\x01"]))
